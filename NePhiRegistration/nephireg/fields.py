@@ -1,0 +1,61 @@
+"""Displacement fields as methods return them, and their dense evaluation in chunks.
+
+A method returns a :class:`DisplacementField` ``u`` on the working space of a :class:`nephireg.pair.PreparedPair`:
+``moving(x + u(x)) ~ fixed(x)``, points and displacements in LPS mm. How ``u`` is stored (a voxel grid, a
+neural field) is the method's business; callers only evaluate it at points.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from nephireg.geometry import Grid
+from nephireg.sampling import grid_points_mm, sample_points
+
+DEFAULT_CHUNK_POINTS = 262_144
+
+
+class DisplacementField(Protocol):
+    def displacement_mm(self, points_mm: torch.Tensor) -> torch.Tensor:
+        """(P, 3) LPS mm points -> (P, 3) LPS mm displacements."""
+        ...
+
+
+class DenseField:
+    """A displacement stored on a voxel grid, interpolated trilinearly (constant beyond the border).
+
+    ``values_mm``: (1, 3, Z, Y, X) LPS mm on ``grid``.
+    """
+
+    def __init__(self, grid: Grid, values_mm: torch.Tensor) -> None:
+        if values_mm.shape[:2] != (1, 3) or tuple(values_mm.shape[2:]) != grid.shape_zyx:
+            raise ValueError(f"values {tuple(values_mm.shape)} do not match grid {grid.shape_zyx}")
+        self.grid = grid
+        self.values_mm = values_mm
+
+    def displacement_mm(self, points_mm: torch.Tensor) -> torch.Tensor:
+        return sample_points(self.values_mm, self.grid, points_mm.to(self.values_mm.dtype), padding="border")
+
+
+def evaluate_on_grid(field: DisplacementField, grid: Grid, device: torch.device,
+                     chunk_points: int = DEFAULT_CHUNK_POINTS) -> np.ndarray:
+    """(Z, Y, X, 3) float64 LPS mm displacements of ``field`` at every voxel of ``grid``, evaluated in chunks of
+    ``chunk_points`` so that memory stays flat in the grid size."""
+    nz, ny, nx = grid.shape_zyx
+    out = np.empty((nz, ny, nx, 3), dtype=np.float64)
+    slab = max(1, chunk_points // (ny * nx))
+    with torch.no_grad():
+        for z0 in range(0, nz, slab):
+            z1 = min(nz, z0 + slab)
+            sub = _slab_grid(grid, z0, z1)
+            pts = grid_points_mm(sub, device=device).reshape(-1, 3)
+            out[z0:z1] = field.displacement_mm(pts).reshape(z1 - z0, ny, nx, 3).double().cpu().numpy()
+    return out
+
+
+def _slab_grid(grid: Grid, z0: int, z1: int) -> Grid:
+    origin = grid.index_to_physical()[:3, :3] @ np.array([0.0, 0.0, z0]) + np.asarray(grid.origin)
+    return Grid((grid.size[0], grid.size[1], z1 - z0), grid.spacing, tuple(origin), grid.direction)

@@ -1,0 +1,201 @@
+"""Reading and checking images and masks; writing images and displacement-field transforms.
+
+Every check raises :class:`nephireg.errors.InputError` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from nephireg.errors import InputError
+from nephireg.geometry import Grid
+
+PathLike = Union[str, os.PathLike]
+
+# Two grids match when their geometry agrees to this tolerance (mm for origin, relative for spacing/direction).
+GRID_TOLERANCE = 1e-3
+MIN_SIZE_VOXELS = 4
+
+
+def read_image(path: PathLike, role: str = "image") -> sitk.Image:
+    """A checked 3D scalar image as float32: a file SimpleITK reads, or a folder holding one DICOM series.
+
+    ``role`` ("fixed", "moving", ...) only words the error messages.
+    """
+    image = _read_any(path, role)
+    _check_is_3d_scalar(image, path, role)
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    values = sitk.GetArrayViewFromImage(image)
+    if not np.all(np.isfinite(values)):
+        bad = int(np.count_nonzero(~np.isfinite(values)))
+        raise InputError(f"{role} image has {bad} NaN or infinite voxel values", path)
+    if float(values.max()) == float(values.min()):
+        raise InputError(f"{role} image is constant (every voxel is {float(values.min()):g})", path)
+    return image
+
+
+def read_mask(path: PathLike, image: sitk.Image, role: str = "mask") -> sitk.Image:
+    """A checked binary mask (uint8, 1 inside) on ``image``'s grid: any label map or segmentation, nonzero = in."""
+    mask = _read_any(path, role)
+    _check_is_3d_scalar(mask, path, role)
+    if not same_grid(Grid.of(mask), Grid.of(image)):
+        raise InputError(
+            f"{role} grid does not match its image (mask size {mask.GetSize()}, spacing "
+            f"{_fmt(mask.GetSpacing())}, origin {_fmt(mask.GetOrigin())}; image size {image.GetSize()}, "
+            f"spacing {_fmt(image.GetSpacing())}, origin {_fmt(image.GetOrigin())})",
+            path,
+        )
+    binary = sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkUInt8)
+    if not np.any(sitk.GetArrayViewFromImage(binary)):
+        raise InputError(f"{role} is empty (no nonzero voxel)", path)
+    return binary
+
+
+def same_grid(a: Grid, b: Grid, tol: float = GRID_TOLERANCE) -> bool:
+    if a.size != b.size:
+        return False
+    spacing_ok = np.allclose(a.spacing, b.spacing, rtol=tol, atol=0)
+    origin_ok = np.allclose(a.origin, b.origin, atol=tol * max(1.0, max(a.spacing)))
+    direction_ok = np.allclose(a.direction, b.direction, atol=tol)
+    return bool(spacing_ok and origin_ok and direction_ok)
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def _read_any(path: PathLike, role: str) -> sitk.Image:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{role} file not found", path)
+    if p.is_dir():
+        return _read_dicom_folder(p, role)
+    if p.stat().st_size == 0:
+        raise InputError(f"{role} file is empty (0 bytes)", path)
+    try:
+        return sitk.ReadImage(str(p))
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()
+        detail = next((line.strip() for line in reversed(reason) if line.strip()), "unknown reason")
+        raise InputError(f"{role} file cannot be read as an image ({detail[:200]})", path) from None
+
+
+def _read_dicom_folder(folder: Path, role: str) -> sitk.Image:
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputError(f"{role} folder holds no DICOM series", folder)
+    if len(series) > 1:
+        raise InputError(f"{role} folder holds {len(series)} DICOM series; point to a folder with one", folder)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"{role} DICOM series cannot be read ({str(exc).strip()[:200]})", folder) from None
+
+
+def _check_is_3d_scalar(image: sitk.Image, path: PathLike, role: str) -> None:
+    dim = image.GetDimension()
+    if dim != 3:
+        raise InputError(f"{role} is a {dim}D image; a 3D image is needed", path)
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        n = image.GetNumberOfComponentsPerPixel()
+        raise InputError(f"{role} has {n} components per voxel (a vector/colour image); a scalar image is needed", path)
+    if min(image.GetSize()) < MIN_SIZE_VOXELS:
+        raise InputError(
+            f"{role} is too small ({image.GetSize()} voxels; at least {MIN_SIZE_VOXELS} along each axis)", path
+        )
+
+
+def image_from_array(array_zyx: np.ndarray, grid: Grid) -> sitk.Image:
+    """A SimpleITK image on ``grid`` from an array indexed [k, j, i] (vector images: trailing component axis)."""
+    is_vector = array_zyx.ndim == 4
+    image = sitk.GetImageFromArray(array_zyx, isVector=is_vector)
+    image.SetSpacing(grid.spacing)
+    image.SetOrigin(grid.origin)
+    image.SetDirection(grid.direction)
+    return image
+
+
+def write_image(image: sitk.Image, path: PathLike, compress: bool = True) -> None:
+    sitk.WriteImage(image, str(path), compress)
+
+
+def displacement_transform(displacement_lps_mm: np.ndarray, grid: Grid) -> sitk.DisplacementFieldTransform:
+    """The ITK transform x -> x + u(x) for a displacement ``u`` (nz, ny, nx, 3) in LPS mm on ``grid``.
+
+    This is the resampling direction (fixed -> moving): what ITK/SimpleITK resamplers and Slicer expect.
+    """
+    field = image_from_array(np.ascontiguousarray(displacement_lps_mm, dtype=np.float64), grid)
+    return sitk.DisplacementFieldTransform(field)
+
+
+def write_transform(displacement_lps_mm: np.ndarray, grid: Grid, path: PathLike) -> None:
+    """Write the displacement field as an ITK transform file (``.h5``), readable by SimpleITK and Slicer."""
+    sitk.WriteTransform(displacement_transform(displacement_lps_mm, grid), str(path))
+
+
+def read_transform(path: PathLike, role: str = "transform") -> sitk.Transform:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{role} file not found", path)
+    try:
+        return sitk.ReadTransform(str(p))
+    except RuntimeError as exc:
+        raise InputError(f"{role} file cannot be read as an ITK transform ({str(exc).strip()[-200:]})", path) from None
+
+
+def displacement_of(transform: sitk.Transform, grid: Grid) -> np.ndarray:
+    """(nz, ny, nx, 3) LPS mm displacement T(x) - x of any SimpleITK transform, sampled on ``grid``."""
+    reference = sitk.Image(list(grid.size), sitk.sitkUInt8)
+    reference.SetSpacing(grid.spacing)
+    reference.SetOrigin(grid.origin)
+    reference.SetDirection(grid.direction)
+    to_field = sitk.TransformToDisplacementFieldFilter()
+    to_field.SetReferenceImage(reference)
+    to_field.SetOutputPixelType(sitk.sitkVectorFloat64)
+    return sitk.GetArrayFromImage(to_field.Execute(transform))
+
+
+def read_points(path: PathLike) -> np.ndarray:
+    """(n, 3) points from a text file: an optional header (e.g. elastix's ``point`` / count lines), then one
+    point a line, three numbers separated by spaces, tabs or commas. Returns LPS mm as written."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError("point file not found", path)
+    rows = []
+    for line in p.read_text().splitlines():
+        fields = line.replace(",", " ").split()
+        try:
+            values = [float(v) for v in fields]
+        except ValueError:
+            continue  # header or comment line
+        if len(values) == 3:
+            rows.append(values)
+        elif values and len(values) not in (1,):
+            raise InputError(f"line {line!r} has {len(values)} numbers; 3 are needed", path)
+    if not rows:
+        raise InputError("no points (3 numbers a line) found", path)
+    return np.asarray(rows, dtype=float)
+
+
+def write_points(points: np.ndarray, path: PathLike) -> None:
+    """Write (n, 3) points in the format :func:`read_points` reads (elastix-style header)."""
+    lines = ["point", str(len(points))] + [" ".join(f"{v:.6f}" for v in p) for p in np.asarray(points)]
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def resample_to(image: sitk.Image, grid: Grid, transform: Optional[sitk.Transform] = None,
+                linear: bool = True, default: float = 0.0) -> sitk.Image:
+    """``image`` resampled onto ``grid`` through ``transform`` (grid point x samples image at T(x))."""
+    reference = sitk.Image(list(grid.size), sitk.sitkUInt8)
+    reference.SetSpacing(grid.spacing)
+    reference.SetOrigin(grid.origin)
+    reference.SetDirection(grid.direction)
+    interpolator = sitk.sitkLinear if linear else sitk.sitkNearestNeighbor
+    return sitk.Resample(image, reference, transform or sitk.Transform(), interpolator, default, image.GetPixelID())

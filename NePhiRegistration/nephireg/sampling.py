@@ -1,0 +1,88 @@
+"""Torch-side sampling through the conventions of :mod:`nephireg.geometry` (the only caller of grid_sample's
+coordinate convention in the engine).
+
+Shapes: volumes are (N, C, Z, Y, X); point sets are (P, 3) LPS mm; normalised sampling grids are (..., 3) in
+(i, j, k) order.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nephireg.geometry import ALIGN_CORNERS, Grid
+
+
+def matrix_tensor(matrix4: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """A 4x4 numpy matrix as a tensor with ``like``'s dtype and device."""
+    return torch.as_tensor(matrix4, dtype=like.dtype, device=like.device)
+
+
+def physical_to_normalised(points_mm: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """(..., 3) LPS mm -> (..., 3) normalised coordinates of ``grid``."""
+    m = matrix_tensor(grid.physical_to_normalised(), points_mm)
+    return points_mm @ m[:3, :3].T + m[:3, 3]
+
+
+def normalised_to_physical(points_norm: torch.Tensor, grid: Grid) -> torch.Tensor:
+    m = matrix_tensor(grid.normalised_to_physical(), points_norm)
+    return points_norm @ m[:3, :3].T + m[:3, 3]
+
+
+def grid_points_mm(grid: Grid, dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None
+                   ) -> torch.Tensor:
+    """(Z, Y, X, 3) LPS mm of every voxel centre of ``grid``."""
+    axes = [torch.arange(n, dtype=dtype, device=device) for n in grid.shape_zyx]
+    k, j, i = torch.meshgrid(*axes, indexing="ij")
+    idx = torch.stack([i, j, k], dim=-1)
+    m = torch.as_tensor(grid.index_to_physical(), dtype=dtype, device=device)
+    return idx @ m[:3, :3].T + m[:3, 3]
+
+
+def identity_normalised(shape_zyx, dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None
+                        ) -> torch.Tensor:
+    """(1, Z, Y, X, 3) normalised coordinates of every voxel of a grid of ``shape_zyx`` (i, j, k order)."""
+    axes = [torch.linspace(-1.0, 1.0, n, dtype=dtype, device=device) if n > 1 else
+            torch.zeros(1, dtype=dtype, device=device) for n in shape_zyx]
+    k, j, i = torch.meshgrid(*axes, indexing="ij")
+    return torch.stack([i, j, k], dim=-1).unsqueeze(0)
+
+
+def sample_normalised(volume: torch.Tensor, points_norm: torch.Tensor, padding: str = "border",
+                      mode: str = "bilinear") -> torch.Tensor:
+    """Trilinear samples of ``volume`` (N, C, Z, Y, X) at normalised points (N, Z', Y', X', 3) -> (N, C, Z', Y', X')."""
+    return F.grid_sample(volume, points_norm, mode=mode, padding_mode=padding, align_corners=ALIGN_CORNERS)
+
+
+def sample_points(volume: torch.Tensor, grid: Grid, points_mm: torch.Tensor, padding: str = "border",
+                  mode: str = "bilinear") -> torch.Tensor:
+    """Samples of ``volume`` (1, C, Z, Y, X) on ``grid`` at (P, 3) LPS mm points -> (P, C)."""
+    norm = physical_to_normalised(points_mm, grid).reshape(1, -1, 1, 1, 3)
+    values = sample_normalised(volume, norm, padding=padding, mode=mode)  # (1, C, P, 1, 1)
+    return values.reshape(volume.shape[1], -1).T
+
+
+def resample_volume(volume: torch.Tensor, source: Grid, target: Grid, padding: str = "zeros") -> torch.Tensor:
+    """``volume`` (1, C, Z, Y, X) on ``source`` resampled trilinearly onto ``target`` -> (1, C, Z', Y', X')."""
+    pts = grid_points_mm(target, dtype=volume.dtype, device=volume.device)
+    norm = physical_to_normalised(pts, source).unsqueeze(0)
+    return sample_normalised(volume, norm, padding=padding)
+
+
+def pooled_grid(grid: Grid, factor: int) -> Grid:
+    """The grid of ``avg_pool3d(kernel=factor, stride=factor)`` applied to an image on ``grid``: block centres."""
+    size = tuple(max(n // factor, 1) for n in grid.size)
+    spacing = tuple(s * factor for s in grid.spacing)
+    shift = np.full(3, (factor - 1) / 2.0)
+    origin = grid.index_to_physical()[:3, :3] @ shift + np.asarray(grid.origin)
+    return Grid(size, spacing, tuple(float(o) for o in origin), grid.direction)
+
+
+def pool(volume: torch.Tensor, factor: int) -> torch.Tensor:
+    """Block average (N, C, Z, Y, X) -> (N, C, Z//f, Y//f, X//f), matching :func:`pooled_grid`."""
+    if factor == 1:
+        return volume
+    return F.avg_pool3d(volume, kernel_size=factor, stride=factor)
