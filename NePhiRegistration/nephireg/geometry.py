@@ -53,7 +53,7 @@ class Grid:
 
     # -- constructors -------------------------------------------------------------------------------------
     @classmethod
-    def of(cls, image) -> "Grid":
+    def of(cls, image) -> Grid:
         """The grid of a SimpleITK image (anything with GetSize/GetSpacing/GetOrigin/GetDirection)."""
         return cls(
             size=tuple(int(s) for s in image.GetSize()),
@@ -63,7 +63,7 @@ class Grid:
         )
 
     @classmethod
-    def from_matrix(cls, size: Sequence[int], index_to_physical: np.ndarray) -> "Grid":
+    def from_matrix(cls, size: Sequence[int], index_to_physical: np.ndarray) -> Grid:
         """A grid from its 4x4 index -> physical (LPS) matrix."""
         m = np.asarray(index_to_physical, dtype=float)
         spacing = np.linalg.norm(m[:3, :3], axis=0)
@@ -128,7 +128,7 @@ class Grid:
         """(3,) field-of-view lengths along the grid axes, mm (centre of first to centre of last voxel)."""
         return (np.asarray(self.size, dtype=float) - 1.0) * np.asarray(self.spacing)
 
-    def resampled(self, spacing_mm: Sequence[float]) -> "Grid":
+    def resampled(self, spacing_mm: Sequence[float]) -> Grid:
         """A grid with the same direction and field of view (first voxel centre kept) at ``spacing_mm``."""
         spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=float), (3,))
         size = np.maximum(np.round(self.extent_mm() / spacing).astype(int) + 1, 1)

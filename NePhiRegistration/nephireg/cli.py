@@ -1,0 +1,199 @@
+"""The ``nephireg`` command line: register, demo, warp, jacobian, batch (and models/train from nephireg.nephi).
+
+Exit codes and progress events follow :mod:`nephireg.protocol`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import traceback
+from typing import Any, Callable, Dict, List, Optional
+
+from nephireg import __version__
+from nephireg.protocol import DEVICES, METHODS, PREALIGN_MODES, PRESETS, Event, ExitCode
+
+
+def _common_registration_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", choices=METHODS, default="adam", help="registration method (default: adam)")
+    parser.add_argument("--preset", choices=PRESETS, default="generic", help="anatomy/modality preset")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto uses a CUDA GPU when present")
+    parser.add_argument("--prealign", choices=PREALIGN_MODES, default="preset",
+                        help="pre-alignment before the deformable step (default: the preset's)")
+    expert = parser.add_argument_group("expert options (default: the preset's)")
+    expert.add_argument("--iterations", type=int, help="iterations (finest level for adam)")
+    expert.add_argument("--regularization", type=float, help="regularisation weight lambda")
+    expert.add_argument("--grid-spacing-mm", type=float, help="spacing of the finest displacement grid (adam)")
+    expert.add_argument("--model", help="NePhi model file or registry name")
+    expert.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="any method option, VALUE as JSON (e.g. levels=[4,2]); repeatable")
+    expert.add_argument("--seed", type=int, default=0, help="random seed (runs are deterministic on CPU)")
+    parser.add_argument("--progress", choices=("auto", "jsonl", "bar", "none"), default="auto",
+                        help="jsonl: one JSON event per stdout line (for programs); auto: a bar on a terminal")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nephireg",
+                                     description="Deformable image registration (NePhi, continuous Adam).")
+    parser.add_argument("--version", action="version", version=f"nephireg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    reg = sub.add_parser("register", help="register a moving image to a fixed image")
+    reg.add_argument("--fixed", required=True, help="fixed image (any 3D format SimpleITK reads, or a DICOM folder)")
+    reg.add_argument("--moving", required=True, help="moving image")
+    reg.add_argument("--fixed-mask", help="fixed mask (label map; nonzero = inside)")
+    reg.add_argument("--moving-mask", help="moving mask")
+    reg.add_argument("--out", required=True, help="output folder (result.json, transform.h5, jacobian.nrrd, ...)")
+    reg.add_argument("--overwrite", action="store_true", help="replace a result already in --out")
+    reg.add_argument("--no-warped", action="store_true", help="do not write the warped moving image")
+    reg.add_argument("--no-overview", action="store_true", help="do not write overview.png")
+    _common_registration_arguments(reg)
+    reg.set_defaults(func=_register_command)
+
+    demo = sub.add_parser("demo", help="register the built-in synthetic sample pair and score it")
+    demo.add_argument("--out", default="nephireg-demo", help="output folder (default: ./nephireg-demo)")
+    demo.add_argument("--overwrite", action="store_true")
+    _common_registration_arguments(demo)
+    demo.set_defaults(func=_demo_command)
+
+    from nephireg import tools
+
+    tools.add_subcommands(sub)
+    try:
+        from nephireg.nephi import cli as nephi_cli
+    except ImportError:
+        nephi_cli = None
+    if nephi_cli is not None:
+        nephi_cli.add_subcommands(sub)
+    return parser
+
+
+def _parse_options(args: argparse.Namespace) -> Dict[str, Any]:
+    from nephireg.errors import InputError
+
+    options: Dict[str, Any] = {"iterations": args.iterations, "regularization": args.regularization,
+                               "grid_spacing_mm": args.grid_spacing_mm, "model": args.model}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--option {item!r} is not KEY=VALUE")
+        try:
+            options[key.replace("-", "_")] = json.loads(value)
+        except ValueError:
+            options[key.replace("-", "_")] = value
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def make_reporter(mode: str):
+    from nephireg.progress import JsonlReporter, SilentReporter, TerminalReporter
+
+    if mode == "jsonl":
+        return JsonlReporter(sys.stdout)
+    if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
+        return TerminalReporter(sys.stderr)
+    return SilentReporter() if mode == "none" else TerminalReporter(sys.stderr)
+
+
+def run_cancellable(reporter, body: Callable[[], Dict[str, Any]]) -> int:
+    """Run ``body`` with SIGINT/SIGTERM turned into a prompt cancellation; report the outcome as an event."""
+    from nephireg.errors import NephiregError
+
+    def on_signal(signum, frame):  # noqa: ARG001 - signal handler signature
+        reporter.request_cancel()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        manifest = body()
+    except NephiregError as exc:
+        reporter.emit(Event.ERROR, {"code": int(exc.exit_code), "kind": exc.kind, "message": str(exc)})
+        return int(exc.exit_code)
+    except ValueError as exc:  # invalid option values from a method's Settings
+        reporter.emit(Event.ERROR, {"code": int(ExitCode.BAD_INPUT), "kind": "bad-input", "message": str(exc)})
+        return int(ExitCode.BAD_INPUT)
+    except MemoryError:
+        reporter.emit(Event.ERROR, {"code": int(ExitCode.OUT_OF_MEMORY), "kind": "out-of-memory",
+                                    "message": "out of memory; try a coarser --grid-spacing-mm or smaller images"})
+        return int(ExitCode.OUT_OF_MEMORY)
+    except Exception as exc:  # the last line of defence: a clear message, the traceback on stderr
+        traceback.print_exc(file=sys.stderr)
+        reporter.emit(Event.ERROR, {"code": int(ExitCode.INTERNAL_ERROR), "kind": "internal",
+                                    "message": f"internal error: {type(exc).__name__}: {exc}"})
+        return int(ExitCode.INTERNAL_ERROR)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    reporter.emit(Event.RESULT, {"manifest": manifest.get("manifest_path"), "metrics": manifest.get("metrics", {})})
+    return int(ExitCode.SUCCESS)
+
+
+def _request_from(args: argparse.Namespace, fixed: str, moving: str, fixed_mask: Optional[str],
+                  moving_mask: Optional[str]):
+    from nephireg.pipeline import Request
+
+    return Request(fixed=fixed, moving=moving, out=args.out, method=args.method, preset=args.preset,
+                   fixed_mask=fixed_mask, moving_mask=moving_mask, device=args.device, prealign=args.prealign,
+                   options=_parse_options(args), seed=args.seed, overwrite=args.overwrite,
+                   write_warped=not getattr(args, "no_warped", False),
+                   write_overview=not getattr(args, "no_overview", False))
+
+
+def _register_command(args: argparse.Namespace) -> int:
+    reporter = make_reporter(args.progress)
+
+    def body() -> Dict[str, Any]:
+        import os
+
+        from nephireg.pipeline import register
+
+        reporter.emit(Event.START, {"method": args.method, "preset": args.preset, "device": args.device,
+                                    "out": os.path.abspath(args.out)})
+        manifest = register(_request_from(args, args.fixed, args.moving, args.fixed_mask, args.moving_mask), reporter)
+        manifest["manifest_path"] = os.path.join(os.path.abspath(args.out), "result.json")
+        if not isinstance(reporter, _jsonl_type()):
+            _print_summary(manifest)
+        return manifest
+
+    return run_cancellable(reporter, body)
+
+
+def _jsonl_type():
+    from nephireg.progress import JsonlReporter
+
+    return JsonlReporter
+
+
+def _print_summary(manifest: Dict[str, Any]) -> None:
+    m = manifest["metrics"]
+    print(f"folding {m['folding_percent']:.4f} %  det J [{m['jacobian_min']:.3f}, {m['jacobian_max']:.3f}]  "
+          f"SDlogJ {m['std_log_jacobian']:.4f}  NCC {m['ncc_before']:.3f} -> {m['ncc_after']:.3f}  "
+          f"time {manifest['timings_s']['total']:.1f} s  ({manifest['device']})")
+    if "demo_error_mm" in manifest:
+        e = manifest["demo_error_mm"]
+        print(f"demo: error inside the lungs {e['before_mean']:.2f} mm before -> mean {e['mean']:.2f} mm, "
+              f"median {e['median']:.2f} mm, 95th percentile {e['p95']:.2f} mm")
+
+
+def _demo_command(args: argparse.Namespace) -> int:
+    reporter = make_reporter(args.progress)
+
+    def body() -> Dict[str, Any]:
+        from nephireg.demo import run_demo
+
+        manifest = run_demo(args, reporter, _request_from)
+        if not isinstance(reporter, _jsonl_type()):
+            _print_summary(manifest)
+        return manifest
+
+    return run_cancellable(reporter, body)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Continuous Adam: MIND-SSC features, a dense displacement on a coarse grid, Adam with a scheduled learning rate.
+
+METHODS.md, method 1. Per pyramid level (pooling factor f of the working grid):
+
+* features: MIND-SSC of both images on the working grid, block-averaged by f onto the level grid G;
+* unknown: ``p`` (1, 3, Zg, Yg, Xg) mm on G; the displacement used is ``u = S(p)``, S = ``smoothing_passes`` 3x3x3
+  box filters (approximates a B-spline);
+* loss: ``mean_w((MIND_F - MIND_M o (x + u))^2) + lambda * mean(|grad u|^2)`` with forward differences in mm/mm
+  and ``w`` the fixed mask on G (all ones without mask);
+* Adam with :class:`nephireg.schedule.ConstantCosineLinear`, stretched to the level's iteration count.
+
+The coarse level's result initialises the next one. Returns a :class:`nephireg.fields.DenseField` on the finest
+level grid (trilinear interpolation upsamples it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from nephireg.features import mind_ssc
+from nephireg.fields import DenseField
+from nephireg.geometry import Grid
+from nephireg.pair import PreparedPair
+from nephireg.progress import Reporter
+from nephireg.sampling import identity_normalised, matrix_tensor, pool, pooled_grid, resample_volume, sample_normalised
+from nephireg.schedule import ConstantCosineLinear
+
+
+@dataclass(frozen=True)
+class Settings:
+    iterations: int = 270  # at the finest level
+    coarse_iterations: int = 100  # at each coarser level
+    levels: Tuple[int, ...] = (4, 2)  # pooling factors of the working grid, coarse to fine
+    regularization: float = 1.0  # lambda of the diffusion term (dimensionless, displacement gradients in mm/mm)
+    lr: float = 1.0  # mm per step in the constant phase
+    smoothing_passes: int = 3
+    mind_radius: int = 1
+    mind_dilation: int = 2
+    constant_until: int = 70  # schedule breakpoints for 270 steps; stretched to each level's count
+    cosine_until: int = 180
+    cosine_floor: float = 0.433
+    final_fraction: float = 0.0333
+    grid_spacing_mm: Optional[float] = None  # if set, the finest level's spacing (overrides the last level)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> Settings:
+        known = {f.name for f in fields(cls)}
+        unknown = set(options) - known - {"model", "seed"}
+        if unknown:
+            raise ValueError(f"continuous Adam does not know option(s) {', '.join(sorted(unknown))}")
+        values = {k: v for k, v in options.items() if k in known and v is not None}
+        if "levels" in values:
+            values["levels"] = tuple(int(v) for v in values["levels"])
+        settings = cls(**values)
+        if settings.iterations < 1 or settings.coarse_iterations < 0 or not settings.levels:
+            raise ValueError("continuous Adam needs iterations >= 1, coarse_iterations >= 0 and at least one level")
+        if settings.regularization < 0:
+            raise ValueError("regularization must be >= 0")
+        return settings
+
+    def schedule(self, steps: int) -> ConstantCosineLinear:
+        base = ConstantCosineLinear(self.lr, self.constant_until, self.cosine_until, 270,
+                                    self.cosine_floor, self.final_fraction)
+        return base.scaled_to(steps)
+
+
+def run(pair: PreparedPair, options: Mapping[str, Any], reporter: Reporter) -> DenseField:
+    """Register ``pair`` by continuous Adam; see the module docstring."""
+    settings = Settings.from_options(options)
+    reporter.stage("features", "MIND-SSC features")
+    with torch.no_grad():
+        fixed_features = mind_ssc(pair.fixed, settings.mind_radius, settings.mind_dilation)
+        moving_features = mind_ssc(pair.moving, settings.mind_radius, settings.mind_dilation)
+    factors = level_factors(settings, pair.grid)
+    field: Optional[DenseField] = None
+    for number, factor in enumerate(factors, start=1):
+        steps = settings.iterations if number == len(factors) else settings.coarse_iterations
+        if steps == 0:
+            continue
+        reporter.stage("optimise", f"Adam level {number}/{len(factors)}: grid 1/{factor}, {steps} iterations")
+        field = _optimise_level(pair, fixed_features, moving_features, factor, steps, field, settings, reporter)
+    assert field is not None
+    return field
+
+
+def level_factors(settings: Settings, grid: Grid) -> Tuple[int, ...]:
+    """Pooling factors coarse to fine; ``grid_spacing_mm`` replaces the finest by the nearest integer factor."""
+    factors = list(settings.levels)
+    if settings.grid_spacing_mm is not None:
+        finest = max(1, round(settings.grid_spacing_mm / min(grid.spacing)))
+        factors = [f for f in factors[:-1] if f > finest] + [finest]
+    return tuple(factors)
+
+
+def _optimise_level(pair: PreparedPair, fixed_features: torch.Tensor, moving_features: torch.Tensor, factor: int,
+                    steps: int, init: Optional[DenseField], settings: Settings, reporter: Reporter) -> DenseField:
+    grid = pooled_grid(pair.grid, factor)
+    target = pool(fixed_features, factor)
+    source = pool(moving_features, factor)
+    weights = _weights(pair, factor)
+    identity = identity_normalised(grid.shape_zyx, dtype=target.dtype, device=target.device)
+    to_normalised = matrix_tensor(grid.physical_to_normalised(), target)[:3, :3]  # mm vector -> normalised vector
+
+    start = torch.zeros((1, 3) + grid.shape_zyx, dtype=target.dtype, device=target.device)
+    if init is not None:
+        start = resample_volume(init.values_mm, init.grid, grid, padding="border")
+    params = start.clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([params], lr=settings.lr)
+    schedule = settings.schedule(steps)
+    spacing = torch.as_tensor(grid.spacing, dtype=target.dtype, device=target.device)
+    for step in range(1, steps + 1):
+        for group in optimiser.param_groups:
+            group["lr"] = schedule(step)
+        optimiser.zero_grad(set_to_none=True)
+        u = smooth(params, settings.smoothing_passes)
+        data = similarity(target, source, u, identity, to_normalised, weights)
+        loss = data + settings.regularization * diffusion(u, spacing)
+        loss.backward()
+        optimiser.step()
+        reporter.step(step, steps, float(loss))
+    with torch.no_grad():
+        return DenseField(grid, smooth(params, settings.smoothing_passes).detach())
+
+
+def _weights(pair: PreparedPair, factor: int) -> Optional[torch.Tensor]:
+    if pair.fixed_mask is None:
+        return None
+    weights = (pool(pair.fixed_mask, factor) > 0).to(pair.fixed.dtype)
+    return weights if weights.sum() > 0 else None
+
+
+def smooth(u: torch.Tensor, passes: int) -> torch.Tensor:
+    """``passes`` 3x3x3 box filters with replicate borders, (1, 3, Z, Y, X) -> same."""
+    for _ in range(passes):
+        u = F.avg_pool3d(F.pad(u, (1,) * 6, mode="replicate"), 3, stride=1)
+    return u
+
+
+def similarity(target: torch.Tensor, source: torch.Tensor, u_mm: torch.Tensor, identity: torch.Tensor,
+               to_normalised: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """Weighted mean squared MIND difference between ``target`` and ``source`` warped by ``u_mm``.
+
+    ``target``, ``source``: (1, C, Z, Y, X); ``u_mm``: (1, 3, Z, Y, X) LPS mm; ``identity``: (1, Z, Y, X, 3)
+    normalised; ``to_normalised``: 3x3 linear map from mm vectors to normalised vectors of the level grid.
+    """
+    offset = u_mm.permute(0, 2, 3, 4, 1) @ to_normalised.T
+    warped = sample_normalised(source, identity + offset, padding="border")
+    squared = ((target - warped) ** 2).mean(dim=1, keepdim=True)
+    if weights is None:
+        return squared.mean()
+    return (squared * weights).sum() / weights.sum()
+
+
+def diffusion(u_mm: torch.Tensor, spacing_mm: torch.Tensor) -> torch.Tensor:
+    """mean |grad u|^2 by forward differences, gradients in mm/mm; ``spacing_mm`` (3,) in (x, y, z) order."""
+    dz = (u_mm[:, :, 1:] - u_mm[:, :, :-1]) / spacing_mm[2]
+    dy = (u_mm[:, :, :, 1:] - u_mm[:, :, :, :-1]) / spacing_mm[1]
+    dx = (u_mm[:, :, :, :, 1:] - u_mm[:, :, :, :, :-1]) / spacing_mm[0]
+    return (dz ** 2).mean() + (dy ** 2).mean() + (dx ** 2).mean()

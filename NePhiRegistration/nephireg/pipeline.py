@@ -1,0 +1,270 @@
+"""One registration from files to a result folder: read -> preset -> masks -> pre-alignment -> method -> outputs.
+
+:func:`register` is the library entry point behind ``nephireg register`` and the Slicer module.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+import nephireg
+from nephireg import io
+from nephireg.compose import affine_matrix, compose_prealignment
+from nephireg.errors import InputError, OutOfMemory
+from nephireg.fields import evaluate_on_grid
+from nephireg.geometry import Grid, apply_affine
+from nephireg.jacobian import jacobian_determinant, jacobian_summary
+from nephireg.methods import get_method
+from nephireg.overview import overview
+from nephireg.pair import PreparedPair
+from nephireg.preprocess import dilate, normalise_intensities, to_tensor, working_grid
+from nephireg.presets import Preset, get_preset
+from nephireg.progress import Reporter, SilentReporter
+from nephireg.protocol import METHODS, OUTPUT_FILES, PREALIGN_MODES, RESULT_MANIFEST, write_manifest
+
+
+@dataclass
+class Request:
+    """What to register and how. Paths are files SimpleITK reads (or DICOM folders)."""
+
+    fixed: str
+    moving: str
+    out: str
+    method: str = "adam"
+    preset: str = "generic"
+    fixed_mask: Optional[str] = None
+    moving_mask: Optional[str] = None
+    device: str = "auto"
+    prealign: str = "preset"
+    options: Dict[str, Any] = field(default_factory=dict)  # method options (iterations, regularization, ...)
+    seed: int = 0
+    overwrite: bool = False
+    write_warped: bool = True
+    write_overview: bool = True
+
+
+@dataclass
+class Inputs:
+    """The read, checked and normalised images of a pair (original intensities kept for the warped output)."""
+
+    fixed: sitk.Image
+    moving: sitk.Image
+    fixed_norm: sitk.Image
+    moving_norm: sitk.Image
+    fixed_mask: Optional[sitk.Image]
+    moving_mask: Optional[sitk.Image]
+    masks_derived: bool
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA GPU is available (use auto or cpu)")
+    if name not in ("cpu", "cuda"):
+        raise InputError(f"unknown device {name!r}; choose auto, cpu or cuda")
+    return torch.device(name)
+
+
+def read_inputs(request: Request, preset: Preset, reporter: Reporter) -> Inputs:
+    reporter.stage("read", "Reading and checking the images")
+    fixed = io.read_image(request.fixed, "fixed")
+    moving = io.read_image(request.moving, "moving")
+    fixed_mask = io.read_mask(request.fixed_mask, fixed, "fixed mask") if request.fixed_mask else None
+    moving_mask = io.read_mask(request.moving_mask, moving, "moving mask") if request.moving_mask else None
+    derived = False
+    if preset.derive_lung_masks and fixed_mask is None and moving_mask is None:
+        from nephireg.lungmask import lung_mask
+
+        reporter.stage("masks", "Deriving lung masks")
+        fixed_mask, moving_mask, derived = _derive(lung_mask, fixed, request.fixed), _derive(
+            lung_mask, moving, request.moving), True
+    reporter.stage("preprocess", f"Normalising intensities ({preset.name})")
+    return Inputs(fixed, moving, normalise_intensities(fixed, preset, fixed_mask),
+                  normalise_intensities(moving, preset, moving_mask), fixed_mask, moving_mask, derived)
+
+
+def _derive(make_mask, image: sitk.Image, path: str) -> sitk.Image:
+    try:
+        return make_mask(image)
+    except InputError as exc:
+        raise InputError(f"{exc.problem} (lung-ct preset; give masks or use another preset)", path) from None
+
+
+def prealign_matrix(request: Request, preset: Preset, inputs: Inputs, reporter: Reporter) -> Tuple[str, np.ndarray]:
+    """The pre-alignment mode used and its 4x4 matrix (fixed -> moving, LPS mm)."""
+    mode = preset.prealign if request.prealign == "preset" else request.prealign
+    if mode not in PREALIGN_MODES or mode == "preset":
+        raise InputError(f"unknown pre-alignment {mode!r}; choose one of {', '.join(PREALIGN_MODES)}")
+    if mode == "none":
+        return mode, np.eye(4)
+    from nephireg.prealign import prealign
+
+    reporter.stage("prealign", f"Pre-alignment ({mode})")
+    transform = prealign(inputs.fixed_norm, inputs.moving_norm, mode, inputs.fixed_mask, inputs.moving_mask)
+    return mode, affine_matrix(transform)
+
+
+def check_overlap(fixed: Grid, moving: Grid, prealign: np.ndarray, request: Request) -> None:
+    """Refuse pairs whose fields of view share no physical space (after pre-alignment)."""
+    axes = [np.linspace(0, n - 1, 7) for n in fixed.size]
+    lattice = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    points = apply_affine(prealign, apply_affine(fixed.index_to_physical(), lattice))
+    index = apply_affine(moving.physical_to_index(), points)
+    inside = np.all((index >= -0.5) & (index <= np.asarray(moving.size) - 0.5), axis=1)
+    if not inside.any():
+        raise InputError(f"fixed ({request.fixed}) and moving ({request.moving}) images do not overlap in physical "
+                         "space; check their origins or use a pre-alignment (--prealign center)", request.moving)
+
+
+def prepare(request: Request, inputs: Inputs, preset: Preset, prealign: np.ndarray, device: torch.device
+            ) -> PreparedPair:
+    """The working-grid tensors a method receives (moving resampled through the pre-alignment)."""
+    grid = working_grid(Grid.of(inputs.fixed), preset.working_spacing_mm)
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(tuple(prealign[:3, :3].ravel()))
+    transform.SetTranslation(tuple(prealign[:3, 3]))
+    fixed = to_tensor(inputs.fixed_norm, grid, None, device)
+    moving = to_tensor(inputs.moving_norm, grid, transform, device)
+    fixed_mask = moving_mask = None
+    if inputs.fixed_mask is not None:
+        fixed_mask = to_tensor(dilate(inputs.fixed_mask, preset.mask_dilation_mm), grid, None, device, is_mask=True)
+    if inputs.moving_mask is not None:
+        moving_mask = to_tensor(dilate(inputs.moving_mask, preset.mask_dilation_mm), grid, transform, device,
+                                is_mask=True)
+    if preset.mask_images:
+        fixed = fixed * fixed_mask if fixed_mask is not None else fixed
+        moving = moving * moving_mask if moving_mask is not None else moving
+    return PreparedPair(grid, fixed, moving, fixed_mask, moving_mask, seed=request.seed)
+
+
+def ncc(a: np.ndarray, b: np.ndarray, mask: Optional[np.ndarray] = None) -> float:
+    """Global normalised cross-correlation of two arrays (inside ``mask`` if given), in [-1, 1]."""
+    if mask is not None:
+        a, b = a[mask], b[mask]
+    a = a - a.mean()
+    b = b - b.mean()
+    return float((a * b).sum() / max(np.sqrt((a * a).sum() * (b * b).sum()), 1e-12))
+
+
+def register(request: Request, reporter: Optional[Reporter] = None) -> Dict[str, Any]:
+    """Run one registration and write its result folder; returns the manifest (also in ``out/result.json``).
+
+    Raises InputError for bad input (nothing is written), Cancelled when the reporter is cancelled, OutOfMemory
+    when the device runs out of memory. A failed run leaves no result behind.
+    """
+    reporter = reporter or SilentReporter()
+    started = time.perf_counter()
+    if request.method not in METHODS:
+        raise InputError(f"unknown method {request.method!r}; choose one of {', '.join(METHODS)}")
+    preset = get_preset(request.preset)
+    out = Path(request.out)
+    _check_out_dir(out, request.overwrite)
+    device = resolve_device(request.device)
+    torch.manual_seed(request.seed)
+    inputs = read_inputs(request, preset, reporter)
+    mode, prealign = prealign_matrix(request, preset, inputs, reporter)
+    fixed_grid = Grid.of(inputs.fixed)
+    check_overlap(fixed_grid, Grid.of(inputs.moving), prealign, request)
+    pair = prepare(request, inputs, preset, prealign, device)
+    method = get_method(request.method)
+    options = preset.options_for(request.method, request.options)
+    try:
+        field_ = method(pair, options, reporter)
+        reporter.stage("field", "Evaluating the displacement on the fixed grid")
+        displacement = evaluate_on_grid(field_, fixed_grid, device)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise OutOfMemory(f"the GPU ran out of memory ({exc}); run again with --device cpu") from None
+    displacement = compose_prealignment(fixed_grid.physical_points(), displacement, prealign)
+    return _write_result(request, preset, mode, inputs, fixed_grid, displacement, options, device, reporter, started)
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError("output path exists and is not a folder", out)
+    if (out / RESULT_MANIFEST).exists() and not overwrite:
+        raise InputError("output folder already holds a result (result.json); use --overwrite to replace it", out)
+
+
+def _write_result(request: Request, preset: Preset, mode: str, inputs: Inputs, grid: Grid, displacement: np.ndarray,
+                  options: Dict[str, Any], device: torch.device, reporter: Reporter, started: float) -> Dict[str, Any]:
+    reporter.stage("write", "Writing the transform, Jacobian and warped image")
+    out = Path(request.out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
+    try:
+        manifest = _write_files(request, preset, mode, inputs, grid, displacement, options, device, staging, reporter)
+        if request.overwrite:
+            (out / RESULT_MANIFEST).unlink(missing_ok=True)
+        for name in manifest["files"].values():
+            os.replace(staging / name, out / name)
+        manifest["timings_s"] = reporter.finish()
+        manifest["timings_s"]["total"] = round(time.perf_counter() - started, 3)
+        write_manifest(str(out), manifest)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _write_files(request: Request, preset: Preset, mode: str, inputs: Inputs, grid: Grid, displacement: np.ndarray,
+                 options: Dict[str, Any], device: torch.device, folder: Path, reporter: Reporter) -> Dict[str, Any]:
+    files = {"transform": OUTPUT_FILES["transform"], "jacobian": OUTPUT_FILES["jacobian"]}
+    transform = io.displacement_transform(displacement, grid)
+    sitk.WriteTransform(transform, str(folder / files["transform"]))
+    det = jacobian_determinant(displacement, grid)
+    reporter.check_cancel()
+    io.write_image(io.image_from_array(det, grid), folder / files["jacobian"])
+    fixed_norm = sitk.GetArrayViewFromImage(inputs.fixed_norm)
+    warped_norm = sitk.GetArrayFromImage(io.resample_to(inputs.moving_norm, grid, transform))
+    mask = sitk.GetArrayViewFromImage(inputs.fixed_mask) > 0 if inputs.fixed_mask is not None else None
+    identity_norm = sitk.GetArrayFromImage(io.resample_to(inputs.moving_norm, grid))
+    if request.write_warped:
+        files["warped"] = OUTPUT_FILES["warped"]
+        io.write_image(io.resample_to(inputs.moving, grid, transform), folder / files["warped"])
+    if request.write_overview:
+        files["overview"] = OUTPUT_FILES["overview"]
+        overview(fixed_norm, warped_norm, det, grid.spacing, folder / files["overview"])
+    metrics = jacobian_summary(det)
+    metrics.update({
+        "ncc_before": ncc(fixed_norm, identity_norm, mask),
+        "ncc_after": ncc(fixed_norm, warped_norm, mask),
+        "similarity_region": "fixed mask" if mask is not None else "whole fixed image",
+        "displacement_max_mm": float(np.linalg.norm(displacement, axis=-1).max()),
+    })
+    return {
+        "files": files,
+        "metrics": metrics,
+        "method": request.method,
+        "preset": preset.name,
+        "parameters": {"options": options, "prealign": mode, "seed": request.seed,
+                       "masks": "derived (lung)" if inputs.masks_derived else
+                       ("given" if request.fixed_mask or request.moving_mask else "none"),
+                       "request": asdict(request)},
+        "inputs": {"fixed": os.path.abspath(request.fixed), "moving": os.path.abspath(request.moving),
+                   "fixed_grid": _grid_dict(grid)},
+        "device": str(device),
+        "versions": {"nephireg": nephireg.__version__, "torch": torch.__version__,
+                     "SimpleITK": sitk.Version_VersionString(),
+                     "numpy": np.__version__, "python": platform.python_version()},
+    }
+
+
+def _grid_dict(grid: Grid) -> Dict[str, Any]:
+    return {"size": list(grid.size), "spacing": list(grid.spacing), "origin": list(grid.origin),
+            "direction": list(grid.direction)}

@@ -1,0 +1,68 @@
+"""Preparing a pair: preset intensities, masks, the working grid, and the tensors a method receives."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from nephireg.geometry import Grid
+from nephireg.io import resample_to
+from nephireg.presets import Preset
+
+MAX_WORKING_VOXELS = 6_000_000  # larger working grids are coarsened (the output stays on the full fixed grid)
+
+
+def normalise_intensities(image: sitk.Image, preset: Preset, mask: Optional[sitk.Image] = None) -> sitk.Image:
+    """Float32 intensities mapped to about [0, 1] as the preset says.
+
+    ``window``: clamp to ``preset.window`` (e.g. HU) and scale linearly. ``percentile``: clamp to the
+    ``preset.percentiles`` of the voxels inside ``mask`` (or of all voxels) and scale linearly.
+    """
+    values = sitk.GetArrayFromImage(image).astype(np.float32)
+    if preset.intensity == "window":
+        low, high = preset.window
+    elif preset.intensity == "percentile":
+        sample = values[sitk.GetArrayViewFromImage(mask) > 0] if mask is not None else values
+        low, high = np.percentile(sample, preset.percentiles)
+        if high <= low:
+            low, high = float(sample.min()), float(sample.max())
+    else:
+        raise ValueError(f"unknown intensity mode {preset.intensity!r}")
+    scaled = (np.clip(values, low, high) - low) / max(float(high - low), 1e-12)
+    out = sitk.GetImageFromArray(scaled.astype(np.float32))
+    out.CopyInformation(image)
+    return out
+
+
+def dilate(mask: sitk.Image, radius_mm: float) -> sitk.Image:
+    """Binary dilation of a {0, 1} mask by a ball of ``radius_mm`` (per-axis voxel radius from the spacing)."""
+    if radius_mm <= 0:
+        return mask
+    radius = [max(1, int(round(radius_mm / s))) for s in mask.GetSpacing()]
+    return sitk.BinaryDilate(mask, radius, sitk.sitkBall, 0, 1)
+
+
+def working_grid(fixed: Grid, spacing_mm: float, max_voxels: int = MAX_WORKING_VOXELS) -> Grid:
+    """The fixed grid's field of view and direction at isotropic ``spacing_mm`` (coarsened to ``max_voxels``)."""
+    grid = fixed.resampled([spacing_mm] * 3)
+    count = float(np.prod(grid.size))
+    if count > max_voxels:
+        grid = fixed.resampled([spacing_mm * (count / max_voxels) ** (1.0 / 3.0)] * 3)
+    return grid
+
+
+def to_tensor(image: sitk.Image, grid: Grid, transform: Optional[sitk.Transform], device: torch.device,
+              is_mask: bool = False) -> torch.Tensor:
+    """``image`` resampled onto ``grid`` (through ``transform``, fixed -> image space) as (1, 1, Z, Y, X) float32.
+
+    Masks are resampled linearly and thresholded at 0.5, which keeps them faithful under downsampling.
+    """
+    source = sitk.Cast(image, sitk.sitkFloat32) if is_mask else image
+    resampled = resample_to(source, grid, transform, linear=True, default=0.0)
+    array = sitk.GetArrayFromImage(resampled).astype(np.float32)
+    if is_mask:
+        array = (array >= 0.5).astype(np.float32)
+    return torch.from_numpy(array)[None, None].to(device)
