@@ -1,0 +1,170 @@
+"""One registration run inside Slicer: temp folder -> engine process -> scene. Slicer only.
+
+:class:`RegistrationJob` owns the run's temp folder and :class:`runner.EngineProcess`; something calls
+:meth:`RegistrationJob.poll` - a ``qt.QTimer`` in the panel, or :meth:`RegistrationJob.wait` in scripts. Output
+nodes are created only after the engine succeeded, so a failed or cancelled run leaves the scene as it was.
+A GPU out-of-memory failure is retried once on the CPU, with a message. The process factory is injectable
+(tests and other front ends pass their own).
+"""
+
+import logging
+import os
+import shutil
+import time
+import uuid
+from typing import Callable, Optional
+
+import slicer
+
+from NePhiRegistrationLib import availability, engine, sceneio
+from NePhiRegistrationLib.progress import ProgressState
+from NePhiRegistrationLib.result import manifestMetrics
+from NePhiRegistrationLib.runner import EngineProcess, RunOutcome, RunStatus
+from NePhiRegistrationLib.settings import RegistrationSettings
+
+TORCH_REQUIREMENT = ">=2.1"
+
+
+def ensureTorch(askConfirmation: bool = True) -> None:
+    """Make sure PythonSlicer can import torch, installing it through the PyTorch extension (after the user
+    confirms). Only looks for the package here; the engine imports torch in its own process."""
+    if availability.torchFound():
+        return
+    try:
+        import PyTorchUtils
+    except ImportError:
+        raise RuntimeError("NePhi Registration needs PyTorch. Install the 'PyTorch' extension from the "
+                           "Extensions Manager, restart Slicer and try again.") from None
+    installed = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation,
+                                                              torchVersionRequirement=TORCH_REQUIREMENT)
+    if installed is None or not availability.torchFound():
+        raise RuntimeError("PyTorch is not installed; the registration cannot run without it.")
+
+
+def pythonSlicer() -> str:
+    found = engine.findPythonSlicer()
+    if not found:
+        raise RuntimeError("PythonSlicer was not found next to the Slicer executable.")
+    return found
+
+
+def newTempFolder() -> str:
+    """A fresh folder under Slicer's temp path (unique even for two runs in the same millisecond)."""
+    return slicer.util.tempDirectory(key=f"NePhiRegistration-{uuid.uuid4().hex[:8]}-")
+
+
+class RegistrationJob:
+    """Inputs -> engine -> result nodes. ``onProgress(ProgressState)``, ``onLog(str)`` and
+    ``onFinished(job)`` are called from :meth:`poll` (the caller's thread)."""
+
+    def __init__(self, fixed, moving, settings: RegistrationSettings, fixedMask=None, movingMask=None,
+                 outputTransform=None, importOptions: Optional[sceneio.ImportOptions] = None,
+                 python: Optional[str] = None, processFactory: Callable = EngineProcess,
+                 onProgress: Optional[Callable] = None, onLog: Optional[Callable] = None,
+                 onFinished: Optional[Callable] = None) -> None:
+        if fixed is None or moving is None:
+            raise ValueError("Select a fixed and a moving volume.")
+        self.fixed, self.moving = fixed, moving
+        self.fixedMask, self.movingMask = fixedMask, movingMask
+        self.outputTransform = outputTransform
+        self.settings = settings
+        self.importOptions = importOptions or sceneio.ImportOptions(createWarpedVolume=settings.writeWarped)
+        self.python = python
+        self.processFactory = processFactory
+        self.onProgress, self.onLog, self.onFinished = onProgress, onLog, onFinished
+        self.progress = ProgressState()
+        self.process: Optional[EngineProcess] = None
+        self.outcome: Optional[RunOutcome] = None
+        self.result: Optional[sceneio.ResultNodes] = None
+        self.error: str = ""
+        self.folder: Optional[str] = None
+        self._inputs = {}
+        self._retriedOnCpu = False
+        self.started = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.outcome is not None
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+        self.folder = newTempFolder()
+        try:
+            self._inputs = sceneio.writeInputs(self.folder, self.fixed, self.moving, self.fixedMask, self.movingMask)
+            self._launch(self.settings.device)
+        except Exception:
+            self._cleanup()
+            raise
+
+    def _launch(self, device: str) -> None:
+        out = os.path.join(self.folder, f"result-{device}")
+        args = self.settings.engineArguments(self._inputs["fixed"], self._inputs["moving"], out,
+                                             self._inputs["fixedMask"], self._inputs["movingMask"], device=device)
+        command = engine.engineCommand(self.python or pythonSlicer(), args)
+        env = engine.childEnvironment(slicer.util.startupEnvironment(), device=device)
+        self._log("Running: " + " ".join(f'"{c}"' if " " in c else c for c in command))
+        self.process = self.processFactory(command, out, env=env, cwd=self.folder,
+                                           onEvent=self._onEvent, onText=self._log)
+        self.process.start()
+
+    def cancel(self) -> None:
+        if self.process is not None and not self.done:
+            self.process.cancel()
+
+    def poll(self) -> None:
+        if self.done or self.process is None:
+            return
+        self.process.poll()
+        outcome = self.process.outcome
+        if outcome is None:
+            return
+        if outcome.outOfMemory and not self._retriedOnCpu and self.settings.device != "cpu":
+            self._retriedOnCpu = True
+            self._log("The GPU ran out of memory; running again on the CPU (slower).")
+            self._launch("cpu")
+            return
+        self._complete(outcome)
+
+    def wait(self, interval: float = 0.1) -> RunOutcome:
+        """Block until the run ends (scripting)."""
+        while not self.done:
+            self.poll()
+            time.sleep(interval)
+        return self.outcome
+
+    def _complete(self, outcome: RunOutcome) -> None:
+        try:
+            if outcome.status == RunStatus.SUCCEEDED:
+                metrics = manifestMetrics(outcome.manifest)
+                metrics.setdefault("runtime_s", round(time.monotonic() - self.started, 1))
+                self.result = sceneio.importResult(outcome.manifest, self.fixed, self.moving, self.outputTransform,
+                                                   self.importOptions, metrics)
+            else:
+                self.error = outcome.describe()
+        except Exception as exc:  # import failed: report like an engine failure, scene already restored
+            logging.exception("NePhiRegistration: result import failed")
+            self.error = f"The result could not be imported: {exc}"
+            outcome = RunOutcome(RunStatus.FAILED, outcome.exitCode, self.error, "import", outcome.logTail)
+        finally:
+            self.outcome = outcome
+            self._cleanup()
+            if self.onFinished:
+                self.onFinished(self)
+
+    def _cleanup(self) -> None:
+        if self.folder and not self.settings.keepTemporaryFiles:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        elif self.folder:
+            self._log(f"Temporary files kept in {self.folder}")
+
+    def _onEvent(self, event) -> None:
+        self.progress.update(event)
+        for line in self.progress.takeLogLines():
+            self._log(line)
+        if self.onProgress:
+            self.onProgress(self.progress)
+
+    def _log(self, text: str) -> None:
+        logging.info(f"NePhiRegistration: {text}")
+        if self.onLog:
+            self.onLog(text)

@@ -1,0 +1,62 @@
+"""The panel's state as a parameter node (saved with the scene, restored on load). Slicer only.
+
+Field names equal the ``SlicerParameterName`` properties in ``Resources/UI/NePhiRegistration.ui`` (a pytest
+checks both ways) and, for the options, the fields of :class:`settings.RegistrationSettings`.
+"""
+
+from pathlib import Path
+from typing import Annotated, Union
+
+from nephireg import protocol
+from slicer import (
+    vtkMRMLLabelMapVolumeNode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+    vtkMRMLTransformNode,
+)
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+
+from NePhiRegistrationLib.settings import RegistrationSettings
+
+
+@parameterNodeWrapper
+class NePhiRegistrationParameterNode:
+    # inputs
+    fixedVolume: vtkMRMLScalarVolumeNode
+    movingVolume: vtkMRMLScalarVolumeNode
+    fixedMask: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]
+    movingMask: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]
+    method: Annotated[str, Choice(list(protocol.METHODS))] = "adam"
+    preset: Annotated[str, Choice(list(protocol.PRESETS))] = "generic"
+    # expert settings (0 = the preset's default)
+    iterations: Annotated[int, WithinRange(0, 100000)] = 0
+    regularization: Annotated[float, WithinRange(0.0, 100.0)] = 0.0
+    gridSpacingMm: Annotated[float, WithinRange(0.0, 20.0)] = 0.0
+    affinePrealignment: bool = True
+    device: Annotated[str, Choice(list(protocol.DEVICES))] = "auto"
+    modelPath: Path = Path()
+    keepTemporaryFiles: bool = False
+    # outputs
+    outputTransform: vtkMRMLTransformNode
+    createWarpedVolume: bool = False
+    createJacobianVolume: bool = True
+    applyTransformToMoving: bool = True
+    showJacobianHeatmap: bool = True
+    jacobianOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+
+
+def settingsFromParameterNode(node: NePhiRegistrationParameterNode) -> RegistrationSettings:
+    """The engine options held by the parameter node."""
+    model = str(node.modelPath) if str(node.modelPath) not in ("", ".") else ""
+    return RegistrationSettings(
+        method=node.method,
+        preset=node.preset,
+        iterations=int(node.iterations),
+        regularization=float(node.regularization),
+        gridSpacingMm=float(node.gridSpacingMm),
+        affinePrealignment=bool(node.affinePrealignment),
+        device=node.device,
+        modelPath=model,
+        writeWarped=bool(node.createWarpedVolume),
+        keepTemporaryFiles=bool(node.keepTemporaryFiles),
+    )

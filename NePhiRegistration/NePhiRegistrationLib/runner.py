@@ -1,0 +1,246 @@
+"""The engine's background process, without Qt: Popen + reader threads + a queue, drained by :meth:`poll`.
+
+Standard library only (psutil used when present). Inside Slicer a ``qt.QTimer`` calls :meth:`EngineProcess.poll`
+on the GUI thread (see ``widget.py``), so the GUI never blocks on the pipe and Cancel acts at once; scripts and
+tests call :meth:`EngineProcess.wait`, which polls in a loop. stdout carries protocol events (one JSON object a
+line, :mod:`nephireg.protocol`); stderr carries tracebacks and library warnings. Both feed the log tail shown
+when a run fails; lines that are not protocol events are kept as log text, never fatal.
+
+Cancel kills the whole process tree (the interpreter and anything it started), so no orphan keeps a GPU busy.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence
+
+from nephireg import protocol
+
+EventCallback = Callable[[Dict[str, Any]], None]
+TextCallback = Callable[[str], None]
+
+_EOF = object()  # a reader thread's last queue item
+_WINDOWS_NO_WINDOW = 0x08000000  # CREATE_NO_WINDOW: no console window flashes up on Windows
+
+
+class RunStatus(enum.Enum):
+    NOT_STARTED = "not started"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass
+class RunOutcome:
+    """How a finished run ended. ``manifest`` (with absolute ``files``) only when it succeeded."""
+
+    status: RunStatus
+    exitCode: Optional[int] = None
+    message: str = ""
+    errorKind: str = ""
+    logTail: List[str] = field(default_factory=list)
+    manifest: Optional[Dict[str, Any]] = None
+    seconds: float = 0.0
+
+    @property
+    def outOfMemory(self) -> bool:
+        return self.status == RunStatus.FAILED and self.exitCode == int(protocol.ExitCode.OUT_OF_MEMORY)
+
+    def describe(self) -> str:
+        """One paragraph for the user: the message, then the last log lines."""
+        text = self.message or self.status.value
+        if self.status == RunStatus.FAILED and self.logTail:
+            text += "\n\nLast lines of the engine log:\n" + "\n".join(self.logTail[-15:])
+        return text
+
+
+class EngineProcess:
+    """One run of ``command``. Call :meth:`start`, then :meth:`poll` regularly (or :meth:`wait`)."""
+
+    def __init__(self, command: Sequence[str], outDir: str, env: Optional[Mapping[str, str]] = None,
+                 cwd: Optional[str] = None, onEvent: Optional[EventCallback] = None,
+                 onText: Optional[TextCallback] = None, logTailLines: int = 60) -> None:
+        self.command = [str(c) for c in command]
+        self.outDir = outDir
+        self.env = dict(env) if env is not None else None
+        self.cwd = cwd
+        self.onEvent = onEvent
+        self.onText = onText
+        self.status = RunStatus.NOT_STARTED
+        self.outcome: Optional[RunOutcome] = None
+        self.lastError: Optional[Dict[str, Any]] = None
+        self._tail: Deque[str] = collections.deque(maxlen=logTailLines)
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._proc: Optional[subprocess.Popen] = None
+        self._threads: List[threading.Thread] = []
+        self._openStreams = 0
+        self._cancelRequested = False
+        self._started = 0.0
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._proc is not None:
+            raise RuntimeError("this engine process was already started")
+        kwargs: Dict[str, Any] = {}
+        if os.name == "nt":
+            kwargs["creationflags"] = _WINDOWS_NO_WINDOW | subprocess.CREATE_NEW_PROCESS_GROUP
+        else:
+            kwargs["start_new_session"] = True  # own process group: cancel can kill the whole group
+        self._started = time.monotonic()
+        self._proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, env=self.env, cwd=self.cwd, **kwargs)
+        self.status = RunStatus.RUNNING
+        for stream, name in ((self._proc.stdout, "stdout"), (self._proc.stderr, "stderr")):
+            thread = threading.Thread(target=self._read, args=(stream, name), daemon=True,
+                                      name=f"nephireg-{name}-reader")
+            thread.start()
+            self._threads.append(thread)
+        self._openStreams = 2
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self.status == RunStatus.RUNNING
+
+    def cancel(self) -> None:
+        """Kill the process tree now; the outcome becomes CANCELLED (whatever the folder holds is ignored)."""
+        if self._proc is None or self.outcome is not None:
+            return
+        self._cancelRequested = True
+        killProcessTree(self._proc.pid)
+
+    # -- draining -------------------------------------------------------------------------------------------
+    def poll(self) -> List[Dict[str, Any]]:
+        """Handle every line read so far (callbacks run on the caller's thread); finish the run when the
+        process has exited and both pipes are drained. Returns the protocol events handled."""
+        events = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _EOF:
+                self._openStreams -= 1
+                continue
+            event = self._handleLine(*item)
+            if event is not None:
+                events.append(event)
+        if self.running and self._openStreams == 0 and self._proc is not None and self._proc.poll() is not None:
+            self._finish(self._proc.returncode)
+        return events
+
+    def wait(self, timeout: Optional[float] = None, interval: float = 0.05) -> RunOutcome:
+        """Poll until the run ends (blocking). On ``timeout`` seconds the run is cancelled."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.outcome is None:
+            self.poll()
+            if self.outcome is not None:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                self.cancel()
+                deadline = None
+            time.sleep(interval)
+        return self.outcome
+
+    # -- internals ------------------------------------------------------------------------------------------
+    def _read(self, stream, name: str) -> None:
+        try:
+            for raw in iter(stream.readline, b""):
+                # bytes + explicit UTF-8: a non-UTF-8 locale (Windows code pages) cannot break the reader
+                self._queue.put((name, raw.decode("utf-8", errors="replace").rstrip("\r\n")))
+        except (OSError, ValueError):
+            pass  # pipe closed under us (process killed)
+        finally:
+            self._queue.put(_EOF)
+
+    def _handleLine(self, stream: str, line: str) -> Optional[Dict[str, Any]]:
+        event = protocol.parse_event_line(line) if stream == "stdout" else None
+        if event is None:
+            if line.strip():
+                self._tail.append(line)
+                if self.onText:
+                    self.onText(line)
+            return None
+        if event["event"] == protocol.Event.LOG.value:
+            self._tail.append(f"[{event.get('level', 'info')}] {event.get('message', '')}")
+        elif event["event"] == protocol.Event.ERROR.value:
+            self.lastError = event
+            self._tail.append(f"[error] {event.get('message', '')}")
+        if self.onEvent:
+            self.onEvent(event)
+        return event
+
+    def _finish(self, returncode: int) -> None:
+        for thread in self._threads:
+            thread.join(timeout=1.0)
+        seconds = time.monotonic() - self._started
+        tail = list(self._tail)
+        if self._cancelRequested or returncode == int(protocol.ExitCode.CANCELLED):
+            outcome = RunOutcome(RunStatus.CANCELLED, returncode, "Registration cancelled.", "cancelled", tail,
+                                 seconds=seconds)
+        elif returncode == 0:
+            outcome = self._successOrMissingResult(returncode, tail, seconds)
+        else:
+            outcome = self._failure(returncode, tail, seconds)
+        self.outcome = outcome
+        self.status = outcome.status
+
+    def _successOrMissingResult(self, returncode: int, tail: List[str], seconds: float) -> RunOutcome:
+        try:
+            manifest = protocol.read_manifest(self.outDir)
+        except (OSError, ValueError) as exc:
+            return RunOutcome(RunStatus.FAILED, returncode, f"The engine finished but left no readable result ({exc}).",
+                              "no-result", tail, seconds=seconds)
+        return RunOutcome(RunStatus.SUCCEEDED, returncode, "Registration finished.", "", tail, manifest, seconds)
+
+    def _failure(self, returncode: int, tail: List[str], seconds: float) -> RunOutcome:
+        if self.lastError is not None:
+            message = str(self.lastError.get("message", "")) or f"The engine failed (exit code {returncode})."
+            kind = str(self.lastError.get("kind", "error"))
+        else:
+            last = next((line for line in reversed(tail) if line.strip()), "")
+            message = f"The engine stopped with exit code {returncode}" + (f": {last}" if last else ".")
+            kind = "crash" if returncode < 0 else "error"
+        return RunOutcome(RunStatus.FAILED, returncode, message, kind, tail, seconds=seconds)
+
+
+def killProcessTree(pid: int) -> None:
+    """Kill ``pid`` and every process it started (children first collected, so none is missed by
+    re-parenting). psutil when available; else the process group (POSIX, the child leads its own session) or
+    ``taskkill /T`` (Windows)."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            parent = psutil.Process(pid)
+            procs = parent.children(recursive=True) + [parent]
+        except psutil.NoSuchProcess:
+            procs = []
+        for proc in procs:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=5)
+    if os.name == "nt":
+        if psutil is None:
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True, check=False)
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)  # anything left in the group (a grandchild that escaped the tree walk)
+    except (ProcessLookupError, PermissionError):
+        pass

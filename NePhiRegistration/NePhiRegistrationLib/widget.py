@@ -1,0 +1,170 @@
+"""The Register panel's behaviour (buttons, run, progress, result). Slicer + Qt only.
+
+The module's widget (``NePhiRegistration.py``) loads the .ui, binds it to the parameter node with
+``connectGui`` and hands both to :class:`RegistrationPanel`. The panel moves values between the GUI and
+:class:`logic.RegistrationJob`; a ``qt.QTimer`` calls the job's ``poll()`` so the GUI never waits on the engine.
+"""
+
+import os
+
+import qt
+import slicer
+from nephireg import protocol
+from slicer.i18n import tr as _
+
+from NePhiRegistrationLib import availability, logic, sceneio
+from NePhiRegistrationLib.parameters import settingsFromParameterNode
+from NePhiRegistrationLib.result import summaryLines
+
+POLL_INTERVAL_MS = 100
+
+
+class RegistrationPanel:
+    def __init__(self, ui, parameterNodeGetter) -> None:
+        self.ui = ui
+        self._parameterNode = parameterNodeGetter  # callable: the current parameter node or None
+        self.job = None
+        self.lastResult = None
+        self.timer = qt.QTimer()
+        self.timer.setInterval(POLL_INTERVAL_MS)
+        self.timer.timeout.connect(self.onTimer)
+        ui.registerButton.clicked.connect(self.onRegisterOrCancel)
+        ui.showTransformGridButton.toggled.connect(self.onShowTransformGrid)
+        ui.jacobianOpacitySlider.valueChanged.connect(self.onOpacityChanged)
+        ui.openModelFolderButton.clicked.connect(self.onOpenModelFolder)
+        ui.progressBar.hide()
+
+    # -- labels and enabled state --------------------------------------------------------------------------
+    def relabelChoices(self) -> None:
+        """connectGui fills the combo boxes with raw values; show the readable labels instead (order kept)."""
+        deviceLabels = {"auto": _("Automatic"), "cpu": _("CPU"), "cuda": _("GPU (CUDA)")}
+        for combo, labels in ((self.ui.methodComboBox, protocol.METHOD_LABELS),
+                              (self.ui.presetComboBox, protocol.PRESET_LABELS),
+                              (self.ui.deviceComboBox, deviceLabels)):
+            for index in range(combo.count):
+                value = combo.itemText(index)
+                combo.setItemText(index, labels.get(value, value))
+
+    def updateState(self) -> None:
+        """Method availability, Register button enabled state and its reason."""
+        node = self._parameterNode()
+        if node is None or self.job is not None:
+            return
+        modelPath = str(node.modelPath) if str(node.modelPath) not in ("", ".") else ""
+        states = availability.methodAvailability(modelPath)
+        for index, method in enumerate(protocol.METHODS):
+            label = protocol.METHOD_LABELS[method]
+            state = states[method]
+            text = label if state.available else _("{label} (unavailable)").format(label=label)
+            self.ui.methodComboBox.setItemText(index, text)
+            self.ui.methodComboBox.setItemData(index, state.reason or label, qt.Qt.ToolTipRole)
+        chosen = states[node.method]
+        status = "" if chosen.available else _("Cannot run: {reason}.").format(reason=chosen.reason)
+        self.ui.methodStatusLabel.text = status
+        reason = ""
+        if not node.fixedVolume or not node.movingVolume:
+            reason = _("Select a fixed and a moving volume.")
+        elif node.fixedVolume == node.movingVolume:
+            reason = _("The fixed and moving volumes are the same node.")
+        elif not chosen.available:
+            reason = chosen.reason
+        self.ui.registerButton.enabled = not reason
+        self.ui.registerButton.toolTip = reason or _("Register the moving volume to the fixed volume.")
+
+    # -- run -----------------------------------------------------------------------------------------------
+    def onRegisterOrCancel(self) -> None:
+        if self.job is not None:
+            self.job.cancel()
+            return
+        with slicer.util.tryWithErrorDisplay(_("Registration could not start."), waitCursor=True):
+            self.start()
+
+    def start(self) -> None:
+        node = self._parameterNode()
+        output = node.outputTransform
+        if output is not None and output.GetTransformFromParent() is not None:
+            if not slicer.util.confirmOkCancelDisplay(
+                    _("Replace the transform stored in '{name}' with the new result?").format(name=output.GetName())):
+                return
+        logic.ensureTorch(askConfirmation=True)
+        options = sceneio.ImportOptions(node.createWarpedVolume, node.createJacobianVolume,
+                                        node.applyTransformToMoving, node.showJacobianHeatmap, node.jacobianOpacity)
+        self.job = logic.RegistrationJob(node.fixedVolume, node.movingVolume, settingsFromParameterNode(node),
+                                         node.fixedMask, node.movingMask, output, options,
+                                         onProgress=self.onProgress, onLog=self.appendLog, onFinished=self.onFinished)
+        self.ui.logTextEdit.clear()
+        self.ui.resultSummaryLabel.text = _("Running...")
+        self.job.start()
+        self.setRunning(True)
+        self.timer.start()
+
+    def setRunning(self, running: bool) -> None:
+        self.ui.registerButton.text = _("Cancel") if running else _("Register")
+        self.ui.registerButton.enabled = True
+        self.ui.progressBar.visible = running
+        self.ui.progressBar.value = 0
+        for box in (self.ui.inputsCollapsibleButton, self.ui.expertCollapsibleButton, self.ui.outputsCollapsibleButton):
+            box.enabled = not running
+
+    def onTimer(self) -> None:
+        if self.job is not None:
+            self.job.poll()
+
+    def onProgress(self, state) -> None:
+        self.ui.progressBar.value = state.percent
+        self.ui.progressBar.setFormat(state.barText())
+        self.ui.statusLabel.text = state.message
+
+    def appendLog(self, text: str) -> None:
+        self.ui.logTextEdit.appendPlainText(text)
+
+    def onFinished(self, job) -> None:
+        self.timer.stop()
+        self.job = None
+        self.setRunning(False)
+        if job.result is not None:
+            self.lastResult = (job.result, job.fixed)
+            self.ui.resultSummaryLabel.text = "\n".join(summaryLines(job.result.metrics))
+            self.ui.statusLabel.text = _("Done: {name}").format(name=job.result.transform.GetName())
+            self.ui.showTransformGridButton.enabled = True
+        else:
+            self.ui.resultSummaryLabel.text = job.outcome.message if job.outcome else ""
+            self.ui.statusLabel.text = job.outcome.message if job.outcome else ""
+            if job.outcome is not None and job.outcome.status.value == "failed":
+                self.ui.logCollapsibleButton.collapsed = False
+                slicer.util.errorDisplay(_("Registration failed."), detailedText=job.error)
+        self.updateState()
+
+    # -- result display ------------------------------------------------------------------------------------
+    def onShowTransformGrid(self, checked: bool) -> None:
+        if self.lastResult is None:
+            return
+        result, fixed = self.lastResult
+        if slicer.mrmlScene.IsNodePresent(result.transform):
+            sceneio.showTransformGrid(result.transform, fixed, bool(checked))
+
+    def onOpacityChanged(self, value: float) -> None:
+        if self.lastResult is not None:
+            sceneio.setJacobianOpacity(float(value))
+
+    def onOpenModelFolder(self) -> None:
+        folder = None
+        try:
+            from nephireg import modelstore
+            folder = modelstore.cache_dir() if hasattr(modelstore, "cache_dir") else None
+        except ImportError:
+            pass
+        if not folder:
+            models = availability.listModels()
+            folder = os.path.dirname(str(models[0].get("path", ""))) if models else None
+        if not folder:
+            slicer.util.infoDisplay(_("No model folder yet: no trained model is installed."))
+            return
+        os.makedirs(folder, exist_ok=True)
+        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(folder))
+
+    def cleanup(self) -> None:
+        self.timer.stop()
+        if self.job is not None:
+            self.job.cancel()
+            self.job.poll()
