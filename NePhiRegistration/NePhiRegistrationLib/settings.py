@@ -8,7 +8,8 @@ choices to ``nephireg register`` arguments, and it goes through :func:`nephireg.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
 from nephireg import protocol
@@ -33,6 +34,7 @@ class RegistrationSettings:
     writeWarped: bool = True
     keepTemporaryFiles: bool = False
     seed: Optional[int] = None
+    methodOptions: Dict[str, Any] = field(default_factory=dict)  # any method option (``--option KEY=JSON``)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -65,7 +67,7 @@ class RegistrationSettings:
     def engineArguments(self, fixed: str, moving: str, out: str, fixedMask: Optional[str] = None,
                         movingMask: Optional[str] = None, device: Optional[str] = None) -> List[str]:
         """Arguments after ``python -m nephireg`` (``device`` overrides ``self.device``, for the CPU retry)."""
-        return protocol.register_arguments(
+        args = protocol.register_arguments(
             fixed=fixed,
             moving=moving,
             out=out,
@@ -84,6 +86,9 @@ class RegistrationSettings:
             progress_jsonl=True,
             write_warped=self.writeWarped,
         )
+        for key, value in sorted(self.methodOptions.items()):
+            args += ["--option", f"{key}={json.dumps(value)}"]
+        return args
 
 
 def settingsFromMapping(values: Mapping[str, Any]) -> RegistrationSettings:
