@@ -61,7 +61,8 @@ def test_events_parsed_malformed_lines_ignored_and_manifest_read(workdir):
         sys.stderr.write("a warning on stderr\\n")
         os.makedirs(out, exist_ok=True)
         open(os.path.join(out, "transform.h5"), "w").close()
-        manifest = protocol.write_manifest(out, {{"files": {{"transform": "transform.h5"}}, "metrics": {{"folding_percent": 0.0}}}})
+        content = {{"files": {{"transform": "transform.h5"}}, "metrics": {{"folding_percent": 0.0}}}}
+        manifest = protocol.write_manifest(out, content)
         print(protocol.encode_event("result", manifest=manifest, metrics={{"folding_percent": 0.0}}))
     """
     events, texts, state = [], [], ProgressState()
@@ -189,7 +190,6 @@ def test_real_engine_on_a_tiny_pair(workdir):
     """The real ``python -m nephireg register`` through the runner: events, manifest, files."""
     import numpy as np
     import SimpleITK as sitk
-
     from nephireg.geometry import Grid
     from nephireg.synthetic import deform, random_displacement, thorax_phantom
 
