@@ -72,16 +72,25 @@ def _smooth_noise(grid: Grid, rng: np.random.Generator, sigma_mm: float) -> np.n
 
 
 def random_displacement(grid: Grid, amplitude_mm: float, sigma_mm: float, seed: int = 0,
-                        affine: Optional[np.ndarray] = None) -> np.ndarray:
-    """A smooth random displacement (Z, Y, X, 3) LPS mm on ``grid``: Gaussian-smoothed noise scaled so its largest
-    magnitude is ``amplitude_mm``, plus the displacement of an optional 4x4 ``affine`` about the grid centre."""
+                        affine: Optional[np.ndarray] = None, waves: int = 6) -> np.ndarray:
+    """A smooth random displacement (Z, Y, X, 3) LPS mm on ``grid``: per component a sum of ``waves`` plane sine
+    waves with wavelengths of 4-8 ``sigma_mm`` in random directions (smooth everywhere, no border effects), scaled
+    so its largest magnitude on the grid is ``amplitude_mm``; plus the displacement of an optional 4x4 ``affine``
+    about the grid centre."""
     rng = np.random.default_rng(seed)
-    components = [_smooth_noise(grid, rng, sigma_mm) for _ in range(3)]
-    field = np.stack(components, axis=-1)
+    points = grid.physical_points() - grid.center_physical()
+    field = np.zeros(points.shape, dtype=np.float64)
+    for component in range(3):
+        for _ in range(waves):
+            direction = rng.standard_normal(3)
+            direction /= np.linalg.norm(direction)
+            wavelength = rng.uniform(4.0, 8.0) * sigma_mm
+            phase = rng.uniform(0, 2 * np.pi)
+            field[..., component] += rng.uniform(0.5, 1.0) * np.sin(2 * np.pi * (points @ direction) / wavelength
+                                                                     + phase)
     field *= amplitude_mm / max(float(np.linalg.norm(field, axis=-1).max()), 1e-6)
     if affine is not None:
-        centred = grid.physical_points() - grid.center_physical()
-        field = field + centred @ (affine[:3, :3] - np.eye(3)).T + affine[:3, 3]
+        field = field + points @ (affine[:3, :3] - np.eye(3)).T + affine[:3, 3]
     return field
 
 

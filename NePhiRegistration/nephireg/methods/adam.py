@@ -121,7 +121,7 @@ def _optimise_level(pair: PreparedPair, fixed_features: torch.Tensor, moving_fea
         loss = data + settings.regularization * diffusion(u, spacing)
         loss.backward()
         optimiser.step()
-        reporter.step(step, steps, float(loss))
+        reporter.step(step, steps, float(loss.detach()))
     with torch.no_grad():
         return DenseField(grid, smooth(params, settings.smoothing_passes).detach())
 

@@ -1,0 +1,60 @@
+"""Shared fixtures: small real-shaped synthetic volumes made here (no shared data needed)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data; skips the test (with the reason) when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs the shared development data at {path} (absent on a fresh clone)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_pair(tmp_path_factory):
+    """A small oblique, anisotropic thorax phantom pair with a known smooth deformation, written as NRRD.
+
+    Returns a dict: fixed, moving, fixed_mask (paths), truth (Z, Y, X, 3) mm, grid, mask (bool array).
+    """
+    import SimpleITK as sitk
+
+    from nephireg import io
+    from nephireg.geometry import Grid
+    from nephireg.synthetic import deform, random_displacement, rotation_direction, thorax_phantom
+
+    folder = tmp_path_factory.mktemp("pair")
+    grid = Grid((56, 48, 36), (3.0, 3.3, 4.2), (-80.0, -70.0, -300.0), rotation_direction((7.0, -5.0, 10.0)))
+    fixed, fixed_mask = thorax_phantom(grid, seed=3)
+    truth = random_displacement(grid, amplitude_mm=7.0, sigma_mm=12.0, seed=4)
+    moving = deform(fixed, truth, grid)
+    paths = {"fixed": folder / "fixed.nrrd", "moving": folder / "moving.nrrd", "fixed_mask": folder / "fixed_mask.nrrd"}
+    io.write_image(fixed, paths["fixed"])
+    io.write_image(moving, paths["moving"])
+    io.write_image(fixed_mask, paths["fixed_mask"])
+    mask = sitk.GetArrayFromImage(fixed_mask) > 0
+    return {**{k: str(v) for k, v in paths.items()}, "truth": truth, "grid": grid, "mask": mask}
+
+
+def sample_mask(mask: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
+    """A random subset of ``count`` voxels of ``mask`` (same shape, bool)."""
+    rng = np.random.default_rng(seed)
+    chosen = np.zeros(mask.size, dtype=bool)
+    chosen[rng.choice(np.flatnonzero(mask), size=min(count, int(mask.sum())), replace=False)] = True
+    return chosen.reshape(mask.shape)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_threads():
+    """Keep torch to the machine's cores (CI has 2)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    yield

@@ -1,0 +1,94 @@
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nephireg import io
+from nephireg.features import mind_ssc, ssc_pairs
+from nephireg.geometry import Grid
+from nephireg.jacobian import jacobian_determinant, jacobian_summary
+from nephireg.schedule import ConstantCosineLinear
+from nephireg.synthetic import rotation_direction
+
+OBLIQUE = Grid((12, 10, 8), (1.0, 1.5, 2.5), (3.0, -4.0, 5.0), rotation_direction((15.0, -20.0, 25.0)))
+
+
+def _affine_displacement(grid: Grid, matrix: np.ndarray) -> np.ndarray:
+    """u(x) = (A - I)(x - c), the displacement of a linear map about the grid centre."""
+    centred = grid.physical_points() - grid.center_physical()
+    return centred @ (matrix - np.eye(3)).T
+
+
+@pytest.mark.parametrize("scale", [0.8, 1.0, 1.3])
+def test_uniform_scaling_has_det_scale_cubed_on_oblique_grid(scale):
+    det = jacobian_determinant(_affine_displacement(OBLIQUE, np.eye(3) * scale), OBLIQUE)
+    assert np.allclose(det, scale ** 3, atol=1e-5)
+
+
+def test_shear_and_general_affine_match_closed_form():
+    shear = np.eye(3)
+    shear[0, 1] = 0.7  # x += 0.7 y: volume preserving
+    assert np.allclose(jacobian_determinant(_affine_displacement(OBLIQUE, shear), OBLIQUE), 1.0, atol=1e-5)
+    a = np.array([[1.1, 0.2, -0.1], [0.05, 0.9, 0.3], [0.0, -0.2, 1.2]])
+    assert np.allclose(jacobian_determinant(_affine_displacement(OBLIQUE, a), OBLIQUE), np.linalg.det(a), atol=1e-5)
+
+
+def test_folding_detected():
+    flip = np.diag([-0.5, 1.0, 1.0])  # mirrors x: det < 0 everywhere
+    det = jacobian_determinant(_affine_displacement(OBLIQUE, flip), OBLIQUE)
+    summary = jacobian_summary(det)
+    assert summary["folding_percent"] == pytest.approx(100.0)
+    smooth = jacobian_summary(jacobian_determinant(_affine_displacement(OBLIQUE, np.eye(3) * 1.1), OBLIQUE))
+    assert smooth["folding_percent"] == 0.0 and smooth["std_log_jacobian"] < 1e-4
+
+
+def test_matches_simpleitk_on_a_smooth_field():
+    grid = Grid((20, 18, 16), (1.0, 1.5, 2.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    pts = grid.physical_points()
+    u = np.stack([2.0 * np.sin(pts[..., 1] / 9.0), 1.5 * np.cos(pts[..., 2] / 7.0), np.sin(pts[..., 0] / 5.0)], -1)
+    ours = jacobian_determinant(u, grid)
+    field = io.image_from_array(u, grid)
+    theirs = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(field))
+    inner = (slice(1, -1),) * 3  # ITK and numpy differ only in border handling
+    assert np.allclose(ours[inner], theirs[inner], atol=1e-4)
+
+
+def test_mind_is_invariant_to_monotone_intensity_remaps():
+    torch.manual_seed(0)
+    image = torch.nn.functional.avg_pool3d(torch.rand(1, 1, 24, 24, 24), 3, 1, 1) + 0.5
+    reference = mind_ssc(image)
+    assert reference.shape == (1, 12, 24, 24, 24)
+    linear = mind_ssc(3.0 * image + 7.0)  # exactly invariant
+    assert torch.allclose(linear, reference, atol=1e-5)
+    gamma = mind_ssc(image ** 1.3)  # monotone and smooth: nearly invariant
+    assert (gamma - reference).abs().mean() < 0.03
+    unrelated = mind_ssc(torch.rand(1, 1, 24, 24, 24))
+    assert (unrelated - reference).abs().mean() > 5 * (gamma - reference).abs().mean()
+
+
+def test_ssc_pairs_are_the_twelve_octahedron_edges():
+    pairs = ssc_pairs()
+    assert len({tuple(sorted(p)) for p in pairs}) == 12
+    assert all(sum((x - y) ** 2 for x, y in zip(a, b)) == 2 for a, b in pairs)
+
+
+def test_schedule_breakpoints():
+    s = ConstantCosineLinear(lr=15.0, constant_until=70, cosine_until=180, linear_until=270,
+                             cosine_floor=6.5 / 15.0, final_fraction=0.5 / 15.0)
+    assert s(1) == 15.0 and s(70) == 15.0
+    assert s(125) == pytest.approx(6.5 + (15.0 - 6.5) * 0.5, rel=1e-6)  # cosine midpoint
+    assert s(180) == pytest.approx(6.5)
+    assert s(225) == pytest.approx((6.5 + 0.5) / 2)  # linear midpoint
+    assert s(270) == pytest.approx(0.5)
+    values = [s(k) for k in range(1, 271)]
+    assert all(a >= b for a, b in zip(values, values[1:])), "the schedule never increases"
+    half = s.scaled_to(135)
+    assert half.constant_until == 35 and half.linear_until == 135 and half(135) == pytest.approx(0.5)
+
+
+def test_schedule_rejects_bad_breakpoints():
+    with pytest.raises(ValueError):
+        ConstantCosineLinear(constant_until=100, cosine_until=50)
+    assert math.isclose(ConstantCosineLinear().total_steps, 270)
