@@ -95,6 +95,8 @@ def test_slicer_parameter_names_match_parameter_fields_and_widget_types():
         allowed = next((w for pattern, w in WIDGET_FOR if re.match(pattern, annotation)), None)
         assert allowed is not None, f"{name}: no GUI connector for {annotation}"
         assert ui_names[name] in allowed, f"{name}: {annotation} cannot bind to a {ui_names[name]}"
+        if annotation.startswith("Union["):  # UnionSerializer cannot write None unless None is in the union
+            assert annotation.endswith(", None]"), f"{name}: a union of nodes must include None"
 
 
 def test_parameter_node_options_are_registration_settings():

@@ -107,9 +107,15 @@ class RegistrationJob:
                                            onEvent=self._onEvent, onText=self._log)
         self.process.start()
 
-    def cancel(self) -> None:
-        if self.process is not None and not self.done:
-            self.process.cancel()
+    def cancel(self, wait: bool = False, timeout: float = 10.0) -> None:
+        """Kill the engine; with ``wait`` also finish the job now (temp folder removed, onFinished called)."""
+        if self.process is None or self.done:
+            return
+        self.process.cancel()
+        deadline = time.monotonic() + timeout
+        while wait and not self.done and time.monotonic() < deadline:
+            self.poll()
+            time.sleep(0.05)
 
     def poll(self) -> None:
         if self.done or self.process is None:

@@ -24,8 +24,9 @@ class NePhiRegistrationParameterNode:
     # inputs
     fixedVolume: vtkMRMLScalarVolumeNode
     movingVolume: vtkMRMLScalarVolumeNode
-    fixedMask: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]
-    movingMask: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]
+    # None must be in a union of node types, or the parameter node cannot hold "no mask" (Slicer's UnionSerializer)
+    fixedMask: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode, None]
+    movingMask: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode, None]
     method: Annotated[str, Choice(list(protocol.METHODS))] = "adam"
     preset: Annotated[str, Choice(list(protocol.PRESETS))] = "generic"
     # expert settings (0 = the preset's default)

@@ -9,6 +9,7 @@ import os
 
 import qt
 import slicer
+import vtk
 from nephireg import protocol
 from slicer.i18n import tr as _
 
@@ -82,7 +83,7 @@ class RegistrationPanel:
     def start(self) -> None:
         node = self._parameterNode()
         output = node.outputTransform
-        if output is not None and output.GetTransformFromParent() is not None:
+        if output is not None and holdsTransform(output):
             if not slicer.util.confirmOkCancelDisplay(
                     _("Replace the transform stored in '{name}' with the new result?").format(name=output.GetName())):
                 return
@@ -166,5 +167,13 @@ class RegistrationPanel:
     def cleanup(self) -> None:
         self.timer.stop()
         if self.job is not None:
-            self.job.cancel()
-            self.job.poll()
+            self.job.cancel(wait=True)
+
+
+def holdsTransform(node) -> bool:
+    """True when a transform node already holds something other than identity (a result, a user's matrix)."""
+    if not node.IsLinear():
+        return True
+    matrix = vtk.vtkMatrix4x4()
+    node.GetMatrixTransformToParent(matrix)
+    return any(abs(matrix.GetElement(r, c) - (1.0 if r == c else 0.0)) > 1e-9 for r in range(4) for c in range(4))
