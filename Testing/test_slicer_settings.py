@@ -1,0 +1,82 @@
+"""The module's Slicer-free option handling: settings -> engine command line, availability, progress text."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "NePhiRegistration"))
+
+from nephireg import protocol  # noqa: E402
+from NePhiRegistrationLib import availability  # noqa: E402
+from NePhiRegistrationLib.progress import ProgressState, formatSeconds  # noqa: E402
+from NePhiRegistrationLib.settings import RegistrationSettings  # noqa: E402
+
+
+def option(args, flag):
+    return args[args.index(flag) + 1] if flag in args else None
+
+
+def test_defaults_leave_expert_options_to_the_preset():
+    args = RegistrationSettings().engineArguments("/f dir/fixed.nrrd", "/m.nrrd", "/out dir")
+    assert args[0] == "register" and option(args, "--fixed") == "/f dir/fixed.nrrd"
+    assert option(args, "--out") == "/out dir" and option(args, "--progress") == "jsonl"
+    for flag in ("--iterations", "--regularization", "--grid-spacing-mm", "--model", "--fixed-mask"):
+        assert flag not in args
+    assert option(args, "--prealign") == "preset" and "--overwrite" in args
+
+
+def test_expert_options_masks_device_override_and_method_options():
+    settings = RegistrationSettings(method="nephi", preset="lung-ct", iterations=300, regularization=2.5,
+                                    gridSpacingMm=3.0, affinePrealignment=False, device="cuda",
+                                    modelPath="/models/m.pt", writeWarped=False,
+                                    methodOptions={"levels": [4, 2], "lr": 0.5})
+    args = settings.engineArguments("f", "m", "o", fixedMask="fm", movingMask="mm", device="cpu")
+    assert option(args, "--method") == "nephi" and option(args, "--preset") == "lung-ct"
+    assert option(args, "--iterations") == "300" and option(args, "--regularization") == "2.5"
+    assert option(args, "--grid-spacing-mm") == "3.0" and option(args, "--prealign") == "none"
+    assert option(args, "--device") == "cpu"  # the CPU retry overrides the user's device
+    assert option(args, "--model") == "/models/m.pt" and "--no-warped" in args
+    assert option(args, "--fixed-mask") == "fm" and option(args, "--moving-mask") == "mm"
+    options = [args[i + 1] for i, a in enumerate(args) if a == "--option"]
+    assert options == ["levels=[4, 2]", "lr=0.5"]
+
+
+def test_adam_never_gets_a_model_argument():
+    args = RegistrationSettings(method="adam", modelPath="/models/m.pt").engineArguments("f", "m", "o")
+    assert "--model" not in args
+
+
+def test_bad_values_and_unknown_keywords_fail_before_any_process():
+    with pytest.raises(ValueError, match="method"):
+        RegistrationSettings(method="demons")
+    with pytest.raises(ValueError, match=">= 0"):
+        RegistrationSettings(iterations=-1)
+    with pytest.raises(TypeError, match="itertions"):
+        RegistrationSettings.fromOptions("adam", "generic", itertions=10)
+    assert RegistrationSettings.fromOptions("adam", "brain-mri", iterations=10).iterations == 10
+
+
+def test_availability_names_the_reason(tmp_path, monkeypatch):
+    states = availability.methodAvailability(str(tmp_path / "missing model.pt"))
+    assert states["adam"].available and states["nephi-io"].available
+    assert not states["nephi"].available and "does not exist" in states["nephi"].reason
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"weights")
+    assert availability.methodAvailability(str(model))["nephi"].available
+    monkeypatch.setattr(availability, "defaultModelPath", lambda: None)
+    state = availability.methodAvailability("")["nephi"]
+    assert not state.available and state.reason
+    assert set(availability.methodAvailability("")) == set(protocol.METHODS)
+
+
+def test_progress_state_and_eta_text():
+    state = ProgressState()
+    state.update({"event": "start", "method": "adam", "preset": "generic", "device": "cuda"})
+    state.update({"event": "stage", "stage": "optimise", "message": "Adam level 1/2"})
+    state.update({"event": "progress", "stage": "optimise", "step": 30, "total": 120, "eta_s": 75.4})
+    assert state.percent == 25 and state.barText() == "optimise 25% - ETA 1 min 15 s"
+    state.update({"event": "log", "level": "warning", "message": "mask is small"})
+    assert "Warning: mask is small" in state.takeLogLines() and state.logLines == []
+    assert formatSeconds(None) == "" and formatSeconds(42) == "42 s" and formatSeconds(3725) == "1 h 02 min"
