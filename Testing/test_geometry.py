@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from nephireg.geometry import LPS_TO_RAS, Grid, apply_affine, lps_to_ras_matrix4, overlap_fraction
-from nephireg.sampling import grid_points_mm, physical_to_normalised, pooled_grid, pool, sample_points
+from nephireg.sampling import grid_points_mm, physical_to_normalised, pool, pooled_grid, sample_points
 from nephireg.synthetic import rotation_direction
 
 OBLIQUE = Grid((7, 5, 4), (0.8, 1.3, 2.5), (10.0, -20.0, 35.0), rotation_direction((20.0, -15.0, 30.0)))
