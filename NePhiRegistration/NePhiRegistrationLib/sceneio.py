@@ -14,7 +14,13 @@ from typing import Dict, List, Optional
 
 import slicer
 
-from NePhiRegistrationLib.result import JACOBIAN_COLOR_NODE_ID, JACOBIAN_LEVEL, JACOBIAN_WINDOW
+from NePhiRegistrationLib.result import (
+    JACOBIAN_COLOR_NODE_ID,
+    JACOBIAN_LEVEL,
+    JACOBIAN_WINDOW,
+    displacementToVtk,
+    readDisplacementTransform,
+)
 
 
 @dataclass
@@ -91,16 +97,32 @@ def _loadVolume(path: str, name: str):
     return node
 
 
-def _transformInto(path: str, target, name: str, created: List):
-    """Load the ITK transform file and put its transform into ``target`` (or a new grid transform node)."""
-    loaded = slicer.util.loadTransform(path)
+def _readTransform(path: str):
+    """The file's resampling transform as a VTK transform (RAS): route A, Slicer's own ITK reader; route B (our
+    conversion, ``result.displacementToVtk``) if that reader fails."""
+    try:
+        loaded = slicer.util.loadTransform(path)
+    except Exception as exc:
+        logging.warning(f"NePhiRegistration: loadTransform failed ({exc}); converting the displacement field directly")
+        displacement, grid = readDisplacementTransform(path)
+        image, direction = displacementToVtk(displacement, grid)
+        transform = slicer.vtkOrientedGridTransform()
+        transform.SetGridDirectionMatrix(direction)
+        transform.SetDisplacementGridData(image)
+        return transform
     try:
         source = loaded.GetTransformFromParent()
         transform = source.MakeTransform()
         transform.DeepCopy(source)
+        return transform
     finally:
         _detachStorage(loaded)
         slicer.mrmlScene.RemoveNode(loaded)
+
+
+def _transformInto(path: str, target, name: str, created: List):
+    """Put the file's transform into ``target`` (or a new grid transform node)."""
+    transform = _readTransform(path)
     if target is None:
         target = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLGridTransformNode",
                                                     slicer.mrmlScene.GenerateUniqueName(name))
