@@ -1,0 +1,191 @@
+"""NePhi predict (``nephi``) and NePhi + instance optimisation (``nephi-io``): METHODS.md methods 2 and 3.
+
+Both take a :class:`nephireg.pair.PreparedPair` and return a :class:`nephireg.fields.DisplacementField` in LPS mm.
+``nephi`` needs a trained model (``options["model"]``: a path or a registry name, default: the shipped model);
+``nephi-io`` starts from the model's codes and weights when one is given, otherwise from the identity (zero last
+layer, zero codes), so it works with no weights at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+
+from nephireg.errors import InputError
+from nephireg.fields import DisplacementField, evaluate_on_grid
+from nephireg.pair import PreparedPair
+from nephireg.progress import Reporter
+
+COARSE_MODES = ("none", "adam")
+_IGNORED = ("grid_spacing_mm", "device")  # common options NePhi does not use
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Options of both NePhi methods (preset defaults with the user's overrides on top)."""
+
+    iterations: int = 200  # IO steps (nephi-io only)
+    regularization: float = 10.0  # GradICON weight lambda
+    model: Optional[str] = None  # path or registry name; None: the shipped default (predict) / identity (IO)
+    seed: int = 0
+    learning_rate: float = 2e-3  # Adam, MLP weights
+    code_learning_rate: float = 2e-2  # Adam, latent codes
+    similarity_points: int = 10_000  # per direction and step
+    gradicon_points: int = 250  # per direction and step
+    prior_weight: float = 0.01
+    latent_stride: int = 8  # working voxels per local-code cell when starting from identity
+    mask_images: bool = True  # with masks: image x mask and similarity points inside the masks
+    coarse: str = "none"  # "adam": a coarse continuous-Adam field first, NePhi refines on top
+    coarse_iterations: int = 60
+    output_lattice: float = 2.0  # dense output sampled on a lattice of this x working spacing; 0 = exact
+
+    def __post_init__(self) -> None:
+        if self.iterations < 0:
+            raise InputError(f"iterations must be >= 0, got {self.iterations}")
+        if self.regularization < 0 or self.prior_weight < 0:
+            raise InputError("regularization and prior_weight must be >= 0")
+        if self.learning_rate <= 0 or self.code_learning_rate <= 0:
+            raise InputError("learning rates must be positive")
+        if self.latent_stride < 1:
+            raise InputError(f"latent_stride must be >= 1, got {self.latent_stride}")
+        if self.coarse not in COARSE_MODES:
+            raise InputError(f"coarse must be one of {', '.join(COARSE_MODES)}, got {self.coarse!r}")
+        if self.output_lattice != 0 and self.output_lattice < 1:
+            raise InputError(f"output_lattice must be 0 (exact) or >= 1, got {self.output_lattice}")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> Settings:
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(options) - set(known) - set(_IGNORED))
+        if unknown:
+            raise InputError(f"unknown NePhi option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        values: Dict[str, Any] = {}
+        for name, value in options.items():
+            if name in _IGNORED or value is None:
+                continue
+            default = cls.__dataclass_fields__[name].default
+            values[name] = _coerce(name, value, default)
+        return cls(**values)
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise InputError(f"option {name}={value!r} is not a valid {type(default).__name__}") from None
+
+
+def availability() -> Dict[str, Any]:
+    """``nephi`` (predict) needs a model; report whether the default one is there."""
+    from nephireg import modelstore
+
+    path = modelstore.default_model_path()
+    if path is None:
+        return {"available": False, "reason": "no NePhi model installed (nephi-io works without one)"}
+    return {"available": True, "reason": ""}
+
+
+def run_predict(pair: PreparedPair, options: Mapping[str, Any], reporter: Reporter) -> DisplacementField:
+    """One encoder pass: latent codes from the pair, the field from the model's MLPs."""
+    settings = Settings.from_options(options)
+    reporter.stage("nephi-predict", "NePhi: predicting the deformation")
+    images, coarse = _inputs(pair, settings, reporter)
+    model = _load(settings.model, required=True)
+    codes = _predict_codes(model, images)
+    reporter.step(1, 1)
+    return _output(model.net, codes, pair, settings, coarse)
+
+
+def run_instance_optimisation(pair: PreparedPair, options: Mapping[str, Any], reporter: Reporter
+                              ) -> DisplacementField:
+    """Optimise the latent codes and MLP weights (never the encoder) for this pair, Adam, on sampled points."""
+    from nephireg.nephi.field import NePhiNet, zero_codes
+    from nephireg.nephi.optimise import optimise
+
+    settings = Settings.from_options(options)
+    torch.manual_seed(settings.seed)
+    images, coarse = _inputs(pair, settings, reporter)
+    model = _load(settings.model, required=False)
+    if model is not None:
+        reporter.stage("nephi-predict", "NePhi: initial codes from the model")
+        net, codes = model.net, _predict_codes(model, images)
+    else:
+        from nephireg.nephi.field import FieldConfig
+
+        config = FieldConfig()
+        net = NePhiNet(config, seed=settings.seed).to(pair.device)
+        shape = tuple(max(2, round(n / settings.latent_stride)) for n in pair.grid.shape_zyx)
+        codes = zero_codes(config, shape, device=pair.device)
+    reporter.stage("nephi-io", f"NePhi + IO: {settings.iterations} iterations")
+    net, codes = optimise(net, codes, images, settings, reporter)
+    return _output(net, codes, pair, settings, coarse)
+
+
+def _inputs(pair: PreparedPair, settings: Settings, reporter: Reporter):
+    """Masked images and point samplers, after the optional coarse step (which warps the moving image)."""
+    from nephireg.nephi.objective import PairImages
+
+    coarse = None
+    moving, moving_mask = pair.moving, pair.moving_mask
+    if settings.coarse == "adam":
+        coarse, moving, moving_mask = _coarse_step(pair, settings, reporter)
+    fixed_mask = pair.fixed_mask if settings.mask_images else None
+    moving_mask = moving_mask if settings.mask_images else None
+    fixed = pair.fixed if fixed_mask is None else pair.fixed * fixed_mask
+    moving = moving if moving_mask is None else moving * moving_mask
+    return PairImages.build(fixed, moving, fixed_mask, moving_mask), coarse
+
+
+def _coarse_step(pair: PreparedPair, settings: Settings, reporter: Reporter):
+    """Continuous Adam at low resolution; the moving image (and mask) warped through it onto the working grid."""
+    from nephireg.methods import adam
+    from nephireg.sampling import grid_points_mm, sample_points
+
+    field = adam.run(pair, {"levels": [4], "iterations": settings.coarse_iterations}, reporter)
+    values = torch.from_numpy(evaluate_on_grid(field, pair.grid, pair.device)).to(pair.fixed)
+    points = grid_points_mm(pair.grid, device=pair.device) + values
+    flat = points.reshape(-1, 3)
+    shape = pair.moving.shape
+
+    def warp(volume: torch.Tensor) -> torch.Tensor:
+        return sample_points(volume, pair.grid, flat).T.reshape(shape)
+
+    mask = None if pair.moving_mask is None else (warp(pair.moving_mask) > 0.5).to(pair.moving_mask)
+    return field, warp(pair.moving), mask
+
+
+def _load(name: Optional[str], required: bool):
+    from nephireg import modelstore
+
+    path = modelstore.resolve_model(name) if (name or required) else None
+    if path is None:
+        if required:
+            raise InputError("NePhi predict needs a model: none is installed; use --method nephi-io or --model")
+        return None
+    from nephireg.nephi.model_io import load_model
+
+    return load_model(path)
+
+
+def _predict_codes(model, images) -> Tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        return model.predict_codes(images.fixed, images.moving)
+
+
+def _output(net, codes, pair: PreparedPair, settings: Settings, coarse) -> DisplacementField:
+    from nephireg.nephi.output import ComposedField, NePhiField, lattice_field
+
+    field: DisplacementField = NePhiField(net, codes, pair.grid)
+    if settings.output_lattice:
+        field = lattice_field(field, pair.grid, settings.output_lattice, pair.device)
+    if coarse is not None:
+        field = ComposedField(field, coarse)
+    return field

@@ -1,0 +1,81 @@
+"""NePhi losses on sampled points: NCC similarity, GradICON, latent prior, and the point samplers.
+
+All points are normalised coordinates of the working grid, (P, 3), (i, j, k) order.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from nephireg.nephi.field import Codes, NePhiNet
+from nephireg.sampling import identity_normalised, sample_normalised
+
+
+def ncc(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Normalised cross-correlation of two (P,) samples, in [-1, 1] (1 = identical up to gain and offset)."""
+    a = a - a.mean()
+    b = b - b.mean()
+    return (a * b).sum() / torch.sqrt((a * a).sum() * (b * b).sum() + eps)
+
+
+def sample_image(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Intensities (P,) of ``volume`` (1, 1, Z, Y, X) at normalised points (P, 3), border-padded trilinear."""
+    values = sample_normalised(volume, points.to(volume.dtype).reshape(1, -1, 1, 1, 3))
+    return values.reshape(-1)
+
+
+def jacobian(fn: Callable[[torch.Tensor], torch.Tensor], points: torch.Tensor) -> torch.Tensor:
+    """Exact Jacobian (P, 3, 3) of a pointwise map (P, 3) -> (P, 3) by autograd, kept in the graph (so a loss
+    built on it can be differentiated once more). Rows are output components."""
+    x = points.detach().requires_grad_(True)
+    y = fn(x)
+    rows = [torch.autograd.grad(y[:, c].sum(), x, create_graph=True)[0] for c in range(3)]
+    return torch.stack(rows, dim=1)
+
+
+def gradicon(net: NePhiNet, codes: Codes, points: torch.Tensor) -> torch.Tensor:
+    """Symmetric GradICON: mean ||D(phi^-1 o phi)(x) - I||_F^2, averaged with the same for phi o phi^-1.
+
+    Uses the exact Jacobian by autograd on a few points (P, 3); 0 iff the two maps are inverse in first order.
+    """
+    eye = torch.eye(3, dtype=points.dtype, device=points.device)
+    total = points.new_zeros(())
+    for first_inverse in (False, True):
+        def round_trip(x: torch.Tensor, first_inverse: bool = first_inverse) -> torch.Tensor:
+            y = net.transform(x, codes, inverse=first_inverse)
+            return net.transform(y, codes, inverse=not first_inverse)
+
+        jac = jacobian(round_trip, points)
+        total = total + ((jac - eye) ** 2).sum(dim=(1, 2)).mean()
+    return total / 2.0
+
+
+def latent_prior(codes: Codes) -> torch.Tensor:
+    """mean |g| + mean |l|: keeps the codes small (the paper weights it by 0.01)."""
+    global_code, local_grid = codes
+    return global_code.abs().mean() + local_grid.abs().mean()
+
+
+class PointSampler:
+    """Random points inside a mask (or the whole grid), jittered within their voxels.
+
+    ``mask``: (1, 1, Z, Y, X) in {0, 1} or None. Points are normalised coordinates (P, 3).
+    """
+
+    def __init__(self, shape_zyx, mask: Optional[torch.Tensor], device: torch.device) -> None:
+        centres = identity_normalised(shape_zyx, device=device).reshape(-1, 3)
+        if mask is not None:
+            inside = mask.reshape(-1) > 0.5
+            if int(inside.sum()) > 0:
+                centres = centres[inside]
+        self.centres = centres
+        sizes = torch.tensor([shape_zyx[2], shape_zyx[1], shape_zyx[0]], dtype=torch.float32, device=device)
+        self.half_voxel = 1.0 / (sizes - 1.0).clamp(min=1.0)
+
+    def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        device = self.centres.device
+        rows = torch.randint(0, self.centres.shape[0], (count,), generator=generator, device=device)
+        jitter = (torch.rand(count, 3, generator=generator, device=device) * 2.0 - 1.0) * self.half_voxel
+        return (self.centres[rows] + jitter).clamp(-1.0, 1.0)

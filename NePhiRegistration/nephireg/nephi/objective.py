@@ -1,0 +1,67 @@
+"""The NePhi loss of one image pair on sampled points (shared by instance optimisation and training):
+
+``0.5 [ (1 - NCC(M o phi, F)) + (1 - NCC(F o phi^-1, M)) ] + lambda GradICON + prior_weight (|g| + |l|)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+
+from nephireg.nephi.field import Codes, NePhiNet
+from nephireg.nephi.losses import PointSampler, gradicon, latent_prior, ncc, sample_image
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    similarity_points: int = 10_000  # per direction and step
+    gradicon_points: int = 250  # per direction and step
+    gradicon_weight: float = 10.0
+    prior_weight: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.similarity_points < 16 or self.gradicon_points < 1:
+            raise ValueError("similarity_points must be >= 16 and gradicon_points >= 1")
+        if self.gradicon_weight < 0 or self.prior_weight < 0:
+            raise ValueError("loss weights must be >= 0")
+
+
+@dataclass
+class PairImages:
+    """One pair on a common working grid: images (1, 1, Z, Y, X) and samplers of their (masked) points."""
+
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    fixed_points: PointSampler
+    moving_points: PointSampler
+    all_points: PointSampler
+
+    @classmethod
+    def build(cls, fixed: torch.Tensor, moving: torch.Tensor, fixed_mask=None, moving_mask=None) -> PairImages:
+        shape = tuple(fixed.shape[2:])
+        return cls(fixed, moving, PointSampler(shape, fixed_mask, fixed.device),
+                   PointSampler(shape, moving_mask, fixed.device), PointSampler(shape, None, fixed.device))
+
+
+def pair_loss(net: NePhiNet, codes: Codes, images: PairImages, settings: LossSettings,
+              generator: torch.Generator) -> Dict[str, torch.Tensor]:
+    """Loss terms of one pair; ``total`` is the one to minimise."""
+    xf = images.fixed_points.sample(settings.similarity_points, generator)
+    xm = images.moving_points.sample(settings.similarity_points, generator)
+    warped_moving = sample_image(images.moving, net.transform(xf, codes))
+    warped_fixed = sample_image(images.fixed, net.transform(xm, codes, inverse=True))
+    similarity = 1.0 - 0.5 * (ncc(warped_moving, sample_image(images.fixed, xf))
+                              + ncc(warped_fixed, sample_image(images.moving, xm)))
+    terms = {"similarity": similarity}
+    total = similarity
+    if settings.gradicon_weight > 0:
+        xr = images.all_points.sample(settings.gradicon_points, generator)
+        terms["gradicon"] = gradicon(net, codes, xr)
+        total = total + settings.gradicon_weight * terms["gradicon"]
+    if settings.prior_weight > 0:
+        terms["prior"] = latent_prior(codes)
+        total = total + settings.prior_weight * terms["prior"]
+    terms["total"] = total
+    return terms

@@ -1,0 +1,48 @@
+"""NePhi instance optimisation: Adam on the latent codes and both MLPs for one pair (METHODS.md method 3)."""
+
+from __future__ import annotations
+
+from typing import Any, Tuple
+
+import torch
+from torch import nn
+
+from nephireg.nephi.field import Codes, NePhiNet
+from nephireg.nephi.objective import LossSettings, PairImages, pair_loss
+from nephireg.progress import Reporter
+
+
+def optimise(net: NePhiNet, codes: Codes, images: PairImages, settings: Any, reporter: Reporter
+             ) -> Tuple[NePhiNet, Codes]:
+    """Run ``settings.iterations`` Adam steps; returns the tuned net and codes (detached).
+
+    ``settings`` carries iterations, learning_rate, code_learning_rate, regularization, prior_weight,
+    similarity_points, gradicon_points and seed (see :class:`nephireg.methods.nephi.Settings`).
+    The learning rate decays linearly to 10 % over the last half of the run, so the field settles.
+    """
+    loss_settings = LossSettings(similarity_points=settings.similarity_points,
+                                 gradicon_points=settings.gradicon_points,
+                                 gradicon_weight=settings.regularization, prior_weight=settings.prior_weight)
+    net = net.train()
+    params = [nn.Parameter(c.detach().clone()) for c in codes]
+    optimiser = torch.optim.Adam([{"params": list(net.parameters()), "lr": settings.learning_rate},
+                                  {"params": params, "lr": settings.code_learning_rate}])
+    total = settings.iterations
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: _decay(s, total))
+    generator = torch.Generator(device=images.fixed.device).manual_seed(settings.seed)
+    for step in range(1, total + 1):
+        optimiser.zero_grad(set_to_none=True)
+        terms = pair_loss(net, tuple(params), images, loss_settings, generator)
+        terms["total"].backward()
+        optimiser.step()
+        scheduler.step()
+        reporter.step(step, total, float(terms["total"].detach()))
+    return net.eval(), tuple(p.detach() for p in params)
+
+
+def _decay(step: int, total: int) -> float:
+    """1 for the first half, then linear down to 0.1 at the end."""
+    half = total / 2.0
+    if step <= half or total <= 1:
+        return 1.0
+    return max(0.1, 1.0 - 0.9 * (step - half) / half)
