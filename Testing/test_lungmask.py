@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
 from nephireg.errors import InputError
 from nephireg.lungmask import lung_mask
 
