@@ -190,6 +190,7 @@ def test_real_engine_on_a_tiny_pair(workdir):
     """The real ``python -m nephireg register`` through the runner: events, manifest, files."""
     import numpy as np
     import SimpleITK as sitk
+
     from nephireg.geometry import Grid
     from nephireg.synthetic import deform, random_displacement, thorax_phantom
 

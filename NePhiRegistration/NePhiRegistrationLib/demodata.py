@@ -18,6 +18,7 @@ FILE_NAMES = ("NePhiDemoFixed.nrrd", "NePhiDemoMoving.nrrd")
 
 def writeDemoPair(folder: str, seed: int = 0) -> Tuple[str, str]:
     import SimpleITK as sitk
+
     from nephireg.synthetic import demo_pair
 
     fixed, moving = demo_pair(seed)[:2]

@@ -7,7 +7,6 @@ checks both ways) and, for the options, the fields of :class:`settings.Registrat
 from pathlib import Path
 from typing import Annotated, Union
 
-from nephireg import protocol
 from slicer import (
     vtkMRMLLabelMapVolumeNode,
     vtkMRMLScalarVolumeNode,
@@ -16,6 +15,7 @@ from slicer import (
 )
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 
+from nephireg import protocol
 from NePhiRegistrationLib.settings import RegistrationSettings
 
 

@@ -15,6 +15,7 @@ import math
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
+
 from nephireg.geometry import LPS_TO_RAS, Grid
 
 # Jacobian heatmap: 0..2 centred on 1 (1 = volume preserved, <1 compression, >1 expansion, <=0 folding).

@@ -10,6 +10,7 @@ import os
 from typing import Dict, Tuple
 
 import numpy as np
+
 from nephireg import protocol
 from nephireg.geometry import Grid
 

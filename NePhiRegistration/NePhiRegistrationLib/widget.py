@@ -10,9 +10,9 @@ import os
 import qt
 import slicer
 import vtk
-from nephireg import protocol
 from slicer.i18n import tr as _
 
+from nephireg import protocol
 from NePhiRegistrationLib import availability, logic, sceneio
 from NePhiRegistrationLib.parameters import settingsFromParameterNode
 from NePhiRegistrationLib.result import summaryLines
