@@ -52,6 +52,15 @@ def defaultModelPath() -> Optional[str]:
         return None
 
 
+def modelCacheDir() -> Optional[str]:
+    """The user folder where downloaded models are cached (None when the model store is absent)."""
+    try:
+        from nephireg import modelstore
+    except ImportError:
+        return None
+    return modelstore.cache_dir()
+
+
 def methodAvailability(modelPath: str = "") -> Dict[str, Availability]:
     """For each protocol method: can it run with this model choice (``""`` = the store's default)?"""
     result = {method: Availability(True) for method in protocol.METHODS}

@@ -6,6 +6,7 @@ The module's widget (``NePhiRegistration.py``) loads the .ui, binds it to the pa
 """
 
 import os
+import shutil
 
 import qt
 import slicer
@@ -33,6 +34,7 @@ class RegistrationPanel:
         ui.showTransformGridButton.toggled.connect(self.onShowTransformGrid)
         ui.jacobianOpacitySlider.valueChanged.connect(self.onOpacityChanged)
         ui.openModelFolderButton.clicked.connect(self.onOpenModelFolder)
+        ui.clearModelCacheButton.clicked.connect(self.onClearModelCache)
         ui.progressBar.hide()
 
     # -- labels and enabled state --------------------------------------------------------------------------
@@ -149,20 +151,22 @@ class RegistrationPanel:
             sceneio.setJacobianOpacity(float(value))
 
     def onOpenModelFolder(self) -> None:
-        folder = None
-        try:
-            from nephireg import modelstore
-            folder = modelstore.cache_dir() if hasattr(modelstore, "cache_dir") else None
-        except ImportError:
-            pass
+        folder = availability.modelCacheDir()
         if not folder:
-            models = availability.listModels()
-            folder = os.path.dirname(str(models[0].get("path", ""))) if models else None
-        if not folder:
-            slicer.util.infoDisplay(_("No model folder yet: no trained model is installed."))
+            slicer.util.infoDisplay(_("This build has no model store, so there is no model folder."))
             return
         os.makedirs(folder, exist_ok=True)
         qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(folder))
+
+    def onClearModelCache(self) -> None:
+        folder = availability.modelCacheDir()
+        if not folder or not os.path.isdir(folder) or not os.listdir(folder):
+            slicer.util.infoDisplay(_("The model cache is empty."))
+            return
+        question = _("Delete every downloaded model in {folder}? They are downloaded again when needed.")
+        if slicer.util.confirmOkCancelDisplay(question.format(folder=folder)):
+            shutil.rmtree(folder, ignore_errors=True)
+            self.updateState()
 
     def cleanup(self) -> None:
         self.timer.stop()
