@@ -140,3 +140,17 @@ def test_summary_lines_show_folding_range_runtime_and_similarity():
     assert "ncc: 0.71 before -> 0.93 after" in text
     assert "Runtime: 12.5 s" in text and "similarity region: mask" in text
     assert result.manifestMetrics({"metrics": {"a": {"b": 1}, "c": 2}}) == {"a_b": 1, "c": 2}
+
+
+def test_selftest_writes_what_the_engine_writes(tmp_path):
+    """The in-Slicer self-test's synthetic result is a valid engine result folder (protocol manifest, ITK
+    displacement field readable back exactly, Jacobian on the fixed grid)."""
+    from NePhiRegistrationLib.selftest import writeSyntheticResult
+
+    manifest, displacement = writeSyntheticResult(str(tmp_path / "out dir ü"))
+    read_back, grid = result.readDisplacementTransform(manifest["files"]["transform"])
+    np.testing.assert_allclose(read_back, displacement, atol=1e-12)
+    assert np.allclose(grid.index_to_physical(), TEST_GRID.index_to_physical())
+    jacobian = sitk.ReadImage(manifest["files"]["jacobian"])
+    assert jacobian.GetSize() == TEST_GRID.size and jacobian.GetPixelID() == sitk.sitkFloat32
+    assert manifest["metrics"]["folding_percent"] == 0.0
