@@ -18,20 +18,12 @@ vtk = pytest.importorskip("vtk")
 sitk = pytest.importorskip("SimpleITK")
 
 from nephireg.geometry import LPS_TO_RAS, Grid  # noqa: E402
+from nephireg.synthetic import rotation_direction  # noqa: E402
 from NePhiRegistrationLib import result  # noqa: E402
 from NePhiRegistrationLib.selftest import TEST_GRID, analyticJacobian, syntheticDisplacement  # noqa: E402
 
-
-def rotation(ax, ay, az):
-    ax, ay, az = np.deg2rad([ax, ay, az])
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
 OBLIQUE = Grid(size=(17, 13, 9), spacing=(1.3, 2.1, 3.4), origin=(-20.0, 15.0, -40.0),
-               direction=tuple(rotation(12, -9, 25).ravel()))
+               direction=rotation_direction((12.0, -9.0, 25.0)))
 
 
 def oriented_grid_displacement(image, direction4, ras_points):

@@ -68,7 +68,9 @@ def readDisplacementTransform(path: str) -> Tuple[np.ndarray, Grid]:
     Slicer ships, imported here only). Composite files holding one displacement field are unwrapped."""
     import SimpleITK as sitk
 
-    transform = sitk.ReadTransform(str(path))
+    from nephireg.io import read_transform
+
+    transform = read_transform(path)
     if transform.GetName() == "CompositeTransform":
         composite = sitk.CompositeTransform(transform)
         if composite.GetNumberOfTransforms() != 1:

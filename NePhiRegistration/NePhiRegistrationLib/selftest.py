@@ -1,6 +1,7 @@
 """Helpers of the in-Slicer self-test (``NePhiRegistrationTest``): a synthetic engine result made without torch.
 
-numpy + SimpleITK (both ship with Slicer). :func:`writeSyntheticResult` writes what the engine would: an ITK
+numpy + SimpleITK (both ship with Slicer), written with the engine's own writers (``nephireg.io``).
+:func:`writeSyntheticResult` writes what the engine would: an ITK
 displacement-field transform, its Jacobian determinant map (analytic) and ``result.json``.
 """
 
@@ -38,19 +39,12 @@ def analyticJacobian(grid: Grid = TEST_GRID, amplitude_mm: float = 3.0) -> np.nd
 
 def writeSyntheticResult(outDir: str, grid: Grid = TEST_GRID) -> Tuple[Dict, np.ndarray]:
     """Write transform.h5, jacobian.nrrd and result.json into ``outDir``; returns (manifest, displacement)."""
-    import SimpleITK as sitk
+    from nephireg.io import image_from_array, write_image, write_transform
 
     os.makedirs(outDir, exist_ok=True)
     displacement = syntheticDisplacement(grid)
-    field = sitk.GetImageFromArray(displacement, isVector=True)
-    jacobian = sitk.GetImageFromArray(analyticJacobian(grid))
-    for image in (field, jacobian):
-        image.SetSpacing(grid.spacing)
-        image.SetOrigin(grid.origin)
-        image.SetDirection(grid.direction)
-    transformPath = os.path.join(outDir, protocol.OUTPUT_FILES["transform"])
-    sitk.WriteTransform(sitk.DisplacementFieldTransform(field), transformPath)
-    sitk.WriteImage(jacobian, os.path.join(outDir, protocol.OUTPUT_FILES["jacobian"]))
+    write_transform(displacement, grid, os.path.join(outDir, protocol.OUTPUT_FILES["transform"]))
+    write_image(image_from_array(analyticJacobian(grid), grid), os.path.join(outDir, protocol.OUTPUT_FILES["jacobian"]))
     det = analyticJacobian(grid)
     metrics = {"folding_percent": 0.0, "jacobian_min": float(det.min()), "jacobian_max": float(det.max())}
     files = {key: protocol.OUTPUT_FILES[key] for key in ("transform", "jacobian")}
