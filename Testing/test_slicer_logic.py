@@ -51,7 +51,9 @@ def fake_slicer(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sceneio, "writeInputs", write_inputs)
     monkeypatch.setattr(sceneio, "importResult", import_result)
-    return types.SimpleNamespace(logic=logic, sceneio=sceneio, imported=imported, temp_root=temp_root)
+    yield types.SimpleNamespace(logic=logic, sceneio=sceneio, imported=imported, temp_root=temp_root)
+    for name in ("NePhiRegistrationLib.logic", "NePhiRegistrationLib.sceneio"):  # bound to the stand-in slicer
+        sys.modules.pop(name, None)
 
 
 CHILD = """
