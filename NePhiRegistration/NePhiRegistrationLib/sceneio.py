@@ -1,6 +1,7 @@
 """Scene <-> files for one registration run. Slicer only (imported by ``logic.py`` inside Slicer).
 
-Inputs are written with standalone storage nodes, so the user's nodes are not re-pointed at temp files.
+Inputs are written with temporary storage nodes of their own, so the user's nodes are not re-pointed at temp
+files.
 Results are imported with ``slicer.util.loadTransform`` / ``loadVolume`` (route A of SLICER.md), then copied
 into fresh nodes without storage nodes (the temp folder is deleted afterwards; a node still pointing at it would
 lose its data when the scene is saved). If any step fails, every node created so far is removed, so a failed
@@ -45,11 +46,15 @@ def writeVolume(node, path: str) -> str:
     if node.GetParentTransformNode() is not None:
         logging.warning(f"NePhiRegistration: {node.GetName()} is under a transform; the registration uses its "
                         "untransformed voxels (harden the transform first to include it).")
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    storage.SetFileName(path)
-    storage.SetUseCompression(False)
-    if not storage.WriteData(node):
-        raise RuntimeError(f"Could not write {node.GetName()} to {path}")
+    # A temporary storage node of its own (MONAIAuto3DSeg's pattern): the node's own storage keeps its file name.
+    storage = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    try:
+        storage.SetFileName(path)
+        storage.SetUseCompression(False)
+        if not storage.WriteData(node):
+            raise RuntimeError(f"Could not write {node.GetName()} to {path}")
+    finally:
+        slicer.mrmlScene.RemoveNode(storage)
     return path
 
 
