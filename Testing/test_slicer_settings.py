@@ -80,3 +80,13 @@ def test_progress_state_and_eta_text():
     state.update({"event": "log", "level": "warning", "message": "mask is small"})
     assert "Warning: mask is small" in state.takeLogLines() and state.logLines == []
     assert formatSeconds(None) == "" and formatSeconds(42) == "42 s" and formatSeconds(3725) == "1 h 02 min"
+
+
+def test_downloadable_default_model_keeps_nephi_predict_available(monkeypatch):
+    monkeypatch.setattr(availability, "defaultModelPath", lambda: None)
+    monkeypatch.setattr(availability, "listModels", lambda: [
+        {"name": "nephi-lung", "default": True, "installed": False, "url": "https://example.org/m.pt"}])
+    state = availability.methodAvailability("")["nephi"]
+    assert state.available and "downloaded on first use" in state.reason
+    monkeypatch.setattr(availability, "listModels", lambda: [{"name": "x", "default": True, "installed": False}])
+    assert not availability.methodAvailability("")["nephi"].available

@@ -68,10 +68,17 @@ def methodAvailability(modelPath: str = "") -> Dict[str, Availability]:
         if not os.path.isfile(modelPath):
             result["nephi"] = Availability(False, f"the model file {modelPath} does not exist")
     elif defaultModelPath() is None:
-        try:
-            from nephireg import modelstore  # noqa: F401
-            reason = "no trained NePhi model is installed (pick a model file in Expert settings)"
-        except ImportError:
-            reason = "this build has no model store (nephireg.modelstore is missing)"
-        result["nephi"] = Availability(False, reason)
+        result["nephi"] = _defaultModelState()
     return result
+
+
+def _defaultModelState() -> Availability:
+    """NePhi predict without an installed default model: runnable if the store can download it."""
+    try:
+        from nephireg import modelstore  # noqa: F401
+    except ImportError:
+        return Availability(False, "this build has no model store (nephireg.modelstore is missing)")
+    default = next((m for m in listModels() if m.get("default")), None)
+    if default is not None and default.get("url"):
+        return Availability(True, f"the default model {default['name']} is downloaded on first use")
+    return Availability(False, "no trained NePhi model is installed (pick a model file in Expert settings)")
