@@ -62,7 +62,7 @@ class RegistrationPanel:
             self.ui.methodComboBox.setItemText(index, text)
             self.ui.methodComboBox.setItemData(index, state.reason or label, qt.Qt.ToolTipRole)
         chosen = states[node.method]
-        status = "" if chosen.available else _("Cannot run: {reason}.").format(reason=chosen.reason)
+        status = chosen.reason if chosen.available else _("Cannot run: {reason}.").format(reason=chosen.reason)
         self.ui.methodStatusLabel.text = status
         reason = ""
         if not node.fixedVolume or not node.movingVolume:
