@@ -92,12 +92,13 @@ class RegistrationPanel:
         logic.ensureTorch(askConfirmation=True)
         options = sceneio.ImportOptions(node.createWarpedVolume, node.createJacobianVolume,
                                         node.applyTransformToMoving, node.showJacobianHeatmap, node.jacobianOpacity)
-        self.job = logic.RegistrationJob(node.fixedVolume, node.movingVolume, settingsFromParameterNode(node),
-                                         node.fixedMask, node.movingMask, output, options,
-                                         onProgress=self.onProgress, onLog=self.appendLog, onFinished=self.onFinished)
+        job = logic.RegistrationJob(node.fixedVolume, node.movingVolume, settingsFromParameterNode(node),
+                                    node.fixedMask, node.movingMask, output, options,
+                                    onProgress=self.onProgress, onLog=self.appendLog, onFinished=self.onFinished)
         self.ui.logTextEdit.clear()
+        job.start()  # raises (shown by tryWithErrorDisplay) before the panel switches to "running"
+        self.job = job
         self.ui.resultSummaryLabel.text = _("Running...")
-        self.job.start()
         self.setRunning(True)
         self.timer.start()
 
