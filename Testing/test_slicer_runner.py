@@ -218,3 +218,23 @@ def test_real_engine_on_a_tiny_pair(workdir):
     metrics = outcome.manifest["metrics"]
     assert metrics["folding_percent"] == 0.0 and 0 < metrics["jacobian_min"] <= 1 <= metrics["jacobian_max"]
     assert state.percent == 100 and state.device == "cpu"
+
+
+def test_a_grandchild_holding_the_pipe_does_not_hang_the_run(workdir, monkeypatch):
+    from NePhiRegistrationLib import runner
+
+    monkeypatch.setattr(runner, "PIPE_GRACE_S", 0.5)
+    body = """
+        import subprocess, sys
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(20)"])  # inherits stdout, outlives us
+        sys.exit(2)
+    """
+    proc = EngineProcess(child(workdir, body), str(workdir / "out"))
+    proc.start()
+    started = time.monotonic()
+    outcome = proc.wait(timeout=15)
+    assert outcome.status == RunStatus.FAILED and outcome.exitCode == 2
+    assert time.monotonic() - started < 10
+    time.sleep(0.2)
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if "time.sleep(20)" in " ".join(p.info["cmdline"] or [])]
+    assert not [p for p in leftovers if p.status() != psutil.STATUS_ZOMBIE], "the orphan outlived the run"

@@ -28,6 +28,7 @@ EventCallback = Callable[[Dict[str, Any]], None]
 TextCallback = Callable[[str], None]
 
 _EOF = object()  # a reader thread's last queue item
+PIPE_GRACE_S = 5.0  # after the process exits, how long its pipes may stay open (held by a grandchild)
 _WINDOWS_NO_WINDOW = 0x08000000  # CREATE_NO_WINDOW: no console window flashes up on Windows
 
 
@@ -85,6 +86,7 @@ class EngineProcess:
         self._openStreams = 0
         self._cancelRequested = False
         self._started = 0.0
+        self._exitedAt: Optional[float] = None
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -137,8 +139,12 @@ class EngineProcess:
             event = self._handleLine(*item)
             if event is not None:
                 events.append(event)
-        if self.running and self._openStreams == 0 and self._proc is not None and self._proc.poll() is not None:
-            self._finish(self._proc.returncode)
+        if self.running and self._proc is not None and self._proc.poll() is not None:
+            if self._exitedAt is None:
+                self._exitedAt = time.monotonic()
+            # Pipes drained - or held open by a leftover grandchild: do not wait for it forever.
+            if self._openStreams == 0 or time.monotonic() - self._exitedAt > PIPE_GRACE_S:
+                self._finish(self._proc.returncode)
         return events
 
     def wait(self, timeout: Optional[float] = None, interval: float = 0.05) -> RunOutcome:
@@ -183,6 +189,8 @@ class EngineProcess:
         return event
 
     def _finish(self, returncode: int) -> None:
+        if self._openStreams > 0:  # something the engine started still holds its pipes: end it with the run
+            killProcessTree(self._proc.pid)
         for thread in self._threads:
             thread.join(timeout=1.0)
         seconds = time.monotonic() - self._started
