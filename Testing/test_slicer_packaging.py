@@ -336,3 +336,28 @@ def test_the_api_check_catches_a_made_up_name(api, tmp_path):
     uses = slicer_api_uses(fake)
     assert ("util", "updateGridTransformFromArray", 2) in uses and "updateGridTransformFromArray" not in api["util"]
     assert ("method", "SetGridDirectionMatrixz", 3) in uses and "SetGridDirectionMatrixz" not in api["methods"]
+
+
+def test_ui_loads_in_real_qt_with_every_parameter_name():
+    """Qt's own loader (PySide6, when installed; Slicer's custom widgets become plain QWidgets) reads the file
+    and sets every SlicerParameterName dynamic property."""
+    import importlib.util
+    import os
+    import subprocess
+
+    if importlib.util.find_spec("PySide6") is None:
+        pytest.skip("PySide6 is not installed (optional: pip install pyside6-essentials)")
+    code = (
+        "from PySide6.QtWidgets import QApplication, QWidget\n"
+        "from PySide6.QtUiTools import QUiLoader\n"
+        "from PySide6.QtCore import QFile\n"
+        "app = QApplication([])\n"
+        f"f = QFile({str(UI_FILE)!r}); f.open(QFile.ReadOnly)\n"
+        "w = QUiLoader().load(f)\n"
+        "assert w is not None\n"
+        "print(sorted(c.property('SlicerParameterName') for c in w.findChildren(QWidget)"
+        " if c.property('SlicerParameterName')))\n")
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(sorted(parameter_fields()))
