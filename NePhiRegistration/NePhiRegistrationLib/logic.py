@@ -127,7 +127,12 @@ class RegistrationJob:
         if outcome.outOfMemory and not self._retriedOnCpu and self.settings.device != "cpu":
             self._retriedOnCpu = True
             self._log("The GPU ran out of memory; running again on the CPU (slower).")
-            self._launch("cpu")
+            try:
+                self._launch("cpu")
+            except Exception as exc:  # e.g. the temp folder vanished: end the job, never raise into a timer
+                self._complete(RunOutcome(RunStatus.FAILED, outcome.exitCode,
+                                          f"The GPU ran out of memory and the CPU retry could not start: {exc}",
+                                          "retry", outcome.logTail))
             return
         self._complete(outcome)
 
