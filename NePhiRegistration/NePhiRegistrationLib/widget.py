@@ -128,6 +128,7 @@ class RegistrationPanel:
         self.setRunning(False)
         if job.result is not None:
             self.lastResult = (job.result, job.fixed)
+            self.ui.showTransformGridButton.checked = False  # it showed the previous result's grid, if any
             self.ui.resultSummaryLabel.text = "\n".join(summaryLines(job.result.metrics))
             self.ui.statusLabel.text = _("Done: {name}").format(name=job.result.transform.GetName())
             self.ui.showTransformGridButton.enabled = True
@@ -144,7 +145,7 @@ class RegistrationPanel:
         if self.lastResult is None:
             return
         result, fixed = self.lastResult
-        if slicer.mrmlScene.IsNodePresent(result.transform):
+        if slicer.mrmlScene.IsNodePresent(result.transform) and slicer.mrmlScene.IsNodePresent(fixed):
             sceneio.showTransformGrid(result.transform, fixed, bool(checked))
 
     def onOpacityChanged(self, value: float) -> None:
