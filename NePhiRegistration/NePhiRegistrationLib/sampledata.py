@@ -11,8 +11,8 @@ RESOURCES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 CATEGORY = "NePhi Registration"
 SAMPLES = (
     # (node name, file name, SHA256) - the checksums are checked by Testing/test_slicer_packaging.py
-    ("NePhiDemoFixed", "NePhiDemoFixed.nrrd", "cba99093f1c8ee21bd1d586d9a008bba82d9bd0137a78e5ffa64f977787f1080"),
-    ("NePhiDemoMoving", "NePhiDemoMoving.nrrd", "80af947cad4438b0e0682c3132c9f81888eb880f78e717cbdeaf42c572780f19"),
+    ("NePhiDemoFixed", "NePhiDemoFixed.nrrd", "1abfd69eed0690acb6c7a0348123c03f656f9479e39c771e8e735648f399f612"),
+    ("NePhiDemoMoving", "NePhiDemoMoving.nrrd", "4d55da10d8788540de6a6610f3e577906ee647f7e582217f51f1ce364f3d67f9"),
 )
 
 

@@ -28,7 +28,7 @@ from nephireg.jacobian import jacobian_determinant, jacobian_summary
 from nephireg.methods import get_method
 from nephireg.overview import overview
 from nephireg.pair import PreparedPair
-from nephireg.preprocess import dilate, normalise_intensities, to_tensor, working_grid
+from nephireg.preprocess import crop_to_mask, dilate, normalise_intensities, to_tensor, working_grid
 from nephireg.presets import Preset, get_preset
 from nephireg.progress import Reporter, SilentReporter
 from nephireg.protocol import METHODS, OUTPUT_FILES, PREALIGN_MODES, RESULT_MANIFEST, write_manifest
@@ -131,7 +131,10 @@ def check_overlap(fixed: Grid, moving: Grid, prealign: np.ndarray, request: Requ
 def prepare(request: Request, inputs: Inputs, preset: Preset, prealign: np.ndarray, device: torch.device
             ) -> PreparedPair:
     """The working-grid tensors a method receives (moving resampled through the pre-alignment)."""
-    grid = working_grid(Grid.of(inputs.fixed), preset.working_spacing_mm)
+    region = Grid.of(inputs.fixed)
+    if preset.crop_margin_mm is not None and inputs.fixed_mask is not None:
+        region = crop_to_mask(region, inputs.fixed_mask, preset.crop_margin_mm)
+    grid = working_grid(region, preset.working_spacing_mm)
     transform = sitk.AffineTransform(3)
     transform.SetMatrix(tuple(prealign[:3, :3].ravel()))
     transform.SetTranslation(tuple(prealign[:3, 3]))

@@ -54,6 +54,18 @@ def working_grid(fixed: Grid, spacing_mm: float, max_voxels: int = MAX_WORKING_V
     return grid
 
 
+def crop_to_mask(grid: Grid, mask: sitk.Image, margin_mm: float) -> Grid:
+    """The part of ``grid`` (the mask's own grid) covering the mask's bounding box plus ``margin_mm``."""
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(mask)
+    box = stats.GetBoundingBox(1)  # (i0, j0, k0, ni, nj, nk)
+    margin = np.ceil(margin_mm / np.asarray(grid.spacing)).astype(int)
+    start = np.maximum(np.asarray(box[:3]) - margin, 0)
+    stop = np.minimum(np.asarray(box[:3]) + np.asarray(box[3:]) + margin, np.asarray(grid.size))
+    origin = grid.index_to_physical()[:3, :3] @ start + np.asarray(grid.origin)
+    return Grid(tuple(int(n) for n in stop - start), grid.spacing, tuple(float(o) for o in origin), grid.direction)
+
+
 def to_tensor(image: sitk.Image, grid: Grid, transform: Optional[sitk.Transform], device: torch.device,
               is_mask: bool = False) -> torch.Tensor:
     """``image`` resampled onto ``grid`` (through ``transform``, fixed -> image space) as (1, 1, Z, Y, X) float32.

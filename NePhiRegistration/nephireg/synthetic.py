@@ -40,7 +40,7 @@ def thorax_phantom(grid: Grid, seed: int = 0) -> Tuple[sitk.Image, sitk.Image]:
     ct[body] = 40.0
     lungs = np.zeros(grid.shape_zyx, dtype=bool)
     for side in (-1, 1):
-        lung = ((x - side * 0.42) / 0.33) ** 2 + ((y + 0.05) / 0.5) ** 2 + (z / 0.85) ** 2 <= 1.0
+        lung = ((x - side * 0.42) / 0.33) ** 2 + ((y + 0.05) / 0.5) ** 2 + (z / 0.72) ** 2 <= 1.0
         lungs |= lung
     ct[lungs] = -850.0
     ct[((x / 0.22) ** 2 + ((y + 0.15) / 0.25) ** 2 + (z / 0.6) ** 2) <= 1.0] = 45.0  # heart between the lungs
