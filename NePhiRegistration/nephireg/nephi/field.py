@@ -7,7 +7,8 @@ Coordinates ``x`` are normalised coordinates of the working grid ((P, 3), (i, j,
 
 Each MLP is a modulated sine network (Mehta et al. 2021): a synthesis network of sine layers fed with the Fourier
 embedding ``[sin 2 pi x B, cos 2 pi x B]`` of the point, whose hidden activations are multiplied by gates from a
-ReLU modulation network fed with ``[z(x), embedding]``. The last layer is zero, so a fresh field is the identity.
+ReLU modulation network fed with ``[z(x), embedding]``. The last (linear) layer reads ``[hidden, z(x)]`` and starts
+at zero, so a fresh field is the identity.
 The Gaussian matrix ``B`` (3, F) is a buffer: it is saved with the weights.
 """
 
@@ -37,6 +38,7 @@ class FieldConfig:
     hidden: int = 128
     hidden_layers: int = 2
     omega: float = 1.0  # sine frequency factor: sin(omega (W h + b)); scales the effective learning rate
+    code_readout: bool = True  # the last layer also reads z(x) (faster instance optimisation)
 
     def __post_init__(self) -> None:
         for name in ("global_dim", "local_dim", "fourier_features", "hidden", "hidden_layers"):
@@ -64,14 +66,18 @@ class FieldConfig:
 class ModulatedSiren(nn.Module):
     """Maps (embedding (P, E), code (P, C)) -> displacement (P, 3); zero at initialisation."""
 
-    def __init__(self, embed_dim: int, code_dim: int, hidden: int, layers: int, omega: float) -> None:
+    def __init__(self, embed_dim: int, code_dim: int, hidden: int, layers: int, omega: float,
+                 code_readout: bool = True) -> None:
         super().__init__()
         self.omega = omega
+        self.code_readout = code_readout
         self.synthesis = nn.ModuleList(
             [nn.Linear(embed_dim if i == 0 else hidden, hidden) for i in range(layers)])
         self.modulation = nn.ModuleList(
             [nn.Linear(code_dim + (embed_dim if i == 0 else hidden), hidden) for i in range(layers)])
-        self.out = nn.Linear(hidden, 3)
+        # The read-out also sees the code itself: a linear map of the trilinearly sampled local code is a smooth,
+        # coarse displacement that Adam fits quickly; the sine layers add the detail on top.
+        self.out = nn.Linear(hidden + (code_dim if code_readout else 0), 3)
         for layer in self.synthesis:  # SIREN initialisation, so activations stay well spread
             bound = math.sqrt(6.0 / layer.in_features) / omega
             nn.init.uniform_(layer.weight, -bound, bound)
@@ -83,7 +89,7 @@ class ModulatedSiren(nn.Module):
         for synth, mod in zip(self.synthesis, self.modulation):
             gate = torch.relu(mod(torch.cat([code, gate], dim=1)))
             h = gate * torch.sin(self.omega * synth(h))
-        return self.out(h)
+        return self.out(torch.cat([h, code], dim=1) if self.code_readout else h)
 
 
 class NePhiNet(nn.Module):
@@ -96,9 +102,9 @@ class NePhiNet(nn.Module):
         matrix = torch.randn(3, config.fourier_features, generator=generator) * config.fourier_scale
         self.register_buffer("fourier_matrix", matrix)
         embed = 2 * config.fourier_features
-        self.forward_map = ModulatedSiren(embed, config.code_dim, config.hidden, config.hidden_layers, config.omega)
-        self.backward_map = ModulatedSiren(embed, config.code_dim, config.hidden, config.hidden_layers,
-                                           config.omega)
+        args = (embed, config.code_dim, config.hidden, config.hidden_layers, config.omega, config.code_readout)
+        self.forward_map = ModulatedSiren(*args)
+        self.backward_map = ModulatedSiren(*args)
 
     def embed(self, points: torch.Tensor) -> torch.Tensor:
         """(P, 3) -> (P, 2F) Fourier features."""

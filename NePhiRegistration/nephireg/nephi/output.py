@@ -38,8 +38,9 @@ class NePhiField:
             for chunk in torch.split(points_mm, self.chunk_points):
                 chunk = chunk.to(device=device, dtype=torch.float32)
                 x = physical_to_normalised(chunk, self.grid)
-                moved = normalised_to_physical(self.net.transform(x, self.codes, self.inverse), self.grid)
-                out.append(moved - chunk)
+                moved = self.net.transform(x, self.codes, self.inverse)
+                # difference of two conversions (not moved - chunk): exactly 0 where u is 0, no round-off
+                out.append(normalised_to_physical(moved, self.grid) - normalised_to_physical(x, self.grid))
         return torch.cat(out).to(points_mm.device) if out else points_mm.new_zeros((0, 3))
 
 

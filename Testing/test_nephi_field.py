@@ -1,0 +1,161 @@
+"""NePhi field: twice-differentiable trilinear sampling, identity at initialisation, GradICON, model files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nephireg.errors import InputError
+from nephireg.geometry import Grid
+from nephireg.nephi.encoder import Encoder, EncoderConfig
+from nephireg.nephi.field import FieldConfig, NePhiNet, zero_codes
+from nephireg.nephi.losses import gradicon
+from nephireg.nephi.model_io import load_model, read_payload, save_model
+from nephireg.nephi.output import NePhiField, lattice_field
+from nephireg.nephi.trilinear import trilinear
+from nephireg.sampling import grid_points_mm, sample_normalised
+
+SMALL = FieldConfig(global_dim=4, local_dim=4, fourier_features=16, hidden=32)
+
+
+def _points(n: int, low: float = -1.2, high: float = 1.2, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, generator=g, dtype=dtype) * (high - low) + low
+
+
+def test_trilinear_matches_grid_sample_inside_and_beyond_the_border():
+    volume = torch.randn(5, 6, 7, 8, generator=torch.Generator().manual_seed(1))
+    pts = _points(500)  # 20 % of the range lies beyond the border: border padding must match
+    reference = sample_normalised(volume[None], pts.reshape(1, -1, 1, 1, 3)).reshape(5, -1).t()
+    assert torch.allclose(trilinear(volume, pts), reference, atol=1e-5)
+
+
+def test_trilinear_passes_gradcheck_and_gradgradcheck():
+    volume = torch.randn(2, 4, 5, 3, dtype=torch.float64, requires_grad=True)
+    pts = _points(6, -0.9, 0.9, dtype=torch.float64).requires_grad_(True)
+    assert torch.autograd.gradcheck(trilinear, (volume, pts))
+    assert torch.autograd.gradgradcheck(trilinear, (volume, pts))
+
+
+def test_fresh_field_is_the_identity_in_millimetres():
+    net = NePhiNet(SMALL)
+    grid = Grid((9, 8, 7), (1.5, 2.0, 2.5), (10.0, -20.0, 30.0), (0, 1, 0, -1, 0, 0, 0, 0, 1))
+    field = NePhiField(net, zero_codes(SMALL, (3, 3, 3)), grid)
+    pts = grid_points_mm(grid).reshape(-1, 3)
+    assert torch.count_nonzero(field.displacement_mm(pts)) == 0
+
+
+class _Translations(torch.nn.Module):
+    """A stand-in with NePhiNet's interface: phi = x + a, phi^-1 = x + b."""
+
+    def __init__(self, forward_shift, backward_shift):
+        super().__init__()
+        self.a, self.b = torch.tensor(forward_shift), torch.tensor(backward_shift)
+
+    def transform(self, points, codes, inverse=False):
+        return points + (self.b if inverse else self.a)
+
+
+class _Affine(_Translations):
+    def __init__(self, matrix, inverse_matrix):
+        super().__init__([0.0] * 3, [0.0] * 3)
+        self.m, self.mi = matrix, inverse_matrix
+
+    def transform(self, points, codes, inverse=False):
+        return points @ (self.mi if inverse else self.m).t()
+
+
+def test_gradicon_is_zero_for_inverse_maps_and_positive_otherwise():
+    pts = _points(50)
+    assert gradicon(_Translations([0.1, -0.2, 0.3], [-0.1, 0.2, -0.3]), None, pts) < 1e-10
+    matrix = torch.tensor([[1.1, 0.2, 0.0], [0.0, 0.9, 0.1], [0.05, 0.0, 1.2]])
+    assert gradicon(_Affine(matrix, torch.linalg.inv(matrix)), None, pts) < 1e-8
+    # translations are never penalised (their Jacobians are I); a wrong linear inverse is
+    assert gradicon(_Affine(matrix, torch.eye(3)), None, pts) > 0.05
+
+
+def test_gradicon_of_a_real_field_has_a_second_derivative():
+    net = NePhiNet(SMALL)
+    torch.nn.init.normal_(net.forward_map.out.weight, std=0.1)
+    codes = tuple(torch.nn.Parameter(c + 0.1) for c in zero_codes(SMALL, (3, 3, 3)))
+    loss = gradicon(net, codes, _points(20, -0.9, 0.9))
+    assert loss > 0
+    loss.backward()
+    assert net.forward_map.synthesis[0].weight.grad.abs().sum() > 0
+    assert codes[1].grad.abs().sum() > 0  # through the trilinear gather's double backward
+
+
+def _model(tmp_path):
+    torch.manual_seed(0)
+    net = NePhiNet(SMALL, seed=3)
+    torch.nn.init.normal_(net.forward_map.out.weight, std=0.05)
+    encoder = Encoder(EncoderConfig(input_shape=(64, 64, 64), global_dim=4, local_dim=4))
+    path = tmp_path / "model.pt"
+    save_model(path, net, encoder, {"note": "test"})
+    return net, encoder, path
+
+
+def test_save_load_round_trip_gives_identical_outputs(tmp_path):
+    net, encoder, path = _model(tmp_path)
+    model = load_model(path)
+    assert torch.equal(model.net.fourier_matrix, net.fourier_matrix)
+    pts = _points(100)
+    codes = (torch.randn(4), torch.randn(4, 3, 3, 3))
+    with torch.no_grad():
+        assert torch.equal(model.net.transform(pts, codes), net.eval().transform(pts, codes))
+        images = torch.rand(1, 1, 64, 64, 64), torch.rand(1, 1, 64, 64, 64)
+        g, local = encoder.eval()(*images)
+        g2, local2 = model.predict_codes(*images)
+    assert torch.equal(g[0], g2) and torch.equal(local[0], local2)
+    assert model.metadata == {"note": "test"}
+
+
+def test_bad_model_files_give_stated_errors(tmp_path):
+    _, _, path = _model(tmp_path)
+    with pytest.raises(InputError, match="not found"):
+        load_model(tmp_path / "absent.pt")
+    corrupt = tmp_path / "corrupt.pt"
+    data = bytearray(path.read_bytes())
+    corrupt.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(InputError, match="corrupt or not a model file"):
+        load_model(corrupt)
+    payload = read_payload(path)
+    payload["format_version"] = 99
+    newer = tmp_path / "newer.pt"
+    torch.save(payload, newer)
+    with pytest.raises(InputError, match="format version 99"):
+        load_model(newer)
+    payload["format_version"] = 1
+    payload["field_config"] = dict(payload["field_config"], hidden=64)
+    torch.save(payload, tmp_path / "other.pt")
+    with pytest.raises(InputError, match="incompatible model file"):
+        load_model(tmp_path / "other.pt")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_a_file_that_would_run_code_is_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "nephireg-nephi-model", "x": _Exploit()}, path)
+    with pytest.raises(InputError, match="refused"):
+        load_model(path)
+    assert "must never run" not in capsys.readouterr().out
+
+
+def test_lattice_output_matches_the_exact_field_for_a_smooth_field():
+    """The lattice is exact at its nodes and close in between when the field is smooth on the lattice scale."""
+    torch.manual_seed(0)
+    net = NePhiNet(FieldConfig(global_dim=4, local_dim=4, fourier_features=16, hidden=32, fourier_scale=0.2))
+    torch.nn.init.normal_(net.forward_map.out.weight, std=0.05)
+    grid = Grid((30, 26, 22), (1.5, 1.5, 1.5), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    exact = NePhiField(net, (torch.zeros(4), torch.randn(4, 3, 3, 3) * 0.3), grid)
+    pts = grid_points_mm(grid).reshape(-1, 3)[::7]
+    reference = exact.displacement_mm(pts)
+    approx = lattice_field(exact, grid, 2.0, torch.device("cpu")).displacement_mm(pts)
+    assert reference.norm(dim=1).mean() > 0.05  # a real displacement (mm) ...
+    assert (approx - reference).norm(dim=1).mean() < 0.05 * reference.norm(dim=1).mean()  # ... kept within 5 %
+    nodes = lattice_field(exact, grid, 1.0, torch.device("cpu")).displacement_mm(pts)
+    assert torch.allclose(nodes, reference, atol=1e-5)

@@ -1,0 +1,115 @@
+"""NePhi + IO from identity on a small synthetic pair with a known smooth deformation; option validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nephireg.errors import InputError
+from nephireg.fields import evaluate_on_grid
+from nephireg.geometry import Grid
+from nephireg.methods.nephi import Settings, run_instance_optimisation
+from nephireg.pair import PreparedPair
+from nephireg.progress import CallbackReporter
+from nephireg.protocol import Event
+from nephireg.sampling import grid_points_mm, sample_points
+
+N = 24
+
+
+def _texture(n: int) -> torch.Tensor:
+    """(1, 1, n, n, n) smoothed noise in [0, 1]: structure everywhere, so every displacement is identifiable."""
+    noise = torch.rand(1, 1, n, n, n, generator=torch.Generator().manual_seed(0))
+    kernel = torch.exp(-torch.arange(-4, 5.0) ** 2 / (2 * 1.5 ** 2))
+    kernel = kernel / kernel.sum()
+    for axis in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = 9
+        noise = torch.nn.functional.conv3d(noise, kernel.reshape(shape), padding="same")
+    return (noise - noise.min()) / (noise.max() - noise.min())
+
+
+def _warp(points: torch.Tensor) -> torch.Tensor:
+    """The known map T (mm): a smooth sine field plus a shift; moving(y) = fixed(T(y))."""
+    p = points
+    smooth = torch.stack([2.0 * torch.sin(p[:, 1] / 10), 1.5 * torch.cos(p[:, 2] / 12), 1.5 * torch.sin(p[:, 0] / 9)],
+                         dim=1)
+    return p + smooth + torch.tensor([1.5, -1.0, 0.5])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a busy shared 2-core machine two OpenMP threads wait on each other (10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def known_pair():
+    # oblique, anisotropic-free working grid (the pipeline's working grids are isotropic)
+    c, s = np.cos(0.3), np.sin(0.3)
+    grid = Grid((N, N, N), (2.0, 2.0, 2.0), (5.0, -40.0, 12.0), (c, -s, 0, s, c, 0, 0, 0, 1))
+    fixed = _texture(N)
+    pts = grid_points_mm(grid).reshape(-1, 3)
+    moving = sample_points(fixed, grid, _warp(pts)).reshape(1, 1, N, N, N)
+    return grid, PreparedPair(grid, fixed, moving), pts
+
+
+def test_io_from_identity_recovers_a_known_deformation(known_pair):
+    grid, pair, pts = known_pair
+    events = []
+    reporter = CallbackReporter(lambda event, fields: events.append((event, fields)))
+    field = run_instance_optimisation(pair, {"iterations": 80, "similarity_points": 2000, "gradicon_points": 50,
+                                             "regularization": 1.0, "grid_spacing_mm": 3.0}, reporter)
+    u = torch.from_numpy(evaluate_on_grid(field, grid, torch.device("cpu"))).float().reshape(-1, 3)
+    idx = torch.arange(N)
+    inner = ((idx[:, None, None] >= 4) & (idx[:, None, None] < N - 4) & (idx[None, :, None] >= 4)
+             & (idx[None, :, None] < N - 4) & (idx[None, None, :] >= 4) & (idx[None, None, :] < N - 4)).reshape(-1)
+    before = (_warp(pts) - pts).norm(dim=1)[inner].mean()
+    after = (_warp(pts + u) - pts).norm(dim=1)[inner].mean()
+    assert before > 2.5
+    assert after < 0.35 * before, (float(before), float(after))
+    det = _jacobian_det(u.reshape(N, N, N, 3).numpy(), grid)
+    assert (det <= 0).mean() == 0.0
+    steps = [f for e, f in events if e == Event.PROGRESS and f["stage"] == "nephi-io"]
+    assert len(steps) == 80 and steps[-1]["step"] == 80 and steps[-1]["loss"] < steps[0]["loss"]
+
+
+def _jacobian_det(u: np.ndarray, grid: Grid) -> np.ndarray:
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(u.astype(np.float64), isVector=True)
+    image.SetSpacing(grid.spacing)
+    image.SetOrigin(grid.origin)
+    image.SetDirection(grid.direction)
+    return sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(image))
+
+
+def test_cancellation_stops_the_loop(known_pair):
+    _, pair, _ = known_pair
+    from nephireg.errors import Cancelled
+
+    reporter = CallbackReporter(lambda event, fields: None)
+
+    def cancel_on_third(event, fields):
+        if event == Event.PROGRESS and fields["step"] == 3:
+            reporter.request_cancel()
+
+    reporter.callback = cancel_on_third
+    with pytest.raises(Cancelled):
+        run_instance_optimisation(pair, {"iterations": 50, "similarity_points": 500, "gradicon_points": 10}, reporter)
+
+
+def test_settings_validate_options():
+    settings = Settings.from_options({"iterations": "30", "regularization": 2, "model": None, "seed": 3,
+                                      "grid_spacing_mm": 4.0, "mask_images": "false"})
+    assert (settings.iterations, settings.regularization, settings.seed, settings.mask_images) == (30, 2.0, 3, False)
+    with pytest.raises(InputError, match="unknown NePhi option"):
+        Settings.from_options({"iteratoins": 3})
+    with pytest.raises(InputError, match="coarse"):
+        Settings.from_options({"coarse": "bspline"})
+    with pytest.raises(InputError, match="not a valid int"):
+        Settings.from_options({"iterations": "many"})
