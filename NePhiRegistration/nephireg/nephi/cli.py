@@ -28,7 +28,7 @@ def _add_train(subparsers) -> None:
     p.add_argument("--workdir", required=True, help="folder for checkpoints and the training log")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--lr", dest="learning_rate", type=float, default=1e-3)
-    p.add_argument("--input-size", type=int, default=96, help="encoder input cube edge, voxels (>= 64)")
+    p.add_argument("--input-size", type=int, default=96, help="encoder input cube edge, voxels (> 64)")
     p.add_argument("--similarity-points", type=int, default=4000)
     p.add_argument("--gradicon-points", type=int, default=100)
     p.add_argument("--regularization", dest="gradicon_weight", type=float, default=1.0)

@@ -27,8 +27,10 @@ class EncoderConfig:
     local_dim: int = 32
 
     def __post_init__(self) -> None:
-        if len(self.input_shape) != 3 or min(self.input_shape) < 2 ** len(self.channels):
-            raise ValueError(f"input_shape {self.input_shape} too small for {len(self.channels)} stride-2 blocks")
+        # BatchNorm in training needs more than one value per channel after the last stride-2 block
+        if len(self.input_shape) != 3 or min(self.input_shape) <= 2 ** len(self.channels):
+            raise ValueError(f"input_shape {self.input_shape} too small for {len(self.channels)} stride-2 blocks: "
+                             f"each side must exceed {2 ** len(self.channels)}")
         if not 1 <= self.local_block <= len(self.channels):
             raise ValueError(f"local_block must be in 1..{len(self.channels)}")
 

@@ -11,6 +11,7 @@ File layout (a dict of plain containers and tensors)::
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -54,7 +55,8 @@ def save_model(path: os.PathLike, net: NePhiNet, encoder: Optional[Encoder], met
                "encoder_config": None if encoder is None else encoder.config.to_dict(),
                "net": {k: v.detach().cpu() for k, v in net.state_dict().items()},
                "encoder": None if encoder is None else {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
-               "metadata": dict(metadata)}
+               # through JSON: plain containers only, which weights-only loading accepts
+               "metadata": json.loads(json.dumps(dict(metadata), default=str))}
     tmp = f"{os.fspath(path)}.tmp"
     torch.save(payload, tmp)
     os.replace(tmp, path)
