@@ -10,6 +10,8 @@ from typing import List
 
 import numpy as np
 
+MIN_WIDTH_PIXELS = 800
+
 
 def write_png(rgb: np.ndarray, path) -> None:
     """Write an (H, W, 3) uint8 image as PNG."""
@@ -38,12 +40,21 @@ def _diverging(det: np.ndarray) -> np.ndarray:
     return rgb.astype(np.uint8)
 
 
-def _orthogonal_slices(volume_zyx: np.ndarray, spacing_xyz) -> List[np.ndarray]:
-    """Axial, coronal and sagittal centre slices, rows flipped so superior is up, resampled to ~square pixels."""
-    nz, ny, nx = volume_zyx.shape
+def _most_informative(fixed_zyx: np.ndarray, det_zyx: np.ndarray, axis: int) -> int:
+    """Of the slices at 1/3, 1/2 and 2/3 along ``axis``, the one with the most structure where things moved
+    (largest product of the fixed image's and det J's standard deviations)."""
+    n = det_zyx.shape[axis]
+    candidates = sorted({n // 3, n // 2, (2 * n) // 3})
+    return max(candidates, key=lambda i: float(np.take(fixed_zyx, i, axis=axis).std())
+               * float(np.take(det_zyx, i, axis=axis).std()))
+
+
+def _orthogonal_slices(volume_zyx: np.ndarray, spacing_xyz, where) -> List[np.ndarray]:
+    """Axial, coronal and sagittal slices at ``where`` (k, j, i), rows flipped so superior is up, resampled to
+    square pixels of the finest spacing."""
+    k, j, i = where
     sx, sy, sz = spacing_xyz
-    views = [(volume_zyx[nz // 2], sy, sx), (volume_zyx[:, ny // 2][::-1], sz, sx),
-             (volume_zyx[:, :, nx // 2][::-1], sz, sy)]
+    views = [(volume_zyx[k], sy, sx), (volume_zyx[:, j][::-1], sz, sx), (volume_zyx[:, :, i][::-1], sz, sy)]
     out = []
     for image, row_mm, col_mm in views:
         rows = max(1, int(round(image.shape[0] * row_mm / min(row_mm, col_mm))))
@@ -57,8 +68,9 @@ def _orthogonal_slices(volume_zyx: np.ndarray, spacing_xyz) -> List[np.ndarray]:
 def overview(fixed: np.ndarray, warped: np.ndarray, det: np.ndarray, spacing_xyz, path) -> None:
     """Rows: axial, coronal, sagittal; columns: fixed, warped moving, checkerboard, Jacobian determinant."""
     low, high = np.percentile(fixed, [1, 99])
+    where = tuple(_most_informative(fixed, det, axis) for axis in (0, 1, 2))
     rows = []
-    for f, w, d in zip(*(_orthogonal_slices(v, spacing_xyz) for v in (fixed, warped, det))):
+    for f, w, d in zip(*(_orthogonal_slices(v, spacing_xyz, where) for v in (fixed, warped, det))):
         tiles = 8
         yy, xx = np.indices(f.shape)
         checker = ((yy * tiles // f.shape[0] + xx * tiles // f.shape[1]) % 2).astype(bool)
@@ -66,4 +78,5 @@ def overview(fixed: np.ndarray, warped: np.ndarray, det: np.ndarray, spacing_xyz
         rows.append(np.concatenate([np.pad(p, ((2, 2), (2, 2), (0, 0))) for p in panels], axis=1))
     width = max(r.shape[1] for r in rows)
     image = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows], axis=0)
-    write_png(image, path)
+    zoom = max(1, int(np.ceil(MIN_WIDTH_PIXELS / image.shape[1])))
+    write_png(np.repeat(np.repeat(image, zoom, axis=0), zoom, axis=1), path)

@@ -239,7 +239,8 @@ def _write_files(request: Request, preset: Preset, mode: str, inputs: Inputs, gr
     identity_norm = sitk.GetArrayFromImage(io.resample_to(inputs.moving_norm, grid))
     if request.write_warped:
         files["warped"] = OUTPUT_FILES["warped"]
-        io.write_image(io.resample_to(inputs.moving, grid, transform), folder / files["warped"])
+        background = float(sitk.GetArrayViewFromImage(inputs.moving).min())  # e.g. air in CT, not 0 HU
+        io.write_image(io.resample_to(inputs.moving, grid, transform, default=background), folder / files["warped"])
     if request.write_overview:
         files["overview"] = OUTPUT_FILES["overview"]
         overview(fixed_norm, warped_norm, det, grid.spacing, folder / files["overview"])
