@@ -163,6 +163,20 @@ def run_child(cmd: List[str], log: Path, timeout_s: float) -> Dict[str, object]:
             "timed_out": wall > timeout_s, "log_tail": " | ".join(tail)[-400:]}
 
 
+def error_message(method: str, out: Path, exit_code: int, timeout_s: float) -> str:
+    """``--progress none`` prints no error; rerun (untimed) with ``--progress jsonl`` to read the error event."""
+    cmd = [a if a != "none" else "jsonl" for a in command_for(method, out)]
+    run_child(cmd, out / "log-jsonl.txt", timeout_s)
+    for line in reversed((out / "log-jsonl.txt").read_text(errors="replace").splitlines()):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "error":
+            return f"exit code {exit_code}: {event.get('message')}"
+    return f"exit code {exit_code} (no message)"
+
+
 # -- scoring (parent process, the same for every method) --------------------------------------------------
 def score(transform_path: Path) -> Dict[str, object]:
     import SimpleITK as sitk
@@ -249,6 +263,8 @@ def one_run(method: str, out: Path, timeout_s: float, verify: bool) -> Dict[str,
     record: Dict[str, object] = {"method": method, **run_child(command_for(method, out), out / "log.txt", timeout_s)}
     if record["exit_code"] != 0:
         record["failure"] = record["log_tail"] or f"exit code {record['exit_code']}"
+        if method in OURS and not record["log_tail"]:
+            record["failure"] = error_message(method, out, record["exit_code"], timeout_s)
         return record
     manifest = json.loads((out / "result.json").read_text())
     record.update(score(out / manifest["files"]["transform"]))
