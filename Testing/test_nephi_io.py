@@ -71,7 +71,7 @@ def test_io_from_identity_recovers_a_known_deformation(known_pair):
     before = (_warp(pts) - pts).norm(dim=1)[inner].mean()
     after = (_warp(pts + u) - pts).norm(dim=1)[inner].mean()
     assert before > 2.5
-    assert after < 0.35 * before, (float(before), float(after))
+    assert after < 0.45 * before, (float(before), float(after))  # measured: 2.66 -> 0.86 mm
     det = _jacobian_det(u.reshape(N, N, N, 3).numpy(), grid)
     assert (det <= 0).mean() == 0.0
     steps = [f for e, f in events if e == Event.PROGRESS and f["stage"] == "nephi-io"]
@@ -113,3 +113,13 @@ def test_settings_validate_options():
         Settings.from_options({"coarse": "bspline"})
     with pytest.raises(InputError, match="not a valid int"):
         Settings.from_options({"iterations": "many"})
+
+
+def test_multi_resolution_coarse_adam_then_nephi(known_pair):
+    grid, pair, pts = known_pair
+    reporter = CallbackReporter(lambda event, fields: None)
+    field = run_instance_optimisation(pair, {"coarse": "adam", "coarse_iterations": 40, "iterations": 10,
+                                             "similarity_points": 1000, "gradicon_points": 20}, reporter)
+    u = field.displacement_mm(pts)
+    assert (_warp(pts + u) - pts).norm(dim=1).mean() < 0.7 * (_warp(pts) - pts).norm(dim=1).mean()
+    assert {"optimise", "nephi-io"} <= set(reporter.finish())  # the coarse Adam stage ran, then NePhi
