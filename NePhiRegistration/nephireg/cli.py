@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="nephireg-demo", help="output folder (default: ./nephireg-demo)")
     demo.add_argument("--overwrite", action="store_true")
     _common_registration_arguments(demo)
-    demo.set_defaults(func=_demo_command)
+    demo.set_defaults(func=_demo_command, preset="lung-ct")  # the sample pair is a thorax CT phantom
 
     from nephireg import tools
 

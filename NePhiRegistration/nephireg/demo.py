@@ -21,8 +21,8 @@ SCORE_POINTS = 4000
 
 
 def run_demo(args: argparse.Namespace, reporter: Reporter, make_request: Callable[..., Any]) -> Dict[str, Any]:
-    """Write the sample pair to ``args.out/inputs``, register it with ``args``' method and preset (lung-ct when
-    the preset was left at its default), and add the known-deformation error (mm) to the manifest."""
+    """Write the sample pair to ``args.out/inputs``, register it with ``args``' method and preset (lung-ct by
+    default), and add the known-deformation error (mm) to the manifest."""
     out = Path(args.out)
     if (out / RESULT_MANIFEST).exists() and not args.overwrite:
         raise InputError("output folder already holds a result (result.json); use --overwrite to replace it", out)
@@ -34,8 +34,6 @@ def run_demo(args: argparse.Namespace, reporter: Reporter, make_request: Callabl
     io.write_image(sitk.Cast(fixed, sitk.sitkInt16), paths["fixed"])
     io.write_image(sitk.Cast(moving, sitk.sitkInt16), paths["moving"])
     io.write_image(fixed_mask, inputs / "fixed_lungs.nrrd")
-    if args.preset == "generic":
-        args.preset = "lung-ct"
     manifest = register(make_request(args, paths["fixed"], paths["moving"], None, None), reporter)
     reporter.stage("score", "Scoring against the known deformation")
     transform = io.read_transform(out / manifest["files"]["transform"])
