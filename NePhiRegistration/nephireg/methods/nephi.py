@@ -27,7 +27,7 @@ class Settings:
     """Options of both NePhi methods (preset defaults with the user's overrides on top)."""
 
     iterations: int = 200  # IO steps (nephi-io only)
-    regularization: float = 10.0  # GradICON weight lambda
+    regularization: float = 1.0  # GradICON weight lambda (10 in the paper; 1 measured better here, docs/nephi.md)
     model: Optional[str] = None  # path or registry name; None: the shipped default (predict) / identity (IO)
     seed: int = 0
     learning_rate: float = 2e-3  # Adam, MLP weights

@@ -67,12 +67,25 @@ def run_train(args: argparse.Namespace) -> int:
                              checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
                              seed=args.seed, resume=args.resume, field={"hidden": args.hidden})
     except ValueError as exc:
-        raise InputError(str(exc)) from None
-    train(config, log=lambda line: print(line, flush=True))
+        sys.stderr.write(f"error: {exc}\n")
+        return int(InputError.exit_code)
+    try:
+        train(config, log=lambda line: print(line, flush=True))
+    except InputError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return int(exc.exit_code)
     return 0
 
 
 def run_models(args: argparse.Namespace) -> int:
+    try:
+        return _models(args)
+    except InputError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return int(exc.exit_code)
+
+
+def _models(args: argparse.Namespace) -> int:
     from nephireg import modelstore
 
     if args.fetch:
@@ -88,7 +101,7 @@ def run_models(args: argparse.Namespace) -> int:
     print(f"cache: {modelstore.cache_dir()}")
     for m in models:
         flag = "*" if m["default"] else " "
-        where = m["path"] or f"not downloaded ({m['url']})"
+        where = m["path"] or (f"not downloaded ({m['url']})" if m["url"] else "missing from the package")
         print(f"{flag} {m['name']:<24} {m['anatomy']:<14} {m['modality']:<10} {m['source']:<8} {where}")
     return 0
 
