@@ -92,3 +92,19 @@ def test_schedule_rejects_bad_breakpoints():
     with pytest.raises(ValueError):
         ConstantCosineLinear(constant_until=100, cosine_until=50)
     assert math.isclose(ConstantCosineLinear().total_steps, 270)
+
+
+def test_adam_smoothing_equals_repeated_box_filters_inside_and_keeps_constants():
+    import torch.nn.functional as F
+
+    from nephireg.methods.adam import smooth
+
+    u = torch.rand(1, 3, 14, 15, 16, dtype=torch.float64)
+    reference = u
+    for _ in range(3):
+        reference = F.avg_pool3d(F.pad(reference, (1,) * 6, mode="replicate"), 3, stride=1)
+    inner = (Ellipsis, slice(3, -3), slice(3, -3), slice(3, -3))
+    assert torch.allclose(smooth(u, 3)[inner], reference[inner])
+    constant = torch.full((1, 3, 8, 8, 8), 2.5, dtype=torch.float64)
+    assert torch.allclose(smooth(constant, 3), constant)
+    assert smooth(u, 0) is u
