@@ -83,6 +83,8 @@ class NePhiRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.removeObservers()
 
     def enter(self) -> None:
+        if self.panel is not None:
+            self.panel.invalidateAvailability()  # models may have been installed or removed meanwhile
         self.initializeParameterNode()
 
     def exit(self) -> None:
@@ -180,6 +182,8 @@ class NePhiRegistrationTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_failedRunLeavesSceneUnchanged()
         self.setUp()
+        self.test_failedMaskedRunLeavesSceneUnchanged()
+        self.setUp()
         self.test_realEngine()
 
     def _volumes(self):
@@ -237,12 +241,34 @@ class NePhiRegistrationTest(ScriptedLoadableModuleTest):
         sceneio.showTransformGrid(transformNode, fixed)
         self.delayDisplay("Synthetic field imported")
 
-    def test_failedRunLeavesSceneUnchanged(self):
+    def _sceneNodeIDs(self):
+        return {slicer.mrmlScene.GetNthNode(i).GetID() for i in range(slicer.mrmlScene.GetNumberOfNodes())}
+
+    def _segmentationMask(self, volume):
+        """A segmentation with one segment much smaller than ``volume`` (an export cropped to the segment would
+        show as a smaller grid)."""
+        import numpy as np
+
+        from NePhiRegistrationLib import selftest
+
+        array = np.zeros(slicer.util.arrayFromVolume(volume).shape, dtype=np.uint8)
+        array[3:8, 4:10, 5:12] = 1
+        labelmap = slicer.util.addVolumeFromArray(array, selftest.TEST_GRID.ijk_to_ras(), "mask label",
+                                                  nodeClassName="vtkMRMLLabelMapVolumeNode")
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mask")
+        segmentation.CreateDefaultDisplayNodes()
+        slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, segmentation)
+        slicer.mrmlScene.RemoveNode(labelmap)
+        return segmentation
+
+    def _failingRun(self, masked: bool):
+        import SimpleITK as sitk
+
         from NePhiRegistrationLib.engine import findPythonSlicer
 
-        self.delayDisplay("A failing engine leaves the scene as it was")
         fixed, moving = self._volumes()
-        before = slicer.mrmlScene.GetNumberOfNodes()
+        mask = self._segmentationMask(fixed) if masked else None
+        before = self._sceneNodeIDs()
         python = findPythonSlicer() or sys.executable
         failing = "import sys; print('simulated engine failure', file=sys.stderr); sys.exit(1)"
 
@@ -250,11 +276,28 @@ class NePhiRegistrationTest(ScriptedLoadableModuleTest):
             return EngineProcess([python, "-c", failing], outDir, **kwargs)
 
         logic = NePhiRegistrationLogic(processFactory=factory)
-        with self.assertRaises(RuntimeError) as caught:
-            logic.register(fixed, moving, method="adam", installTorch=False, python=python)
-        self.assertIn("simulated engine failure", str(caught.exception))
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
+        job = logic.startRegistration(fixed, moving, method="adam", fixedMask=mask, installTorch=False,
+                                      python=python, keepTemporaryFiles=masked)
+        outcome = job.wait()
+        self.assertEqual(outcome.status, RunStatus.FAILED)
+        self.assertIn("simulated engine failure", job.error)
+        self.assertEqual(self._sceneNodeIDs(), before)  # no temp label map, display or colour node left
         self.assertIsNone(moving.GetTransformNodeID())
+        if masked:  # the exported mask lies on the fixed volume's full grid (the engine rejects anything else)
+            try:
+                written = sitk.ReadImage(os.path.join(job.folder, "fixed-mask.nrrd"))
+                self.assertEqual(written.GetSize(), fixed.GetImageData().GetDimensions())
+                self.assertEqual(int(sitk.GetArrayFromImage(written).astype(bool).sum()), 5 * 6 * 7)
+            finally:
+                shutil.rmtree(job.folder, ignore_errors=True)
+
+    def test_failedRunLeavesSceneUnchanged(self):
+        self.delayDisplay("A failing engine leaves the scene as it was")
+        self._failingRun(masked=False)
+
+    def test_failedMaskedRunLeavesSceneUnchanged(self):
+        self.delayDisplay("A failing engine with a segmentation mask leaves the scene as it was")
+        self._failingRun(masked=True)
 
     def test_realEngine(self):
         from NePhiRegistrationLib import availability

@@ -5,6 +5,7 @@ here: output nodes are created only after success, a GPU out-of-memory exit is r
 folder (spaces, non-ASCII) is removed unless "keep temporary files", cancel finishes the job at once.
 """
 
+import importlib
 import os
 import sys
 import textwrap
@@ -34,7 +35,9 @@ def fake_slicer(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "slicer", slicer)
     for name in ("NePhiRegistrationLib.logic", "NePhiRegistrationLib.sceneio"):
         monkeypatch.delitem(sys.modules, name, raising=False)
-    from NePhiRegistrationLib import logic, sceneio
+    # import_module, not "from package import": the package attribute may still hold a module bound to another stand-in
+    sceneio = importlib.import_module("NePhiRegistrationLib.sceneio")  # first: logic then binds this one
+    logic = importlib.import_module("NePhiRegistrationLib.logic")
 
     imported = []
 
@@ -64,11 +67,14 @@ args = sys.argv[1:]
 out = args[args.index("--out") + 1]
 device = args[args.index("--device") + 1]
 behaviour = {behaviour!r}
+# the engine's START event reports the device it resolved ("auto" -> cuda on the GPU machine, cpu here)
+resolved = "cuda" if behaviour == "oom-then-ok" and device != "cpu" else ("cpu" if device == "auto" else device)
+print(protocol.encode_event("start", method="adam", preset="generic", device=resolved, out=out), flush=True)
 if behaviour == "slow":
     time.sleep(60)
-if behaviour == "fail" or (behaviour == "oom-then-ok" and device != "cpu"):
+if behaviour == "fail" or (behaviour == "oom-then-ok" and device != "cpu") or behaviour == "oom":
     code = 2 if behaviour == "fail" else 4
-    message = "moving image is empty" if behaviour == "fail" else "CUDA out of memory"
+    message = "moving image is empty" if behaviour == "fail" else "out of memory"
     print(protocol.encode_event("error", code=code, kind="x", message=message), flush=True)
     sys.exit(code)
 os.makedirs(out, exist_ok=True)
@@ -93,25 +99,31 @@ def make_factory(tmp_path, behaviour):
     return factory, commands
 
 
-def run_job(env, factory, keep=False, device="auto"):
+def run_job(env, factory, keep=False, device="auto", progress=None):
     from NePhiRegistrationLib.settings import RegistrationSettings
 
     logs, finished = [], []
     settings = RegistrationSettings(device=device, keepTemporaryFiles=keep)
+    onProgress = (lambda state: progress.append(state.message)) if progress is not None else None
     job = env.logic.RegistrationJob("fixed-node", "moving-node", settings, python=sys.executable,
-                                    processFactory=factory, onLog=logs.append, onFinished=finished.append)
+                                    processFactory=factory, onLog=logs.append, onFinished=finished.append,
+                                    onProgress=onProgress)
     job.start()
     return job, logs, finished
 
 
 def test_out_of_memory_is_retried_on_cpu_then_imported_and_temp_removed(fake_slicer, tmp_path):
     factory, commands = make_factory(tmp_path, "oom-then-ok")
-    job, logs, finished = run_job(fake_slicer, factory)
+    progress = []
+    job, logs, finished = run_job(fake_slicer, factory, progress=progress)
     outcome = job.wait()
     assert outcome.status.value == "succeeded" and finished == [job]
     devices = [c[c.index("--device") + 1] for c in commands]
     assert devices == ["auto", "cpu"]
     assert any("out of memory" in line for line in logs)
+    # visible outside the log: the status line (progress message) and the job's notice (result summary)
+    assert fake_slicer.logic.CPU_RETRY_NOTICE in progress
+    assert job.notice == fake_slicer.logic.CPU_RETRY_NOTICE
     (manifest, metrics), = fake_slicer.imported
     assert metrics["device"] == "cpu" and "runtime_s" in metrics
     assert job.result.transform == "transform-node"
@@ -135,6 +147,14 @@ def test_no_cpu_retry_when_the_cpu_itself_ran_out_of_memory(fake_slicer, tmp_pat
     assert len(commands) == 1
 
 
+def test_no_cpu_retry_when_an_auto_run_already_ran_on_the_cpu(fake_slicer, tmp_path):
+    factory, commands = make_factory(tmp_path, "oom")
+    job, _, _ = run_job(fake_slicer, factory, device="auto")
+    outcome = job.wait()
+    assert len(commands) == 1 and outcome.outOfMemory and job.notice == ""
+    assert job.progress.device == "cpu"
+
+
 def test_keep_temporary_files(fake_slicer, tmp_path):
     factory, _ = make_factory(tmp_path, "ok")
     job, logs, _ = run_job(fake_slicer, factory, keep=True)
@@ -149,3 +169,38 @@ def test_cancel_with_wait_finishes_at_once_without_import(fake_slicer, tmp_path)
     job.cancel(wait=True)
     assert job.done and job.outcome.status.value == "cancelled" and finished == [job]
     assert fake_slicer.imported == [] and not Path(job.folder).exists()
+
+
+def fake_pytorch_install(fake_slicer, monkeypatch, confirm=True):
+    """Stand-ins for the PyTorch extension and Slicer's dialogs; returns the ordered list of what happened."""
+    events = []
+    slicer = sys.modules["slicer"]
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text: events.append("confirm") or confirm,
+                        raising=False)
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(processEvents=lambda: events.append("processEvents")),
+                        raising=False)
+    found = iter([False, True])
+    monkeypatch.setattr(fake_slicer.logic.availability, "torchFound", lambda: next(found))
+
+    class PyTorchUtilsLogic:
+        def installTorch(self, askConfirmation=False, torchVersionRequirement=None):
+            events.append(("install", askConfirmation, torchVersionRequirement))
+            return object()
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+    return events
+
+
+def test_ensure_torch_shows_the_status_and_paints_it_before_the_blocking_install(fake_slicer, monkeypatch):
+    events = fake_pytorch_install(fake_slicer, monkeypatch)
+    fake_slicer.logic.ensureTorch(askConfirmation=True, onStatus=events.append)
+    logic = fake_slicer.logic
+    assert events == ["confirm", logic.INSTALLING_TORCH, "processEvents", ("install", False, logic.TORCH_REQUIREMENT)]
+    assert logic.INSTALLING_TORCH == "Installing PyTorch (several minutes)..."
+
+
+def test_ensure_torch_declined_installs_nothing(fake_slicer, monkeypatch):
+    events = fake_pytorch_install(fake_slicer, monkeypatch, confirm=False)
+    with pytest.raises(RuntimeError, match="PyTorch is not installed"):
+        fake_slicer.logic.ensureTorch(askConfirmation=True, onStatus=events.append)
+    assert events == ["confirm"]

@@ -3,7 +3,8 @@
 :class:`RegistrationJob` owns the run's temp folder and :class:`runner.EngineProcess`; something calls
 :meth:`RegistrationJob.poll` - a ``qt.QTimer`` in the panel, or :meth:`RegistrationJob.wait` in scripts. Output
 nodes are created only after the engine succeeded, so a failed or cancelled run leaves the scene as it was.
-A GPU out-of-memory failure is retried once on the CPU, with a message. The process factory is injectable
+A GPU out-of-memory failure (of a run whose START event reported a CUDA device) is retried once on the CPU, with a
+message in the status line and the result summary (``job.notice``). The process factory is injectable
 (tests and other front ends pass their own).
 """
 
@@ -23,11 +24,17 @@ from NePhiRegistrationLib.runner import EngineProcess, RunOutcome, RunStatus
 from NePhiRegistrationLib.settings import RegistrationSettings
 
 TORCH_REQUIREMENT = ">=2.1"
+CPU_RETRY_NOTICE = "The GPU ran out of memory; running again on the CPU (slower)."
 
 
-def ensureTorch(askConfirmation: bool = True) -> None:
+INSTALLING_TORCH = "Installing PyTorch (several minutes)..."
+
+
+def ensureTorch(askConfirmation: bool = True, onStatus: Optional[Callable[[str], None]] = None) -> None:
     """Make sure PythonSlicer can import torch, installing it through the PyTorch extension (after the user
-    confirms). Only looks for the package here; the engine imports torch in its own process."""
+    confirms). This module only looks for the package (``find_spec``); note that the PyTorch extension's
+    installer itself imports torch once in Slicer's process when it installs it. ``onStatus(text)`` is told
+    before the install starts: it blocks the GUI thread for minutes, so the text is shown first."""
     if availability.torchFound():
         return
     try:
@@ -35,7 +42,14 @@ def ensureTorch(askConfirmation: bool = True) -> None:
     except ImportError:
         raise RuntimeError("NePhi Registration needs PyTorch. Install the 'PyTorch' extension from the "
                            "Extensions Manager, restart Slicer and try again.") from None
-    installed = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation,
+    if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+            "NePhi Registration needs PyTorch. Download and install it now through the PyTorch extension? "
+            "This takes several minutes, during which Slicer does not respond."):
+        raise RuntimeError("PyTorch is not installed; the registration cannot run without it.")
+    if onStatus is not None:
+        onStatus(INSTALLING_TORCH)
+    slicer.app.processEvents()  # paint the message before the blocking install
+    installed = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
                                                               torchVersionRequirement=TORCH_REQUIREMENT)
     if installed is None or not availability.torchFound():
         raise RuntimeError("PyTorch is not installed; the registration cannot run without it.")
@@ -80,6 +94,7 @@ class RegistrationJob:
         self.folder: Optional[str] = None
         self._inputs = {}
         self._retriedOnCpu = False
+        self.notice: str = ""  # shown with the result (e.g. the CPU retry), not only in the log
         self.started = 0.0
 
     @property
@@ -124,9 +139,14 @@ class RegistrationJob:
         outcome = self.process.outcome
         if outcome is None:
             return
-        if outcome.outOfMemory and not self._retriedOnCpu and self.settings.device != "cpu":
+        if outcome.outOfMemory and not self._retriedOnCpu and self.progress.device.startswith("cuda"):
+            # only a run the engine reported as running on the GPU (START event); a CPU run is not rerun
             self._retriedOnCpu = True
-            self._log("The GPU ran out of memory; running again on the CPU (slower).")
+            self.notice = CPU_RETRY_NOTICE
+            self._log(CPU_RETRY_NOTICE)
+            self.progress.message = CPU_RETRY_NOTICE
+            if self.onProgress:
+                self.onProgress(self.progress)
             try:
                 self._launch("cpu")
             except Exception as exc:  # e.g. the temp folder vanished: end the job, never raise into a timer
