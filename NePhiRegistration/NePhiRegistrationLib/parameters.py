@@ -4,7 +4,6 @@ Field names equal the ``SlicerParameterName`` properties in ``Resources/UI/NePhi
 checks both ways) and, for the options, the fields of :class:`settings.RegistrationSettings`.
 """
 
-from pathlib import Path
 from typing import Annotated, Union
 
 from slicer import (
@@ -35,7 +34,8 @@ class NePhiRegistrationParameterNode:
     gridSpacingMm: Annotated[float, WithinRange(0.0, 20.0)] = 0.0
     affinePrealignment: bool = True
     device: Annotated[str, Choice(list(protocol.DEVICES))] = "auto"
-    modelPath: Path = Path()
+    # str, not Path: Path("") reads back as "." and the line edit would show "."; bound by widget.py, not connectGui
+    modelPath: str = ""
     keepTemporaryFiles: bool = False
     # outputs
     outputTransform: vtkMRMLTransformNode
@@ -48,7 +48,8 @@ class NePhiRegistrationParameterNode:
 
 def settingsFromParameterNode(node: NePhiRegistrationParameterNode) -> RegistrationSettings:
     """The engine options held by the parameter node."""
-    model = str(node.modelPath) if str(node.modelPath) not in ("", ".") else ""
+    model = str(node.modelPath or "")
+    model = "" if model in ("", ".") else model  # "." = empty in scenes saved when this was a Path
     return RegistrationSettings(
         method=node.method,
         preset=node.preset,

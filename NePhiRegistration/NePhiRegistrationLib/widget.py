@@ -27,6 +27,7 @@ class RegistrationPanel:
         self._parameterNode = parameterNodeGetter  # callable: the current parameter node or None
         self.job = None
         self.lastResult = None
+        self._availability = {}  # modelPath -> method availability (reads the model store: not on every change)
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_INTERVAL_MS)
         self.timer.timeout.connect(self.onTimer)
@@ -35,6 +36,8 @@ class RegistrationPanel:
         ui.jacobianOpacitySlider.valueChanged.connect(self.onOpacityChanged)
         ui.openModelFolderButton.clicked.connect(self.onOpenModelFolder)
         ui.clearModelCacheButton.clicked.connect(self.onClearModelCache)
+        # bound here, not by connectGui: a Path parameter cannot be empty (Path("") shows "."), a str can
+        ui.modelPathLineEdit.currentPathChanged.connect(self.onModelPathEdited)
         ui.progressBar.hide()
 
     # -- labels and enabled state --------------------------------------------------------------------------
@@ -48,13 +51,29 @@ class RegistrationPanel:
                 value = combo.itemText(index)
                 combo.setItemText(index, labels.get(value, value))
 
+    def invalidateAvailability(self) -> None:
+        """Forget the cached method availability (module entered, model cache cleared)."""
+        self._availability.clear()
+
+    def methodStates(self, modelPath: str):
+        if modelPath not in self._availability:
+            self._availability[modelPath] = availability.methodAvailability(modelPath)
+        return self._availability[modelPath]
+
+    def onModelPathEdited(self, path) -> None:
+        node = self._parameterNode()
+        if node is not None and node.modelPath != str(path):
+            node.modelPath = str(path)
+
     def updateState(self) -> None:
         """Method availability, Register button enabled state and its reason."""
         node = self._parameterNode()
         if node is None or self.job is not None:
             return
-        modelPath = str(node.modelPath) if str(node.modelPath) not in ("", ".") else ""
-        states = availability.methodAvailability(modelPath)
+        modelPath = modelPathText(node)
+        if self.ui.modelPathLineEdit.currentPath != modelPath:
+            self.ui.modelPathLineEdit.currentPath = modelPath
+        states = self.methodStates(modelPath)
         for index, method in enumerate(protocol.METHODS):
             label = protocol.METHOD_LABELS[method]
             state = states[method]
@@ -71,6 +90,8 @@ class RegistrationPanel:
             reason = _("The fixed and moving volumes are the same node.")
         elif not chosen.available:
             reason = chosen.reason
+        else:
+            reason = inputTransformProblem(node.fixedVolume, node.movingVolume)
         self.ui.registerButton.enabled = not reason
         self.ui.registerButton.toolTip = reason or _("Register the moving volume to the fixed volume.")
 
@@ -89,7 +110,7 @@ class RegistrationPanel:
             if not slicer.util.confirmOkCancelDisplay(
                     _("Replace the transform stored in '{name}' with the new result?").format(name=output.GetName())):
                 return
-        logic.ensureTorch(askConfirmation=True)
+        logic.ensureTorch(askConfirmation=True, onStatus=self.showStatus)
         options = sceneio.ImportOptions(node.createWarpedVolume, node.createJacobianVolume,
                                         node.applyTransformToMoving, node.showJacobianHeatmap, node.jacobianOpacity)
         job = logic.RegistrationJob(node.fixedVolume, node.movingVolume, settingsFromParameterNode(node),
@@ -101,6 +122,9 @@ class RegistrationPanel:
         self.ui.resultSummaryLabel.text = _("Running...")
         self.setRunning(True)
         self.timer.start()
+
+    def showStatus(self, text: str) -> None:
+        self.ui.statusLabel.text = text
 
     def setRunning(self, running: bool) -> None:
         self.ui.registerButton.text = _("Cancel") if running else _("Register")
@@ -127,13 +151,16 @@ class RegistrationPanel:
         self.job = None
         self.setRunning(False)
         if job.result is not None:
+            # unchecked while lastResult is still the previous result, so its grid is the one hidden
+            self.ui.showTransformGridButton.checked = False
             self.lastResult = (job.result, job.fixed)
-            self.ui.showTransformGridButton.checked = False  # it showed the previous result's grid, if any
-            self.ui.resultSummaryLabel.text = "\n".join(summaryLines(job.result.metrics))
+            self.ui.resultSummaryLabel.text = "\n".join(([job.notice] if job.notice else [])
+                                                        + summaryLines(job.result.metrics))
             self.ui.statusLabel.text = _("Done: {name}").format(name=job.result.transform.GetName())
             self.ui.showTransformGridButton.enabled = True
         else:
-            self.ui.resultSummaryLabel.text = job.outcome.message if job.outcome else ""
+            message = job.outcome.message if job.outcome else ""
+            self.ui.resultSummaryLabel.text = "\n".join(t for t in (job.notice, message) if t)
             self.ui.statusLabel.text = job.outcome.message if job.outcome else ""
             if job.outcome is not None and job.outcome.status.value == "failed":
                 self.ui.logCollapsibleButton.collapsed = False
@@ -168,12 +195,27 @@ class RegistrationPanel:
         question = _("Delete every downloaded model in {folder}? They are downloaded again when needed.")
         if slicer.util.confirmOkCancelDisplay(question.format(folder=folder)):
             shutil.rmtree(folder, ignore_errors=True)
+            self.invalidateAvailability()
             self.updateState()
 
     def cleanup(self) -> None:
         self.timer.stop()
         if self.job is not None:
             self.job.cancel(wait=True)
+
+
+def modelPathText(node) -> str:
+    """The parameter node's model path; "" = the default model ("." from scenes saved when it was a Path)."""
+    text = str(node.modelPath or "")
+    return "" if text in ("", ".") else text
+
+
+def inputTransformProblem(fixed, moving) -> str:
+    try:
+        sceneio.checkInputTransforms(fixed, moving)
+    except ValueError as exc:
+        return str(exc)
+    return ""
 
 
 def holdsTransform(node) -> bool:
