@@ -159,3 +159,15 @@ def test_lattice_output_matches_the_exact_field_for_a_smooth_field():
     assert (approx - reference).norm(dim=1).mean() < 0.05 * reference.norm(dim=1).mean()  # ... kept within 5 %
     nodes = lattice_field(exact, grid, 1.0, torch.device("cpu")).displacement_mm(pts)
     assert torch.allclose(nodes, reference, atol=1e-5)
+
+
+def test_point_sampler_draws_inside_the_mask_voxels():
+    from nephireg.nephi.losses import PointSampler
+
+    mask = torch.zeros(1, 1, 5, 6, 7)
+    mask[0, 0, 1, 2, 3] = 1  # voxel (i, j, k) = (3, 2, 1)
+    pts = PointSampler((5, 6, 7), mask, torch.device("cpu")).sample(500, torch.Generator().manual_seed(0))
+    centre = torch.tensor([2 * 3 / 6 - 1, 2 * 2 / 5 - 1, 2 * 1 / 4 - 1])
+    half_voxel = torch.tensor([1 / 6, 1 / 5, 1 / 4])
+    assert ((pts - centre).abs() <= half_voxel + 1e-6).all()
+    assert ((pts - centre).abs().max(0).values > 0.8 * half_voxel).all()  # jittered over the whole voxel

@@ -123,3 +123,22 @@ def test_multi_resolution_coarse_adam_then_nephi(known_pair):
     u = field.displacement_mm(pts)
     assert (_warp(pts + u) - pts).norm(dim=1).mean() < 0.7 * (_warp(pts) - pts).norm(dim=1).mean()
     assert {"optimise", "nephi-io"} <= set(reporter.finish())  # the coarse Adam stage ran, then NePhi
+
+
+def test_predict_with_the_shipped_model_gives_a_finite_regular_field(known_pair):
+    from nephireg.methods.nephi import availability, run_predict
+
+    if not availability()["available"]:
+        pytest.skip("no NePhi model in the package")
+    grid, pair, pts = known_pair
+    field = run_predict(pair, {}, CallbackReporter(lambda event, fields: None))
+    u = torch.from_numpy(evaluate_on_grid(field, grid, torch.device("cpu"))).float()
+    assert torch.isfinite(u).all() and u.abs().max() < 20.0  # mm, on a 46 mm field of view
+    assert (_jacobian_det(u.numpy(), grid) <= 0).mean() == 0.0
+
+
+def test_predict_with_a_missing_model_names_it(known_pair, tmp_path):
+    from nephireg.methods.nephi import run_predict
+
+    with pytest.raises(InputError, match="model file not found"):
+        run_predict(known_pair[1], {"model": str(tmp_path / "absent.pt")}, CallbackReporter(lambda e, f: None))

@@ -55,7 +55,7 @@ def run(method: str, iterations: int, options, out: Path, threads: int = 0) -> d
     return {"method": method, "iterations": iterations, "options": list(options), "wall_s": round(wall, 1),
             "mean_mm": round(float(errors.mean()), 3), "median_mm": round(float(np.median(errors)), 3),
             "max_mm": round(float(errors.max()), 3), "pairs": int(errors.size),
-            "threads": threads or None, "metrics": manifest.get("metrics"), "timings": manifest.get("timings")}
+            "threads": threads or None, "metrics": manifest.get("metrics"), "timings_s": manifest.get("timings_s")}
 
 
 def main() -> int:

@@ -114,14 +114,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 96, 128, 192, 256])
     parser.add_argument("--plot", default="")
+    parser.add_argument("--kinds", nargs="+", default=["nephi", "dense", "nephi-output"])
+    parser.add_argument("--extra", help="JSON lines file of earlier rows to include in the plot")
     parser.add_argument("--one", nargs=2, metavar=("KIND", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(args.one[0], int(args.one[1]))))
         return 0
     rows = []
+    if args.extra:
+        rows = [json.loads(line) for line in open(args.extra) if line.strip()]
     for size in args.sizes:
-        for kind in ("nephi", "dense", "nephi-output"):
+        for kind in args.kinds:
             out = subprocess.run([sys.executable, __file__, "--one", kind, str(size)], check=True,
                                  capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))

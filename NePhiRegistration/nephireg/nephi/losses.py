@@ -9,8 +9,9 @@ from typing import Callable, Optional
 
 import torch
 
+from nephireg.geometry import Grid
 from nephireg.nephi.field import Codes, NePhiNet
-from nephireg.sampling import identity_normalised, sample_normalised
+from nephireg.sampling import matrix_tensor, sample_normalised
 
 
 def ncc(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -61,21 +62,32 @@ def latent_prior(codes: Codes) -> torch.Tensor:
 class PointSampler:
     """Random points inside a mask (or the whole grid), jittered within their voxels.
 
-    ``mask``: (1, 1, Z, Y, X) in {0, 1} or None. Points are normalised coordinates (P, 3).
+    ``mask``: (1, 1, Z, Y, X) in {0, 1} or None. Points are normalised coordinates (P, 3). Only the flat indices
+    of the mask's voxels are kept (none without a mask), so memory does not hold a coordinate per voxel.
     """
 
     def __init__(self, shape_zyx, mask: Optional[torch.Tensor], device: torch.device) -> None:
-        centres = identity_normalised(shape_zyx, device=device).reshape(-1, 3)
+        self.shape_zyx = tuple(int(n) for n in shape_zyx)
+        self.device = device
+        self.count = self.shape_zyx[0] * self.shape_zyx[1] * self.shape_zyx[2]
+        # voxel index -> normalised, from the one home of the convention (a unit grid of this shape)
+        unit = Grid(self.shape_zyx[::-1], (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+        self.to_normalised = matrix_tensor(unit.index_to_normalised(), torch.zeros(1, device=device))
+        self.inside: Optional[torch.Tensor] = None
         if mask is not None:
-            inside = mask.reshape(-1) > 0.5
-            if int(inside.sum()) > 0:
-                centres = centres[inside]
-        self.centres = centres
-        sizes = torch.tensor([shape_zyx[2], shape_zyx[1], shape_zyx[0]], dtype=torch.float32, device=device)
-        self.half_voxel = 1.0 / (sizes - 1.0).clamp(min=1.0)
+            inside = torch.nonzero(mask.reshape(-1) > 0.5).reshape(-1)
+            if inside.numel() > 0:
+                self.inside = inside.to(device)
 
     def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
-        device = self.centres.device
-        rows = torch.randint(0, self.centres.shape[0], (count,), generator=generator, device=device)
-        jitter = (torch.rand(count, 3, generator=generator, device=device) * 2.0 - 1.0) * self.half_voxel
-        return (self.centres[rows] + jitter).clamp(-1.0, 1.0)
+        device = self.device
+        if self.inside is None:
+            flat = torch.randint(0, self.count, (count,), generator=generator, device=device)
+        else:
+            rows = torch.randint(0, self.inside.numel(), (count,), generator=generator, device=device)
+            flat = self.inside[rows]
+        nz, ny, nx = self.shape_zyx
+        index = torch.stack([flat % nx, (flat // nx) % ny, flat // (nx * ny)], dim=1).to(torch.float32)
+        index = index + torch.rand(count, 3, generator=generator, device=device) - 0.5  # jitter in the voxel
+        m = self.to_normalised
+        return (index @ m[:3, :3].t() + m[:3, 3]).clamp(-1.0, 1.0)
