@@ -263,7 +263,9 @@ def one_run(method: str, out: Path, timeout_s: float, verify: bool) -> Dict[str,
     record: Dict[str, object] = {"method": method, **run_child(command_for(method, out), out / "log.txt", timeout_s)}
     if record["exit_code"] != 0:
         record["failure"] = record["log_tail"] or f"exit code {record['exit_code']}"
-        if method in OURS and not record["log_tail"]:
+        if record["timed_out"]:
+            record["failure"] = f"killed after the --timeout of {timeout_s:.0f} s"
+        elif method in OURS and not record["log_tail"]:
             record["failure"] = error_message(method, out, record["exit_code"], timeout_s)
         return record
     manifest = json.loads((out / "result.json").read_text())
