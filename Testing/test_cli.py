@@ -18,6 +18,16 @@ from nephireg.protocol import ExitCode, parse_event_line
 FAST = ["--option", "iterations=4", "--option", "coarse_iterations=2", "--progress", "jsonl"]
 
 
+def run_in_process(capsys, *args, check_code):
+    """The CLI in this process (torch imported once: fast); returns the protocol events it printed."""
+    from nephireg.cli import main
+
+    code = main([str(a) for a in args])
+    printed = capsys.readouterr()
+    assert code == check_code, printed.out + printed.err
+    return events(printed.out)
+
+
 def run_cli(*args, check_code=None, timeout=300):
     proc = subprocess.run([sys.executable, "-m", "nephireg", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
@@ -74,29 +84,27 @@ def _bad_inputs(folder: Path, good):
     return cases
 
 
-def test_every_bad_image_gives_its_error_and_exit_code(good, tmp_path):
+def test_every_bad_image_gives_its_error_and_exit_code(good, tmp_path, capsys):
     for name, (path, words) in _bad_inputs(tmp_path, good).items():
         out = tmp_path / f"out-{name.replace(' ', '_')}"
-        proc = run_cli("register", "--fixed", good["fixed"], "--moving", path, "--out", out, *FAST,
-                       check_code=ExitCode.BAD_INPUT)
-        error = events(proc.stdout)[-1]
+        error = run_in_process(capsys, "register", "--fixed", good["fixed"], "--moving", path, "--out", out, *FAST,
+                               check_code=ExitCode.BAD_INPUT)[-1]
         assert error["event"] == "error" and error["code"] == ExitCode.BAD_INPUT, name
         assert str(path) in error["message"] and words in error["message"], (name, error["message"])
         assert "\n" not in error["message"]
         assert not out.exists(), f"{name}: no partial output"
 
 
-def test_mask_grid_mismatch_and_no_overlap(good, tmp_path):
+def test_mask_grid_mismatch_and_no_overlap(good, tmp_path, capsys):
     mask = _image(tmp_path / "mask.nrrd", np.ones((16, 16, 12), np.uint8))
-    proc = run_cli("register", "--fixed", good["fixed"], "--moving", good["moving"], "--fixed-mask", mask,
-                   "--out", tmp_path / "o1", *FAST, check_code=ExitCode.BAD_INPUT)
-    message = events(proc.stdout)[-1]["message"]
+    message = run_in_process(capsys, "register", "--fixed", good["fixed"], "--moving", good["moving"], "--fixed-mask",
+                             mask, "--out", tmp_path / "o1", *FAST, check_code=ExitCode.BAD_INPUT)[-1]["message"]
     assert mask in message and "grid does not match its image" in message
     far = _image(tmp_path / "far.nrrd", np.random.default_rng(2).random((16, 16, 16)).astype(np.float32),
                  origin=(500.0, 0.0, 0.0))
-    proc = run_cli("register", "--fixed", good["fixed"], "--moving", far, "--prealign", "none",
-                   "--out", tmp_path / "o2", *FAST, check_code=ExitCode.BAD_INPUT)
-    assert "do not overlap in physical space" in events(proc.stdout)[-1]["message"]
+    message = run_in_process(capsys, "register", "--fixed", good["fixed"], "--moving", far, "--prealign", "none",
+                             "--out", tmp_path / "o2", *FAST, check_code=ExitCode.BAD_INPUT)[-1]["message"]
+    assert "do not overlap in physical space" in message
     assert not (tmp_path / "o2").exists()
 
 
@@ -118,10 +126,11 @@ def test_success_events_and_refusal_to_overwrite(good, tmp_path):
             "--prealign", "none", *FAST, check_code=ExitCode.SUCCESS)
 
 
-def test_bad_option_values_are_bad_input(good, tmp_path):
-    proc = run_cli("register", "--fixed", good["fixed"], "--moving", good["moving"], "--out", tmp_path / "o",
-                   "--option", "no_such_option=1", "--progress", "jsonl", check_code=ExitCode.BAD_INPUT)
-    assert "no_such_option" in events(proc.stdout)[-1]["message"]
+def test_bad_option_values_are_bad_input(good, tmp_path, capsys):
+    message = run_in_process(capsys, "register", "--fixed", good["fixed"], "--moving", good["moving"], "--out",
+                             tmp_path / "o", "--option", "no_such_option=1", "--progress", "jsonl",
+                             check_code=ExitCode.BAD_INPUT)[-1]["message"]
+    assert "no_such_option" in message
     run_cli("register", "--fixed", good["fixed"], "--moving", good["moving"], "--out", tmp_path / "o",
             "--method", "bogus", check_code=2)  # argparse's usage error
 

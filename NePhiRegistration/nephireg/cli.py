@@ -145,9 +145,10 @@ def _register_command(args: argparse.Namespace) -> int:
     def body() -> Dict[str, Any]:
         import os
 
-        from nephireg.pipeline import register
+        from nephireg.pipeline import register, resolve_device
 
-        reporter.emit(Event.START, {"method": args.method, "preset": args.preset, "device": args.device,
+        reporter.emit(Event.START, {"method": args.method, "preset": args.preset,
+                                    "device": str(resolve_device(args.device)),  # what runs, e.g. "cuda" for auto
                                     "out": os.path.abspath(args.out)})
         manifest = register(_request_from(args, args.fixed, args.moving, args.fixed_mask, args.moving_mask), reporter)
         manifest["manifest_path"] = os.path.join(os.path.abspath(args.out), "result.json")
