@@ -180,10 +180,10 @@ def register(request: Request, reporter: Optional[Reporter] = None) -> Dict[str,
     mode, prealign = prealign_matrix(request, preset, inputs, reporter)
     fixed_grid = Grid.of(inputs.fixed)
     check_overlap(fixed_grid, Grid.of(inputs.moving), prealign, request)
-    pair = prepare(request, inputs, preset, prealign, device)
     method = get_method(request.method)
     options = preset.options_for(request.method, request.options)
     try:
+        pair = prepare(request, inputs, preset, prealign, device)
         field_ = method(pair, options, reporter)
         reporter.stage("field", "Evaluating the displacement on the fixed grid")
         displacement = evaluate_on_grid(field_, fixed_grid, device)
