@@ -101,3 +101,16 @@ def test_the_shipped_registry_is_valid_and_stdlib_only():
                 for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not imported & {"torch", "numpy", "SimpleITK"}
+
+
+def test_models_subcommand_lists_and_reports_errors(cache, capsys):
+    import json
+
+    from nephireg.cli import main
+
+    assert main(["models", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert any(m["default"] for m in listed)
+    assert main(["models", "--info", str(cache / "absent.pt")]) == int(InputError.exit_code)
+    err = capsys.readouterr().err
+    assert "model file not found" in err

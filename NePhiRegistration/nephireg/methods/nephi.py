@@ -98,7 +98,7 @@ def run_predict(pair: PreparedPair, options: Mapping[str, Any], reporter: Report
     settings = Settings.from_options(options)
     reporter.stage("nephi-predict", "NePhi: predicting the deformation")
     images, coarse = _inputs(pair, settings, reporter)
-    model = _load(settings.model, required=True)
+    model = _load(settings.model, required=True, device=pair.device)
     codes = _predict_codes(model, images)
     reporter.step(1, 1)
     return _output(model.net, codes, pair, settings, coarse)
@@ -113,7 +113,7 @@ def run_instance_optimisation(pair: PreparedPair, options: Mapping[str, Any], re
     settings = Settings.from_options(options)
     torch.manual_seed(settings.seed)
     images, coarse = _inputs(pair, settings, reporter)
-    model = _load(settings.model, required=False)
+    model = _load(settings.model, required=False, device=pair.device)
     if model is not None:
         reporter.stage("nephi-predict", "NePhi: initial codes from the model")
         net, codes = model.net, _predict_codes(model, images)
@@ -162,7 +162,7 @@ def _coarse_step(pair: PreparedPair, settings: Settings, reporter: Reporter):
     return field, warp(pair.moving), mask
 
 
-def _load(name: Optional[str], required: bool):
+def _load(name: Optional[str], required: bool, device: torch.device):
     from nephireg import modelstore
 
     path = modelstore.resolve_model(name) if (name or required) else None
@@ -172,7 +172,7 @@ def _load(name: Optional[str], required: bool):
         return None
     from nephireg.nephi.model_io import load_model
 
-    return load_model(path)
+    return load_model(path, device=device)
 
 
 def _predict_codes(model, images) -> Tuple[torch.Tensor, torch.Tensor]:
