@@ -348,12 +348,16 @@ def markdown(report: Dict[str, object]) -> str:
             continue
         lines.append(f"| {method} | {row['mean_mm']:.2f} | {row['median_mm']:.2f} | {row['max_mm']:.2f} | "
                      f"{row['error_pair_20_mm']:.1f} | {row['folding_percent']:.3f} | "
-                     f"{row.get('folding_lung_percent', 'n/a')} | "
+                     f"{_fmt(row.get('folding_lung_percent'), 3)} | "
                      f"{row['wall_s']:.1f} | "
                      f"{row['peak_rss_gib']:.2f} | {target} |")
     lines += ["", "Raw runs (every repeat, per-landmark errors, engine metrics): "
               f"`{report.get('json_path', 'docs/benchmarks/lung.json')}`.", ""]
     return "\n".join(lines)
+
+
+def _fmt(value: Optional[float], digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def parse(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -367,6 +371,7 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--verify-peers", action="store_true",
                         help="also check each peer's converted transform against the peer's own warp/point mapping")
     parser.add_argument("--label", default="", help="a line printed above the table (e.g. 'development run')")
+    parser.add_argument("--render", metavar="JSON", help="only rewrite --markdown from a results JSON of this script")
     parser.add_argument("--peer", choices=PEERS, help=argparse.SUPPRESS)
     parser.add_argument("--peer-out", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -376,6 +381,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse(argv)
     if args.peer:
         return peer_main(args.peer, Path(args.peer_out))
+    if args.render:
+        (REPO / args.markdown).write_text(markdown(json.loads(Path(args.render).read_text())))
+        return 0
     missing = [p for p in (FIXED, MOVING, *LANDMARKS) if not p.exists()]
     if missing:
         print(f"skipped: data absent ({missing[0]})")
