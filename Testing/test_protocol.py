@@ -86,6 +86,18 @@ def test_reporter_cancellation_and_stage_timings():
     assert seen[1][1]["eta_s"] is not None
 
 
+def test_quiet_reporter_still_reports_errors():
+    from nephireg.progress import QuietReporter
+
+    out = stdio.StringIO()
+    reporter = QuietReporter(out)
+    reporter.stage("optimise", "Adam")
+    reporter.step(1, 2, 0.5)
+    assert out.getvalue() == ""
+    reporter.emit(Event.ERROR, {"code": 2, "kind": "bad-input", "message": "f.nrrd: file not found"})
+    assert out.getvalue() == "error: f.nrrd: file not found\n"
+
+
 def test_terminal_bar_draws_progress():
     out = stdio.StringIO()
     reporter = TerminalReporter(out, width=10)

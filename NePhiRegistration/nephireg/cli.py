@@ -87,13 +87,13 @@ def _parse_options(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def make_reporter(mode: str):
-    from nephireg.progress import JsonlReporter, SilentReporter, TerminalReporter
+    from nephireg.progress import JsonlReporter, QuietReporter, TerminalReporter
 
     if mode == "jsonl":
         return JsonlReporter(sys.stdout)
-    if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
-        return TerminalReporter(sys.stderr)
-    return SilentReporter() if mode == "none" else TerminalReporter(sys.stderr)
+    if mode == "none":
+        return QuietReporter(sys.stderr)
+    return TerminalReporter(sys.stderr)  # "bar", and "auto" (stage lines stay readable in a log file too)
 
 
 def run_cancellable(reporter, body: Callable[[], Dict[str, Any]]) -> int:

@@ -84,6 +84,23 @@ class SilentReporter(Reporter):
     """No output (library use); still honours cancellation."""
 
 
+class QuietReporter(Reporter):
+    """No progress (``--progress none``), but warnings and errors still reach the user on ``stream`` (stderr)."""
+
+    def __init__(self, stream: TextIO = sys.stderr) -> None:
+        super().__init__()
+        self.stream = stream
+
+    def emit(self, event: Event, fields: Dict[str, Any]) -> None:
+        if event == Event.ERROR:
+            self.stream.write(f"error: {fields.get('message')}\n")
+        elif event == Event.LOG and fields.get("level") == "warning":
+            self.stream.write(f"warning: {fields.get('message')}\n")
+        else:
+            return
+        self.stream.flush()
+
+
 class CallbackReporter(Reporter):
     """Calls ``callback(event, fields)`` for every event (library use, tests)."""
 
