@@ -18,6 +18,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -353,7 +354,7 @@ def markdown(report: Dict[str, object]) -> str:
                      f"{row['peak_rss_gib']:.2f} | {target} |")
     lines += ["", "Raw runs (every repeat, per-landmark errors, engine metrics): "
               f"`{report.get('json_path', 'docs/benchmarks/lung.json')}`.", ""]
-    return "\n".join(lines)
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines))  # no empty paragraphs (e.g. without --label)
 
 
 def _fmt(value: Optional[float], digits: int) -> str:
