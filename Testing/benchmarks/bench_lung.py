@@ -146,7 +146,8 @@ def run_child(cmd: List[str], log: Path, timeout_s: float) -> Dict[str, object]:
                                                                    os.environ.get("PYTHONPATH", "")])))
     with open(log, "wb") as sink:
         started = time.perf_counter()
-        child = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+        # cwd = the run's folder: transformix writes deformationField.nii into the working directory
+        child = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=str(log.parent))
         while True:
             pid, status, usage = os.wait4(child.pid, os.WNOHANG)
             if pid:
