@@ -40,6 +40,7 @@ class Settings:
     coarse: str = "none"  # "adam": a coarse continuous-Adam field first, NePhi refines on top
     coarse_iterations: int = 60
     output_lattice: float = 2.0  # dense output sampled on a lattice of this x working spacing; 0 = exact
+    threads: int = 1  # torch CPU threads during the IO loop (restored after); 0 = leave as is
 
     def __post_init__(self) -> None:
         if self.iterations < 0:
@@ -48,6 +49,8 @@ class Settings:
             raise InputError("regularization and prior_weight must be >= 0")
         if self.learning_rate <= 0 or self.code_learning_rate <= 0:
             raise InputError("learning rates must be positive")
+        if self.threads < 0:
+            raise InputError(f"threads must be >= 0, got {self.threads}")
         if self.latent_stride < 1:
             raise InputError(f"latent_stride must be >= 1, got {self.latent_stride}")
         if self.coarse not in COARSE_MODES:

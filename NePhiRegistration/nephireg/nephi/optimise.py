@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from contextlib import contextmanager
+from typing import Any, Iterator, Tuple
 
 import torch
 from torch import nn
@@ -23,6 +24,26 @@ def optimise(net: NePhiNet, codes: Codes, images: PairImages, settings: Any, rep
     loss_settings = LossSettings(similarity_points=settings.similarity_points,
                                  gradicon_points=settings.gradicon_points,
                                  gradicon_weight=settings.regularization, prior_weight=settings.prior_weight)
+    with _cpu_threads(getattr(settings, "threads", 0), images.fixed.device):
+        return _run(net, codes, images, settings, reporter, loss_settings)
+
+
+@contextmanager
+def _cpu_threads(threads: int, device: torch.device) -> Iterator[None]:
+    """Use ``threads`` torch CPU threads inside the loop, then restore the caller's setting. The per-step tensors
+    are small (10k points), so on CPU extra threads cost more in synchronisation than they bring: on the lung CT
+    pair one thread ran 0.46 s per step and two threads 1.4 s."""
+    before = torch.get_num_threads()
+    if threads > 0 and device.type == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(net: NePhiNet, codes: Codes, images: PairImages, settings: Any, reporter: Reporter,
+         loss_settings: LossSettings) -> Tuple[NePhiNet, Codes]:
     net = net.train()
     params = [nn.Parameter(c.detach().clone()) for c in codes]
     optimiser = torch.optim.Adam([{"params": list(net.parameters()), "lr": settings.learning_rate},
