@@ -47,7 +47,9 @@ _PRESETS = {
         working_spacing_mm=1.5,
         # Measured on the lung pair (docs/benchmarks.md): lambda 0.2 gives 1.32 mm (median 0.99) with 0.0005 %
         # folding, against 1.43 mm at 1.0 and 0.0097 % folding at 0.1; 40 fine iterations did as well as 80 or 270.
-        method_options={"adam": {"regularization": 0.2, "iterations": 40}, "nephi": {}, "nephi-io": {}},
+        # NePhi predict: the dense output sampled on a 3x working-spacing lattice (4.7 -> 1.3 s CPU, docs/nephi.md).
+        method_options={"adam": {"regularization": 0.2, "iterations": 40}, "nephi": {"output_lattice": 3},
+                        "nephi-io": {}},
     ),
     "brain-mri": Preset(
         name="brain-mri",
