@@ -45,11 +45,12 @@ _PRESETS = {
         mask_dilation_mm=6.0,
         prealign="center",
         working_spacing_mm=1.5,
-        # Measured on the lung pair (docs/benchmarks.md): lambda 0.2 gives 1.32 mm (median 0.99) with 0.0005 %
-        # folding, against 1.43 mm at 1.0 and 0.0097 % folding at 0.1; 40 fine iterations did as well as 80 or 270.
+        # Measured on the lung pair (docs/adam-tuning.md): lambda 0.2 gives 1.32 mm (median 0.99) with 0.0005 %
+        # folding, against 1.43 mm at 1.0 and 0.0097 % folding at 0.1; 30 fine + 30 coarse iterations did as well
+        # as 80 + 60 or 270 + 100, in a third of the time.
         # NePhi predict: the dense output sampled on a 3x working-spacing lattice (4.7 -> 1.3 s CPU, docs/nephi.md).
-        method_options={"adam": {"regularization": 0.2, "iterations": 40}, "nephi": {"output_lattice": 3},
-                        "nephi-io": {}},
+        method_options={"adam": {"regularization": 0.2, "iterations": 30, "coarse_iterations": 30},
+                        "nephi": {"output_lattice": 3}, "nephi-io": {}},
     ),
     "brain-mri": Preset(
         name="brain-mri",

@@ -140,6 +140,18 @@ def command_for(method: str, out: Path) -> List[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--peer", method, "--peer-out", str(out)]
 
 
+def _vm_hwm_kib(pid: int) -> int:
+    """The process's peak resident set (VmHWM, KiB) from /proc, 0 when unavailable."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def run_child(cmd: List[str], log: Path, timeout_s: float) -> Dict[str, object]:
     """Run ``cmd``; wall seconds, exit status, peak RSS (GiB, from the child's rusage) and the log's tail."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "NePhiRegistration"),
@@ -148,7 +160,9 @@ def run_child(cmd: List[str], log: Path, timeout_s: float) -> Dict[str, object]:
         started = time.perf_counter()
         # cwd = the run's folder: transformix writes deformationField.nii into the working directory
         child = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=str(log.parent))
+        high_water_kib = 0
         while True:
+            high_water_kib = max(high_water_kib, _vm_hwm_kib(child.pid))
             pid, status, usage = os.wait4(child.pid, os.WNOHANG)
             if pid:
                 break
@@ -161,7 +175,9 @@ def run_child(cmd: List[str], log: Path, timeout_s: float) -> Dict[str, object]:
     child.returncode = os.waitstatus_to_exitcode(status)  # keep Popen from waiting on a reaped pid
     tail = log.read_text(errors="replace").strip().splitlines()[-3:]
     return {"wall_s": round(wall, 2), "exit_code": child.returncode,
-            "peak_rss_gib": round(usage.ru_maxrss / 1024 ** 2, 3),  # ru_maxrss is in KiB on Linux
+            # VmHWM (polled every 50 ms) is the child's own peak after exec; ru_maxrss is not reset by exec, so it
+            # carries this (large) harness's RSS at fork time: used only where /proc is absent.
+            "peak_rss_gib": round((high_water_kib or usage.ru_maxrss) / 1024 ** 2, 3),
             "timed_out": wall > timeout_s, "log_tail": " | ".join(tail)[-400:]}
 
 
