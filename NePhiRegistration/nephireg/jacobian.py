@@ -22,11 +22,15 @@ def jacobian_determinant(displacement_mm: np.ndarray, grid: Grid) -> np.ndarray:
     mm_to_index = np.linalg.inv(index_to_mm)  # d index / d x
     # d u_a / d index_m for m = i, j, k (array axes 2, 1, 0)
     per_index = np.stack([np.gradient(displacement_mm, axis=axis, edge_order=1) for axis in (2, 1, 0)], axis=-1)
-    du_dx = per_index @ mm_to_index  # (Z, Y, X, 3 components, 3 physical axes)
-    du_dx[..., 0, 0] += 1.0
-    du_dx[..., 1, 1] += 1.0
-    du_dx[..., 2, 2] += 1.0
-    return np.linalg.det(du_dx).astype(np.float32)
+    j = per_index @ mm_to_index  # d u / d x: (Z, Y, X, 3 components, 3 physical axes)
+    j[..., 0, 0] += 1.0
+    j[..., 1, 1] += 1.0
+    j[..., 2, 2] += 1.0
+    # The 3x3 determinant written out: the same numbers as np.linalg.det, twice as fast on millions of voxels.
+    det = (j[..., 0, 0] * (j[..., 1, 1] * j[..., 2, 2] - j[..., 1, 2] * j[..., 2, 1])
+           - j[..., 0, 1] * (j[..., 1, 0] * j[..., 2, 2] - j[..., 1, 2] * j[..., 2, 0])
+           + j[..., 0, 2] * (j[..., 1, 0] * j[..., 2, 1] - j[..., 1, 1] * j[..., 2, 0]))
+    return det.astype(np.float32)
 
 
 def jacobian_summary(det: np.ndarray) -> Dict[str, float]:
