@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +52,12 @@ def sample_mask(mask: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
     return chosen.reshape(mask.shape)
 
 
-@pytest.fixture(autouse=True)
-def _quiet_threads():
-    """Keep torch to the machine's cores (CI has 2)."""
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: on a busy shared 2-core machine two OpenMP threads wait on each other."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(before)

@@ -38,13 +38,7 @@ def _warp(points: torch.Tensor) -> torch.Tensor:
     return p + smooth + torch.tensor([1.5, -1.0, 0.5])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a busy shared 2-core machine two OpenMP threads wait on each other (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,7 @@ from nephireg.nephi.train import CHECKPOINT, TrainConfig, train
 SMALL_FIELD = {"global_dim": 32, "local_dim": 32, "fourier_features": 16, "hidden": 32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ Conventions
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -145,11 +145,14 @@ def apply_affine(matrix4: np.ndarray, points: np.ndarray) -> np.ndarray:
     return points @ matrix4[:3, :3].T + matrix4[:3, 3]
 
 
-def overlap_fraction(a: Grid, b: Grid, samples_per_axis: int = 9) -> float:
-    """Fraction of a coarse lattice of ``a``'s field of view that lies inside ``b``'s field of view (0..1)."""
+def overlap_fraction(a: Grid, b: Grid, samples_per_axis: int = 9, a_to_b: Optional[np.ndarray] = None) -> float:
+    """Fraction of a lattice over ``a``'s field of view that lies inside ``b``'s field of view (0..1), the points
+    first mapped by the 4x4 ``a_to_b`` (LPS mm) when given."""
     axes = [np.linspace(0, n - 1, samples_per_axis) for n in a.size]
     i, j, k = np.meshgrid(*axes, indexing="ij")
     pts = apply_affine(a.index_to_physical(), np.stack([i, j, k], -1).reshape(-1, 3))
+    if a_to_b is not None:
+        pts = apply_affine(a_to_b, pts)
     idx_b = apply_affine(b.physical_to_index(), pts)
     inside = np.all((idx_b >= -0.5) & (idx_b <= np.asarray(b.size) - 0.5), axis=1)
     return float(inside.mean())

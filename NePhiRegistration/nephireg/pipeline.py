@@ -23,7 +23,7 @@ from nephireg import io
 from nephireg.compose import affine_matrix, compose_prealignment
 from nephireg.errors import InputError, OutOfMemory
 from nephireg.fields import evaluate_on_grid
-from nephireg.geometry import Grid, apply_affine
+from nephireg.geometry import Grid, overlap_fraction
 from nephireg.jacobian import jacobian_determinant, jacobian_summary
 from nephireg.methods import get_method
 from nephireg.overview import overview
@@ -118,12 +118,7 @@ def prealign_matrix(request: Request, preset: Preset, inputs: Inputs, reporter: 
 
 def check_overlap(fixed: Grid, moving: Grid, prealign: np.ndarray, request: Request) -> None:
     """Refuse pairs whose fields of view share no physical space (after pre-alignment)."""
-    axes = [np.linspace(0, n - 1, 7) for n in fixed.size]
-    lattice = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
-    points = apply_affine(prealign, apply_affine(fixed.index_to_physical(), lattice))
-    index = apply_affine(moving.physical_to_index(), points)
-    inside = np.all((index >= -0.5) & (index <= np.asarray(moving.size) - 0.5), axis=1)
-    if not inside.any():
+    if overlap_fraction(fixed, moving, samples_per_axis=7, a_to_b=prealign) == 0.0:
         raise InputError(f"fixed ({request.fixed}) and moving ({request.moving}) images do not overlap in physical "
                          "space; check their origins or use a pre-alignment (--prealign center)", request.moving)
 

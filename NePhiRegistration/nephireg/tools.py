@@ -69,8 +69,6 @@ def _warp_command(args: argparse.Namespace) -> int:
 
 
 def _jacobian_command(args: argparse.Namespace) -> int:
-    import SimpleITK as sitk
-
     from nephireg import io
     from nephireg.errors import InputError
     from nephireg.geometry import Grid
@@ -92,8 +90,6 @@ def _jacobian_command(args: argparse.Namespace) -> int:
         return int(ExitCode.SUCCESS)
     except (InputError, RuntimeError) as exc:
         return _fail(exc)
-    finally:
-        del sitk
 
 
 def _displacement_field_of(transform, path: str):
