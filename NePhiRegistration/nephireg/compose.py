@@ -26,5 +26,11 @@ def affine_matrix(transform: sitk.Transform) -> np.ndarray:
 
 
 def compose_prealignment(points_mm: np.ndarray, displacement_mm: np.ndarray, prealign: np.ndarray) -> np.ndarray:
-    """Displacement of phi(x) = A(x + u(x)) - x, for points (..., 3), u (..., 3) and A a 4x4; all LPS mm."""
-    return apply_affine(prealign, points_mm + displacement_mm) - points_mm
+    """Displacement of phi(x) = A(x + u(x)) - x, for points (..., 3), u (..., 3) and A a 4x4; all LPS mm.
+
+    Written A u + (A - I) x + t, with the one (..., 3) temporary a matrix product needs.
+    """
+    out = displacement_mm @ prealign[:3, :3].T
+    out += points_mm @ (prealign[:3, :3] - np.eye(3)).T
+    out += prealign[:3, 3]
+    return out

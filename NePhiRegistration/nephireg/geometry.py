@@ -109,10 +109,16 @@ class Grid:
 
     # -- points -------------------------------------------------------------------------------------------
     def physical_points(self) -> np.ndarray:
-        """(nz, ny, nx, 3) LPS mm of every voxel centre."""
-        k, j, i = np.meshgrid(*(np.arange(n, dtype=float) for n in self.shape_zyx), indexing="ij")
-        idx = np.stack([i, j, k], axis=-1)
-        return apply_affine(self.index_to_physical(), idx)
+        """(nz, ny, nx, 3) LPS mm of every voxel centre (origin + i * column_i + j * column_j + k * column_k,
+        summed by broadcasting: no index array)."""
+        m = self.index_to_physical()
+        nz, ny, nx = self.shape_zyx
+        points = np.empty((nz, ny, nx, 3))
+        points[...] = m[:3, 3]
+        points += np.arange(nx, dtype=float)[None, None, :, None] * m[:3, 0]
+        points += np.arange(ny, dtype=float)[None, :, None, None] * m[:3, 1]
+        points += np.arange(nz, dtype=float)[:, None, None, None] * m[:3, 2]
+        return points
 
     def corners_physical(self) -> np.ndarray:
         """(8, 3) LPS mm of the corner voxel centres."""

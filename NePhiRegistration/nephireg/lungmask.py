@@ -13,8 +13,10 @@ Pipeline (:func:`lung_mask`):
 4. close (a ball of :data:`CLOSING_MM`) and fill holes in 3D and slice by slice across the body axis, so that
    vessels and nodules inside the lungs are included.
 
-Measured against the shared lung pair's reference masks: Dice 0.985 (baseline) and 0.987 (follow-up), about
-1 s each on a 2-core CPU (docs/prealign.md).
+The steps run on the CT block-averaged to about :data:`ANALYSIS_SPACING_MM` (finer CTs only) and the mask is
+interpolated back onto the CT's grid: the masks feed similarity weights dilated by millimetres and a working grid
+of 1.5 mm, so sub-millimetre detail buys nothing, and 4x fewer voxels make every step 3-4x faster.
+Measured against the shared lung pair's reference masks (docs/prealign.md).
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ MIN_LUNG_ML = 50.0
 SECOND_LUNG_FRACTION = 0.2
 """A second component is kept as the other lung when its volume is at least this fraction of the largest's."""
 
+ANALYSIS_SPACING_MM = 2.5
+"""Target spacing of the grid the mask is derived on: axes finer than this are block-averaged by an integer factor."""
+
 OUTSIDE_CONTACT_RATIO = 3.0
 """Border contact area / volume^(2/3) above which an air component is the air around the body (see module doc)."""
 
@@ -50,6 +55,17 @@ def lung_mask(ct: sitk.Image) -> sitk.Image:
     is not CT in HU, or holds no lung).
     """
     ct = sitk.Cast(ct, sitk.sitkFloat32)
+    factors = [max(1, int(round(ANALYSIS_SPACING_MM / s))) for s in ct.GetSpacing()]
+    if max(factors) == 1:
+        return _lung_mask(ct)
+    coarse = _lung_mask(sitk.BinShrink(ct, factors))
+    # Linear interpolation of the {0, 1} mask, cut at one half: smooth boundaries, not blocks.
+    back = sitk.Resample(sitk.Cast(coarse, sitk.sitkFloat32), ct, sitk.Transform(), sitk.sitkLinear, 0.0)
+    return sitk.Cast(sitk.GreaterEqual(back, 0.5), sitk.sitkUInt8)
+
+
+def _lung_mask(ct: sitk.Image) -> sitk.Image:
+    """:func:`lung_mask` on ``ct`` (float32) as it is."""
     air = sitk.BinaryMorphologicalOpening(sitk.Less(ct, AIR_HU), [1, 1, 1])
     labels = sitk.RelabelComponent(sitk.ConnectedComponent(air), sortByObjectSize=True)
     kept = _lung_labels(labels, ct.GetSpacing())
@@ -134,16 +150,19 @@ def _axial_axis(image: sitk.Image) -> int:
 
 
 def _fill_slices(mask: sitk.Image, axis: int) -> sitk.Image:
-    """Fill holes in every 2D slice normal to voxel ``axis`` (vessels crossing a slice are holes there)."""
+    """Fill holes in every 2D slice normal to voxel ``axis`` (vessels crossing a slice are holes there).
+
+    One 2D hole filling over a mosaic of all slices stacked with a background frame around each: the frame joins
+    every slice's border to the mosaic's border, so a hole is exactly a hole of its own slice (and one filter call
+    instead of one per slice, which cost milliseconds of overhead each).
+    """
     array = sitk.GetArrayFromImage(mask)  # [k, j, i]
     array_axis = 2 - axis
     slices = np.moveaxis(array, array_axis, 0)
-    filled = np.empty_like(slices)
-    for n, plane in enumerate(slices):
-        if plane.any():
-            filled[n] = sitk.GetArrayFromImage(sitk.BinaryFillhole(sitk.GetImageFromArray(plane)))
-        else:
-            filled[n] = plane
+    count, height, width = slices.shape
+    framed = np.pad(slices, ((0, 0), (1, 1), (1, 1)))
+    mosaic = sitk.BinaryFillhole(sitk.GetImageFromArray(framed.reshape(count * (height + 2), width + 2)))
+    filled = sitk.GetArrayFromImage(mosaic).reshape(count, height + 2, width + 2)[:, 1:-1, 1:-1]
     out = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(filled, 0, array_axis)))
     out.CopyInformation(mask)
     return out

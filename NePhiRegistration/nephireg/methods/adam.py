@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from nephireg.features import mind_ssc
 from nephireg.fields import DenseField
 from nephireg.geometry import Grid
+from nephireg.optim import Adam
 from nephireg.pair import PreparedPair
 from nephireg.progress import Reporter
-from nephireg.sampling import identity_normalised, matrix_tensor, pool, pooled_grid, resample_volume, sample_normalised
+from nephireg.sampling import identity_normalised, matrix_tensor, pool, pooled_grid, resample_volume, sample_flat
 from nephireg.schedule import ConstantCosineLinear
 
 
@@ -104,13 +105,12 @@ def _optimise_level(pair: PreparedPair, fixed_features: torch.Tensor, moving_fea
     if init is not None:
         start = resample_volume(init.values_mm, init.grid, grid, padding="border")
     params = start.clone().requires_grad_(True)
-    optimiser = torch.optim.Adam([params], lr=settings.lr)
+    optimiser = Adam([([params], settings.lr)])
     schedule = settings.schedule(steps)
     spacing = torch.as_tensor(grid.spacing, dtype=pair.fixed.dtype, device=pair.device)
     for step in range(1, steps + 1):
-        for group in optimiser.param_groups:
-            group["lr"] = schedule(step)
-        optimiser.zero_grad(set_to_none=True)
+        optimiser.groups[0]["lr"] = schedule(step)
+        optimiser.zero_grad()
         u = smooth(params, settings.smoothing_passes)
         loss = data_term(u) + settings.regularization * diffusion(u, spacing)
         loss.backward()
@@ -151,8 +151,8 @@ class MindDataTerm:
         if self.index is not None:
             flat = flat[:, self.index]
         points = self.identity + flat.T @ self.to_normalised.T  # (P, 3)
-        warped = sample_normalised(self.source, points.reshape(1, -1, 1, 1, 3), padding="border")
-        return ((warped.reshape(self.target.shape) - self.target) ** 2).mean()
+        warped = sample_flat(self.source, points, padding="border")  # (C, P)
+        return ((warped - self.target) ** 2).mean()
 
 
 def smooth(u: torch.Tensor, passes: int) -> torch.Tensor:
@@ -160,17 +160,48 @@ def smooth(u: torch.Tensor, passes: int) -> torch.Tensor:
 
     Applied as one separable filter per axis whose taps are the box [1, 1, 1] / 3 convolved ``passes`` times
     ([1, 3, 6, 7, 6, 3, 1] / 27 for three passes): the same numbers as repeated box filters away from the border
-    (within ``passes`` voxels of it the replicated border is applied once instead of per pass), and about 30 %
-    faster forward plus backward on a CPU than repeated ``avg_pool3d``.
+    (within ``passes`` voxels of it the replicated border is applied once instead of per pass). Its gradient is the
+    exact adjoint written out (:class:`_Smooth`), 3x faster than autograd's depthwise convolution backward here.
     """
-    if passes == 0:
-        return u
-    taps = _box_taps(passes, u.dtype, u.device)
+    return u if passes == 0 else _Smooth.apply(u, passes)
+
+
+class _Smooth(torch.autograd.Function):
+    """Replicate-pad by ``passes``, then a valid separable convolution; backward = full convolution (the taps are
+    symmetric) followed by the adjoint of replicate padding (the margins summed onto the edge voxels)."""
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, passes: int) -> torch.Tensor:
+        ctx.passes = passes
+        return _separable(F.pad(u, (passes,) * 6, mode="replicate"), _box_taps(passes, u.dtype, u.device), 0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        passes = ctx.passes
+        full = _separable(grad, _box_taps(passes, grad.dtype, grad.device), 2 * passes)
+        return _fold_replicate_margins(full, passes), None
+
+
+def _separable(u: torch.Tensor, taps: torch.Tensor, padding: int) -> torch.Tensor:
+    """Filter each channel of (1, C, Z, Y, X) along z, y and x by ``taps`` with zero ``padding`` on each axis."""
     channels, width = u.shape[1], taps.numel()
-    u = F.pad(u, (passes,) * 6, mode="replicate")
-    for shape in ((width, 1, 1), (1, width, 1), (1, 1, width)):
-        u = F.conv3d(u, taps.reshape(1, 1, *shape).expand(channels, 1, *shape), groups=channels)
+    for axis in range(3):
+        shape, pad = [1, 1, 1], [0, 0, 0]
+        shape[axis], pad[axis] = width, padding
+        u = F.conv3d(u, taps.reshape(1, 1, *shape).expand(channels, 1, *shape), padding=tuple(pad), groups=channels)
     return u
+
+
+def _fold_replicate_margins(grad: torch.Tensor, margin: int) -> torch.Tensor:
+    """Adjoint of replicate padding by ``margin`` on the last 3 axes: (1, C, Z+2m, Y+2m, X+2m) -> (1, C, Z, Y, X)."""
+    for dim in (2, 3, 4):
+        size = grad.shape[dim]
+        low = grad.narrow(dim, 0, margin).sum(dim, keepdim=True)
+        high = grad.narrow(dim, size - margin, margin).sum(dim, keepdim=True)
+        grad = grad.narrow(dim, margin, size - 2 * margin).clone()
+        grad.narrow(dim, 0, 1).add_(low)
+        grad.narrow(dim, size - 2 * margin - 1, 1).add_(high)
+    return grad
 
 
 def _box_taps(passes: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -10,6 +10,7 @@ from torch import nn
 
 from nephireg.nephi.field import Codes, NePhiNet
 from nephireg.nephi.objective import LossSettings, PairImages, pair_loss
+from nephireg.optim import Adam
 from nephireg.progress import Reporter
 
 
@@ -46,17 +47,17 @@ def _run(net: NePhiNet, codes: Codes, images: PairImages, settings: Any, reporte
          loss_settings: LossSettings) -> Tuple[NePhiNet, Codes]:
     net = net.train()
     params = [nn.Parameter(c.detach().clone()) for c in codes]
-    optimiser = torch.optim.Adam([{"params": list(net.parameters()), "lr": settings.learning_rate},
-                                  {"params": params, "lr": settings.code_learning_rate}])
+    rates = (settings.learning_rate, settings.code_learning_rate)
+    optimiser = Adam([(list(net.parameters()), rates[0]), (params, rates[1])])
     total = settings.iterations
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: _decay(s, total))
     generator = torch.Generator(device=images.fixed.device).manual_seed(settings.seed)
     for step in range(1, total + 1):
-        optimiser.zero_grad(set_to_none=True)
+        for group, rate in zip(optimiser.groups, rates):
+            group["lr"] = rate * _decay(step - 1, total)
+        optimiser.zero_grad()
         terms = pair_loss(net, tuple(params), images, loss_settings, generator)
         terms["total"].backward()
         optimiser.step()
-        scheduler.step()
         reporter.step(step, total, float(terms["total"].detach()))
     return net.eval(), tuple(p.detach() for p in params)
 
