@@ -131,7 +131,7 @@ def run_cancellable(reporter, body: Callable[[], Dict[str, Any]]) -> int:
 
 def _request_from(args: argparse.Namespace, fixed: str, moving: str, fixed_mask: Optional[str],
                   moving_mask: Optional[str]):
-    from nephireg.pipeline import Request
+    from nephireg.inputs import Request
 
     return Request(fixed=fixed, moving=moving, out=args.out, method=args.method, preset=args.preset,
                    fixed_mask=fixed_mask, moving_mask=moving_mask, device=args.device, prealign=args.prealign,
@@ -144,12 +144,16 @@ def _register_command(args: argparse.Namespace) -> int:
     reporter = make_reporter(args.progress)
 
     def body() -> Dict[str, Any]:
+        from nephireg.inputs import prefetch_inputs
+
+        request = _request_from(args, args.fixed, args.moving, args.fixed_mask, args.moving_mask)
+        prefetched = prefetch_inputs(request)  # reads the images while torch is imported here
         from nephireg.pipeline import register, resolve_device
 
         reporter.emit(Event.START, {"method": args.method, "preset": args.preset,
                                     "device": str(resolve_device(args.device)),  # what runs, e.g. "cuda" for auto
                                     "out": os.path.abspath(args.out)})
-        manifest = register(_request_from(args, args.fixed, args.moving, args.fixed_mask, args.moving_mask), reporter)
+        manifest = register(request, reporter, prefetched)
         manifest["manifest_path"] = os.path.join(os.path.abspath(args.out), "result.json")
         if not isinstance(reporter, _jsonl_type()):
             _print_summary(manifest)

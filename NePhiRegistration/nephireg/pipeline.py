@@ -10,7 +10,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -24,47 +24,15 @@ from nephireg.compose import affine_matrix, compose_prealignment
 from nephireg.errors import InputError, OutOfMemory
 from nephireg.fields import evaluate_on_grid
 from nephireg.geometry import Grid, overlap_fraction
+from nephireg.inputs import Inputs, PrefetchedInputs, Request, read_inputs
 from nephireg.jacobian import jacobian_determinant, jacobian_summary
 from nephireg.methods import get_method
 from nephireg.overview import overview
 from nephireg.pair import PreparedPair
-from nephireg.preprocess import crop_to_mask, dilate, normalise_intensities, to_tensor, working_grid
+from nephireg.preprocess import crop_to_mask, dilate, working_grid
 from nephireg.presets import Preset, get_preset
 from nephireg.progress import Reporter, SilentReporter
 from nephireg.protocol import METHODS, OUTPUT_FILES, PREALIGN_MODES, RESULT_MANIFEST, write_manifest
-
-
-@dataclass
-class Request:
-    """What to register and how. Paths are files SimpleITK reads (or DICOM folders)."""
-
-    fixed: str
-    moving: str
-    out: str
-    method: str = "adam"
-    preset: str = "generic"
-    fixed_mask: Optional[str] = None
-    moving_mask: Optional[str] = None
-    device: str = "auto"
-    prealign: str = "preset"
-    options: Dict[str, Any] = field(default_factory=dict)  # method options (iterations, regularization, ...)
-    seed: int = 0
-    overwrite: bool = False
-    write_warped: bool = True
-    write_overview: bool = True
-
-
-@dataclass
-class Inputs:
-    """The read, checked and normalised images of a pair (original intensities kept for the warped output)."""
-
-    fixed: sitk.Image
-    moving: sitk.Image
-    fixed_norm: sitk.Image
-    moving_norm: sitk.Image
-    fixed_mask: Optional[sitk.Image]
-    moving_mask: Optional[sitk.Image]
-    masks_derived: bool
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,31 +43,6 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise InputError(f"unknown device {name!r}; choose auto, cpu or cuda")
     return torch.device(name)
-
-
-def read_inputs(request: Request, preset: Preset, reporter: Reporter) -> Inputs:
-    reporter.stage("read", "Reading and checking the images")
-    fixed = io.read_image(request.fixed, "fixed")
-    moving = io.read_image(request.moving, "moving")
-    fixed_mask = io.read_mask(request.fixed_mask, fixed, "fixed mask") if request.fixed_mask else None
-    moving_mask = io.read_mask(request.moving_mask, moving, "moving mask") if request.moving_mask else None
-    derived = False
-    if preset.derive_lung_masks and fixed_mask is None and moving_mask is None:
-        from nephireg.lungmask import lung_mask
-
-        reporter.stage("masks", "Deriving lung masks")
-        fixed_mask, moving_mask, derived = _derive(lung_mask, fixed, request.fixed), _derive(
-            lung_mask, moving, request.moving), True
-    reporter.stage("preprocess", f"Normalising intensities ({preset.name})")
-    return Inputs(fixed, moving, normalise_intensities(fixed, preset, fixed_mask),
-                  normalise_intensities(moving, preset, moving_mask), fixed_mask, moving_mask, derived)
-
-
-def _derive(make_mask, image: sitk.Image, path: str) -> sitk.Image:
-    try:
-        return make_mask(image)
-    except InputError as exc:
-        raise InputError(f"{exc.problem} (lung-ct preset; give masks or use another preset)", path) from None
 
 
 def prealign_matrix(request: Request, preset: Preset, inputs: Inputs, reporter: Reporter) -> Tuple[str, np.ndarray]:
@@ -147,6 +90,20 @@ def prepare(request: Request, inputs: Inputs, preset: Preset, prealign: np.ndarr
     return PreparedPair(grid, fixed, moving, fixed_mask, moving_mask, seed=request.seed)
 
 
+def to_tensor(image: sitk.Image, grid: Grid, transform: Optional[sitk.Transform], device: torch.device,
+              is_mask: bool = False) -> torch.Tensor:
+    """``image`` resampled onto ``grid`` (through ``transform``, fixed -> image space) as (1, 1, Z, Y, X) float32.
+
+    Masks are resampled linearly and thresholded at 0.5, which keeps them faithful under downsampling.
+    """
+    source = sitk.Cast(image, sitk.sitkFloat32) if is_mask else image
+    resampled = io.resample_to(source, grid, transform, linear=True, default=0.0)
+    array = sitk.GetArrayFromImage(resampled).astype(np.float32)
+    if is_mask:
+        array = (array >= 0.5).astype(np.float32)
+    return torch.from_numpy(array)[None, None].to(device)
+
+
 def ncc(a: np.ndarray, b: np.ndarray, mask: Optional[np.ndarray] = None) -> float:
     """Global normalised cross-correlation of two arrays (inside ``mask`` if given), in [-1, 1]."""
     if mask is not None:
@@ -156,8 +113,11 @@ def ncc(a: np.ndarray, b: np.ndarray, mask: Optional[np.ndarray] = None) -> floa
     return float((a * b).sum() / max(np.sqrt((a * a).sum() * (b * b).sum()), 1e-12))
 
 
-def register(request: Request, reporter: Optional[Reporter] = None) -> Dict[str, Any]:
+def register(request: Request, reporter: Optional[Reporter] = None,
+             prefetched: Optional[PrefetchedInputs] = None) -> Dict[str, Any]:
     """Run one registration and write its result folder; returns the manifest (also in ``out/result.json``).
+
+    ``prefetched``: the inputs of this same ``request`` already being read (:func:`nephireg.inputs.prefetch_inputs`).
 
     Raises InputError for bad input (nothing is written), Cancelled when the reporter is cancelled, OutOfMemory
     when the device runs out of memory. A failed run leaves no result behind.
@@ -171,7 +131,9 @@ def register(request: Request, reporter: Optional[Reporter] = None) -> Dict[str,
     _check_out_dir(out, request.overwrite)
     device = resolve_device(request.device)
     torch.manual_seed(request.seed)
-    inputs = read_inputs(request, preset, reporter)
+    if prefetched is not None and prefetched.request is not request:
+        raise ValueError("prefetched inputs belong to another request")
+    inputs = prefetched.result(reporter) if prefetched is not None else read_inputs(request, preset, reporter)
     mode, prealign = prealign_matrix(request, preset, inputs, reporter)
     fixed_grid = Grid.of(inputs.fixed)
     check_overlap(fixed_grid, Grid.of(inputs.moving), prealign, request)

@@ -1,4 +1,4 @@
-"""Preparing a pair: preset intensities, masks, the working grid, and the tensors a method receives."""
+"""Preparing a pair (no torch): preset intensities, mask dilation and cropping, the working grid."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 from nephireg.geometry import Grid
-from nephireg.io import resample_to
 from nephireg.presets import Preset
 
 MAX_WORKING_VOXELS = 6_000_000  # larger working grids are coarsened (the output stays on the full fixed grid)
@@ -64,17 +62,3 @@ def crop_to_mask(grid: Grid, mask: sitk.Image, margin_mm: float) -> Grid:
     stop = np.minimum(np.asarray(box[:3]) + np.asarray(box[3:]) + margin, np.asarray(grid.size))
     origin = grid.index_to_physical()[:3, :3] @ start + np.asarray(grid.origin)
     return Grid(tuple(int(n) for n in stop - start), grid.spacing, tuple(float(o) for o in origin), grid.direction)
-
-
-def to_tensor(image: sitk.Image, grid: Grid, transform: Optional[sitk.Transform], device: torch.device,
-              is_mask: bool = False) -> torch.Tensor:
-    """``image`` resampled onto ``grid`` (through ``transform``, fixed -> image space) as (1, 1, Z, Y, X) float32.
-
-    Masks are resampled linearly and thresholded at 0.5, which keeps them faithful under downsampling.
-    """
-    source = sitk.Cast(image, sitk.sitkFloat32) if is_mask else image
-    resampled = resample_to(source, grid, transform, linear=True, default=0.0)
-    array = sitk.GetArrayFromImage(resampled).astype(np.float32)
-    if is_mask:
-        array = (array >= 0.5).astype(np.float32)
-    return torch.from_numpy(array)[None, None].to(device)
