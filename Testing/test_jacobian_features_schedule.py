@@ -158,3 +158,15 @@ def test_engine_adam_follows_torch_adam_step_for_step():
             optimiser.step()
     assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(ours, theirs))
     assert not torch.allclose(ours[0], torch.zeros(4, 5, dtype=torch.float64))
+
+
+def test_mind_box_filter_equals_a_replicate_padded_average_pool():
+    import torch.nn.functional as F
+
+    from nephireg.features import _box_filter
+
+    volume = torch.rand(1, 3, 9, 10, 11, dtype=torch.float64)
+    for radius in (1, 2):
+        reference = F.avg_pool3d(F.pad(volume, (radius,) * 6, mode="replicate"), 2 * radius + 1, stride=1)
+        assert torch.allclose(_box_filter(volume, radius), reference)
+    assert torch.equal(_box_filter(volume, 0), volume)

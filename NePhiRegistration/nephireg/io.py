@@ -122,7 +122,9 @@ def image_from_array(array_zyx: np.ndarray, grid: Grid) -> sitk.Image:
     return image
 
 
-def write_image(image: sitk.Image, path: PathLike, compress: bool = True) -> None:
+def write_image(image: sitk.Image, path: PathLike, compress: bool = False) -> None:
+    """Write ``image`` (format from the suffix). Uncompressed by default: on the lung pair's Jacobian and warped
+    image zlib saved only 13-18 % of the size and cost 0.25 s per file, 10x the plain write."""
     sitk.WriteImage(image, str(path), compress)
 
 
