@@ -131,6 +131,11 @@ def test_bad_option_values_are_bad_input(good, tmp_path, capsys):
                              tmp_path / "o", "--option", "no_such_option=1", "--progress", "jsonl",
                              check_code=ExitCode.BAD_INPUT)[-1]["message"]
     assert "no_such_option" in message
+    malformed = run_in_process(capsys, "register", "--fixed", good["fixed"], "--moving", good["moving"], "--out",
+                               tmp_path / "o", "--option", "iterations", "--progress", "jsonl",
+                               check_code=ExitCode.BAD_INPUT)
+    assert [e["event"] for e in malformed] == ["start", "error"]  # the start event comes first, always
+    assert "not KEY=VALUE" in malformed[-1]["message"]
     run_cli("register", "--fixed", good["fixed"], "--moving", good["moving"], "--out", tmp_path / "o",
             "--method", "bogus", check_code=2)  # argparse's usage error
 

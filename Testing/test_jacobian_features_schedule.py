@@ -125,8 +125,12 @@ def test_split_sampling_matches_one_batch_values_and_gradients():
     torch.manual_seed(0)
     volume = torch.rand(1, 4, 9, 10, 11, dtype=torch.float64)
     points = (torch.rand(10_001, 3, dtype=torch.float64) * 2.2 - 1.1).requires_grad_(True)  # some outside
+    threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the CPU path splits the points into one batch entry per thread
-    split = sample_flat(volume, points)
+    try:
+        split = sample_flat(volume, points)
+    finally:
+        torch.set_num_threads(threads)
     (split ** 2).sum().backward()
     split_grad = points.grad.clone()
     points.grad = None

@@ -144,16 +144,23 @@ def _register_command(args: argparse.Namespace) -> int:
     reporter = make_reporter(args.progress)
 
     def body() -> Dict[str, Any]:
+        from nephireg.errors import InputError
         from nephireg.inputs import prefetch_inputs
 
-        request = _request_from(args, args.fixed, args.moving, args.fixed_mask, args.moving_mask)
-        prefetched = prefetch_inputs(request)  # reads the images while torch is imported here
+        def make_request():
+            return _request_from(args, args.fixed, args.moving, args.fixed_mask, args.moving_mask)
+
+        try:
+            request = make_request()
+        except InputError:
+            request = None  # built again after the start event, which must come first, and raises there
+        prefetched = prefetch_inputs(request) if request else None  # reads the images while torch is imported
         from nephireg.pipeline import register, resolve_device
 
         reporter.emit(Event.START, {"method": args.method, "preset": args.preset,
                                     "device": str(resolve_device(args.device)),  # what runs, e.g. "cuda" for auto
                                     "out": os.path.abspath(args.out)})
-        manifest = register(request, reporter, prefetched)
+        manifest = register(request or make_request(), reporter, prefetched)
         manifest["manifest_path"] = os.path.join(os.path.abspath(args.out), "result.json")
         if not isinstance(reporter, _jsonl_type()):
             _print_summary(manifest)

@@ -91,10 +91,11 @@ def _derive(make_mask, image: sitk.Image, path: str) -> sitk.Image:
 
 
 class PrefetchedInputs:
-    """:func:`read_inputs` running in a daemon thread; :meth:`result` waits for it and gives its outcome.
+    """:func:`read_inputs` running in a thread; :meth:`result` waits for it and gives its outcome.
 
     The stage events are recorded in the thread and replayed by :meth:`result`, so a reporter sees them in the
-    usual order after the run's start event; the time spent waiting is reported as the ``read`` stage.
+    usual order after the run's start event; the time spent waiting is reported as the ``read`` stage (so a
+    manifest's ``timings_s`` then counts the mask derivation under ``read``).
     """
 
     def __init__(self, request: Request, preset: Preset) -> None:
@@ -103,7 +104,9 @@ class PrefetchedInputs:
         self._stages: List[Tuple[str, str]] = []
         self._outcome: Optional[Inputs] = None
         self._error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._run, name="nephireg-read", daemon=True)
+        # Not a daemon: if the run fails before taking the result, the interpreter still waits for the thread
+        # (a second or two) instead of finalising while it is inside SimpleITK.
+        self._thread = threading.Thread(target=self._run, name="nephireg-read")
         self._thread.start()
 
     def _run(self) -> None:
@@ -114,7 +117,9 @@ class PrefetchedInputs:
 
     def result(self, reporter: Reporter) -> Inputs:
         reporter.stage("read", "Reading and checking the images")
-        self._thread.join()
+        while self._thread.is_alive():  # short waits, so a cancellation is seen within 0.1 s
+            reporter.check_cancel()
+            self._thread.join(0.1)
         for name, message in self._stages[1:]:
             reporter.stage(name, message)
         if self._error is not None:

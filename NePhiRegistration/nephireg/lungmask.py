@@ -15,7 +15,10 @@ Pipeline (:func:`lung_mask`):
 
 The steps run on the CT block-averaged to about :data:`ANALYSIS_SPACING_MM` (finer CTs only) and the mask is
 interpolated back onto the CT's grid: the masks feed similarity weights dilated by millimetres and a working grid
-of 1.5 mm, so sub-millimetre detail buys nothing, and 4x fewer voxels make every step 3-4x faster.
+of 1.5 mm, so sub-millimetre detail buys nothing, and 4x fewer voxels make every step 3-4x faster. The opening in
+step 1 is one voxel of that grid (about 2.5 mm, where it was 1.4 mm in-plane on the full grid): on the shared pair
+no opening at all scored Dice 0.977 / 0.981 and the opening 0.975 / 0.979; it stays for scans whose airways link
+the lungs to outside air.
 Measured against the shared lung pair's reference masks (docs/prealign.md).
 """
 
@@ -59,8 +62,13 @@ def lung_mask(ct: sitk.Image) -> sitk.Image:
     if max(factors) == 1:
         return _lung_mask(ct)
     coarse = _lung_mask(sitk.BinShrink(ct, factors))
-    # Linear interpolation of the {0, 1} mask, cut at one half: smooth boundaries, not blocks.
-    back = sitk.Resample(sitk.Cast(coarse, sitk.sitkFloat32), ct, sitk.Transform(), sitk.sitkLinear, 0.0)
+    # Linear interpolation of the {0, 1} mask, cut at one half: smooth boundaries, not blocks. BinShrink drops the
+    # last n mod f layers of each axis; nearest-neighbour extrapolation carries the mask into them.
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetReferenceImage(ct)
+    resampler.SetInterpolator(sitk.sitkLinear)
+    resampler.SetUseNearestNeighborExtrapolator(True)
+    back = resampler.Execute(sitk.Cast(coarse, sitk.sitkFloat32))
     return sitk.Cast(sitk.GreaterEqual(back, 0.5), sitk.sitkUInt8)
 
 

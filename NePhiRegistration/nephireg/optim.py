@@ -17,6 +17,8 @@ class Adam:
     """Adam (Kingma and Ba 2015) over parameter groups, each with its own learning rate.
 
     ``groups``: (parameters, learning rate) pairs; set ``groups[n]["lr"]`` between steps to follow a schedule.
+    One step count serves the bias corrections of all parameters: the same numbers as torch when every parameter
+    has a gradient at every step, as in the engine's loops.
     """
 
     def __init__(self, groups: Iterable[Tuple[Sequence[torch.Tensor], float]],
@@ -43,7 +45,9 @@ class Adam:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                mean, square = self._moments.setdefault(id(p), (torch.zeros_like(p), torch.zeros_like(p)))
+                if id(p) not in self._moments:
+                    self._moments[id(p)] = (torch.zeros_like(p), torch.zeros_like(p))
+                mean, square = self._moments[id(p)]
                 mean.lerp_(p.grad, 1.0 - beta1)
                 square.mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
                 denominator = (square.sqrt() / second_correction_sqrt).add_(self.eps)
