@@ -11,7 +11,7 @@ from nephireg.fields import evaluate_on_grid
 from nephireg.geometry import Grid
 from nephireg.methods.nephi import Settings, run_instance_optimisation
 from nephireg.pair import PreparedPair
-from nephireg.progress import CallbackReporter
+from nephireg.progress import CallbackReporter, SilentReporter
 from nephireg.protocol import Event
 from nephireg.sampling import grid_points_mm, sample_points
 
@@ -107,6 +107,18 @@ def test_settings_validate_options():
         Settings.from_options({"coarse": "bspline"})
     with pytest.raises(InputError, match="not a valid int"):
         Settings.from_options({"iterations": "many"})
+    with pytest.raises(InputError, match="coarse_regularization"):
+        Settings.from_options({"coarse_regularization": -1})
+
+
+def test_coarse_regularization_reaches_the_coarse_adam_step(known_pair):
+    grid, pair, pts = known_pair
+    spread = {}
+    for weight in (0.2, 1000.0):  # NePhi itself stays the identity (0 iterations): the field is the coarse one
+        field = run_instance_optimisation(pair, {"coarse": "adam", "coarse_iterations": 30, "iterations": 0,
+                                                 "coarse_regularization": weight}, SilentReporter())
+        spread[weight] = float(field.displacement_mm(pts).std(dim=0).sum())
+    assert spread[1000.0] < 0.5 * spread[0.2]  # a stiff coarse field varies far less over the points
 
 
 def test_multi_resolution_coarse_adam_then_nephi(known_pair):

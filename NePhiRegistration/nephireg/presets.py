@@ -49,13 +49,14 @@ _PRESETS = {
         # folding, against 1.43 mm at 1.0 and 0.0097 % folding at 0.1; 30 fine + 30 coarse iterations did as well
         # as 80 + 60 or 270 + 100, in a third of the time.
         # NePhi predict: the dense output sampled on a 3x working-spacing lattice (4.7 -> 1.3 s CPU, docs/nephi.md).
-        # NePhi + IO: multi-resolution (continuous Adam on the 1/4 grid first), Adam rates 2.5x the generic ones,
-        # 8000 similarity points, 170 iterations: 1.42-1.43 mm over seeds 0-2 (200 iterations: 1.42-1.47), against
-        # 1.77 mm from identity with the generic settings, in less time (docs/nephi.md).
+        # NePhi + IO: multi-resolution (continuous Adam on the 1/4 grid first, lambda 0.2 as above), Adam rates 2.5x
+        # the generic ones, 8000 similarity points, 170 iterations: 1.41-1.45 mm over seeds 0-2, against 1.77 mm
+        # from identity with the generic settings, in less time (docs/nephi.md).
         method_options={"adam": {"regularization": 0.2, "iterations": 30, "coarse_iterations": 30},
                         "nephi": {"output_lattice": 3},
-                        "nephi-io": {"coarse": "adam", "iterations": 170, "learning_rate": 5e-3,
-                                     "code_learning_rate": 5e-2, "similarity_points": 8000, "output_lattice": 3}},
+                        "nephi-io": {"coarse": "adam", "coarse_regularization": 0.2, "iterations": 170,
+                                     "learning_rate": 5e-3, "code_learning_rate": 5e-2, "similarity_points": 8000,
+                                     "output_lattice": 3}},
     ),
     "brain-mri": Preset(
         name="brain-mri",

@@ -39,14 +39,15 @@ class Settings:
     mask_images: bool = True  # with masks: image x mask and similarity points inside the masks
     coarse: str = "none"  # "adam": a coarse continuous-Adam field first, NePhi refines on top
     coarse_iterations: int = 60
+    coarse_regularization: float = 1.0  # diffusion weight of the coarse Adam step (see methods.adam.Settings)
     output_lattice: float = 2.0  # dense output sampled on a lattice of this x working spacing; 0 = exact
     threads: int = 1  # torch CPU threads during the IO loop (restored after); 0 = leave as is
 
     def __post_init__(self) -> None:
         if self.iterations < 0:
             raise InputError(f"iterations must be >= 0, got {self.iterations}")
-        if self.regularization < 0 or self.prior_weight < 0:
-            raise InputError("regularization and prior_weight must be >= 0")
+        if self.regularization < 0 or self.prior_weight < 0 or self.coarse_regularization < 0:
+            raise InputError("regularization, coarse_regularization and prior_weight must be >= 0")
         if self.learning_rate <= 0 or self.code_learning_rate <= 0:
             raise InputError("learning rates must be positive")
         if self.threads < 0:
@@ -152,7 +153,8 @@ def _coarse_step(pair: PreparedPair, settings: Settings, reporter: Reporter):
     from nephireg.methods import adam
     from nephireg.sampling import grid_points_mm, sample_points
 
-    field = adam.run(pair, {"levels": [4], "iterations": settings.coarse_iterations}, reporter)
+    field = adam.run(pair, {"levels": [4], "iterations": settings.coarse_iterations,
+                            "regularization": settings.coarse_regularization}, reporter)
     values = torch.from_numpy(evaluate_on_grid(field, pair.grid, pair.device)).to(pair.fixed)
     points = grid_points_mm(pair.grid, device=pair.device) + values
     flat = points.reshape(-1, 3)
