@@ -15,17 +15,19 @@ def jacobian_determinant(displacement_mm: np.ndarray, grid: Grid) -> np.ndarray:
 
     Du is taken by central differences along the voxel axes (one-sided at the borders) and mapped to physical
     derivatives with the inverse of direction @ diag(spacing), so anisotropic and oblique grids are exact for
-    affine maps. Computed with torch in float64 (multi-threaded; 4-7x faster than the same sums in numpy here).
+    affine maps. Computed with torch in float32 (multi-threaded; 5-7x faster than float64 numpy here): neighbouring
+    displacements of tens of mm differ with float32 rounding of ~1e-6 mm, so det J is exact to ~1e-5.
     """
     if displacement_mm.ndim != 4 or displacement_mm.shape[-1] != 3:
         raise ValueError(f"displacement must be (Z, Y, X, 3); got {displacement_mm.shape}")
     index_to_mm = grid.direction_matrix @ np.diag(grid.spacing)
     mm_to_index = np.linalg.inv(index_to_mm)  # d index_m / d x_n
-    u = torch.from_numpy(np.asarray(displacement_mm, dtype=np.float64))
+    u = torch.from_numpy(np.asarray(displacement_mm, dtype=np.float32))
     with torch.no_grad():
         d_dk, d_dj, d_di = torch.gradient(u, dim=(0, 1, 2), edge_order=1)  # (Z, Y, X, 3): d u_a / d index_m
         # column n of Du: d u / d x_n = sum_m d u / d index_m * d index_m / d x_n, m = i, j, k
-        columns = [d_di * mm_to_index[0, n] + d_dj * mm_to_index[1, n] + d_dk * mm_to_index[2, n] for n in range(3)]
+        columns = [d_di * float(mm_to_index[0, n]) + d_dj * float(mm_to_index[1, n]) + d_dk * float(mm_to_index[2, n])
+                   for n in range(3)]
         del d_dk, d_dj, d_di
         (j00, j10, j20), (j01, j11, j21), (j02, j12, j22) = (c.unbind(-1) for c in columns)
         j00, j11, j22 = j00 + 1.0, j11 + 1.0, j22 + 1.0

@@ -29,7 +29,7 @@ from nephireg.jacobian import jacobian_determinant, jacobian_summary
 from nephireg.methods import get_method
 from nephireg.overview import overview
 from nephireg.pair import PreparedPair
-from nephireg.preprocess import crop_to_mask, dilate, working_grid
+from nephireg.preprocess import crop_to_mask, working_grid
 from nephireg.presets import Preset, get_preset
 from nephireg.progress import Reporter, SilentReporter
 from nephireg.protocol import METHODS, OUTPUT_FILES, PREALIGN_MODES, RESULT_MANIFEST, write_manifest
@@ -79,10 +79,10 @@ def prepare(request: Request, inputs: Inputs, preset: Preset, prealign: np.ndarr
     fixed = to_tensor(inputs.fixed_norm, grid, None, device)
     moving = to_tensor(inputs.moving_norm, grid, transform, device)
     fixed_mask = moving_mask = None
-    if inputs.fixed_mask is not None:
-        fixed_mask = to_tensor(dilate(inputs.fixed_mask, preset.mask_dilation_mm), grid, None, device, is_mask=True)
-    if inputs.moving_mask is not None:
-        moving_mask = to_tensor(dilate(inputs.moving_mask, preset.mask_dilation_mm), grid, transform, device,
+    if inputs.fixed_region is not None:
+        fixed_mask = to_tensor(inputs.fixed_region, grid, None, device, is_mask=True)
+    if inputs.moving_region is not None:
+        moving_mask = to_tensor(inputs.moving_region, grid, transform, device,
                                 is_mask=True)
     if preset.mask_images:
         fixed = fixed * fixed_mask if fixed_mask is not None else fixed
