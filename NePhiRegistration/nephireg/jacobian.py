@@ -15,14 +15,17 @@ def jacobian_determinant(displacement_mm: np.ndarray, grid: Grid) -> np.ndarray:
 
     Du is taken by central differences along the voxel axes (one-sided at the borders) and mapped to physical
     derivatives with the inverse of direction @ diag(spacing), so anisotropic and oblique grids are exact for
-    affine maps. Computed with torch in float32 (multi-threaded; 5-7x faster than float64 numpy here): neighbouring
-    displacements of tens of mm differ with float32 rounding of ~1e-6 mm, so det J is exact to ~1e-5.
+    affine maps. Computed with torch in float32 (multi-threaded; 5-7x faster than float64 numpy here) after removing
+    the mean displacement: deformations of tens of mm round to ~1e-6 mm, so det J is exact to ~1e-5.
     """
     if displacement_mm.ndim != 4 or displacement_mm.shape[-1] != 3:
         raise ValueError(f"displacement must be (Z, Y, X, 3); got {displacement_mm.shape}")
     index_to_mm = grid.direction_matrix @ np.diag(grid.spacing)
     mm_to_index = np.linalg.inv(index_to_mm)  # d index_m / d x_n
-    u = torch.from_numpy(np.asarray(displacement_mm, dtype=np.float32))
+    # A constant shift (e.g. a composed pre-alignment translation) has no derivative: removing the mean first keeps
+    # float32's rounding relative to the deformation, not to the shift.
+    mean = np.asarray(displacement_mm).reshape(-1, 3).mean(axis=0)
+    u = torch.from_numpy(np.asarray(displacement_mm, dtype=np.float32) - mean.astype(np.float32))
     with torch.no_grad():
         d_dk, d_dj, d_di = torch.gradient(u, dim=(0, 1, 2), edge_order=1)  # (Z, Y, X, 3): d u_a / d index_m
         # column n of Du: d u / d x_n = sum_m d u / d index_m * d index_m / d x_n, m = i, j, k
