@@ -30,7 +30,7 @@ def test_prefetched_inputs_equal_direct_reading_and_replay_the_stages(small_pair
     prefetched = prefetch_inputs(request).result(prefetched_log)
     assert direct_log.names == prefetched_log.names == ["read", "masks", "preprocess"]
     assert prefetched.masks_derived
-    for name in ("fixed_norm", "moving_norm", "fixed_mask", "moving_mask"):
+    for name in ("fixed_norm", "moving_norm", "fixed_mask", "moving_mask", "fixed_region", "moving_region"):
         assert np.array_equal(sitk.GetArrayViewFromImage(getattr(direct, name)),
                               sitk.GetArrayViewFromImage(getattr(prefetched, name)))
 

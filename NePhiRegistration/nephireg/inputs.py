@@ -51,8 +51,8 @@ class Inputs:
     fixed_mask: Optional[sitk.Image]
     moving_mask: Optional[sitk.Image]
     masks_derived: bool
-    fixed_region: Optional[sitk.Image] = None  # the mask dilated by the preset's margin: where similarity counts
-    moving_region: Optional[sitk.Image] = None
+    fixed_region: Optional[sitk.Image]  # the mask dilated by the preset's margin: where similarity counts
+    moving_region: Optional[sitk.Image]
 
 
 StageCallback = Callable[[str, str], None]

@@ -24,8 +24,10 @@ def jacobian_determinant(displacement_mm: np.ndarray, grid: Grid) -> np.ndarray:
     mm_to_index = np.linalg.inv(index_to_mm)  # d index_m / d x_n
     # A constant shift (e.g. a composed pre-alignment translation) has no derivative: removing the mean first keeps
     # float32's rounding relative to the deformation, not to the shift.
-    mean = np.asarray(displacement_mm).reshape(-1, 3).mean(axis=0)
-    u = torch.from_numpy(np.asarray(displacement_mm, dtype=np.float32) - mean.astype(np.float32))
+    displacement_mm = np.asarray(displacement_mm)
+    mean = displacement_mm.reshape(-1, 3).mean(axis=0, dtype=np.float64)
+    centred = np.subtract(displacement_mm, mean, out=np.empty(displacement_mm.shape, np.float32), casting="same_kind")
+    u = torch.from_numpy(centred)
     with torch.no_grad():
         d_dk, d_dj, d_di = torch.gradient(u, dim=(0, 1, 2), edge_order=1)  # (Z, Y, X, 3): d u_a / d index_m
         # column n of Du: d u / d x_n = sum_m d u / d index_m * d index_m / d x_n, m = i, j, k

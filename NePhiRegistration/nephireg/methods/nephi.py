@@ -8,6 +8,7 @@ layer, zero codes), so it works with no weights at all.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -46,8 +47,9 @@ class Settings:
     def __post_init__(self) -> None:
         if self.iterations < 0:
             raise InputError(f"iterations must be >= 0, got {self.iterations}")
-        if self.regularization < 0 or self.prior_weight < 0 or self.coarse_regularization < 0:
-            raise InputError("regularization, coarse_regularization and prior_weight must be >= 0")
+        weights = (self.regularization, self.prior_weight, self.coarse_regularization)
+        if not all(math.isfinite(w) and w >= 0 for w in weights):
+            raise InputError("regularization, coarse_regularization and prior_weight must be finite and >= 0")
         if self.learning_rate <= 0 or self.code_learning_rate <= 0:
             raise InputError("learning rates must be positive")
         if self.threads < 0:
