@@ -109,6 +109,19 @@ def test_settings_validate_options():
         Settings.from_options({"iterations": "many"})
     with pytest.raises(InputError, match="coarse_regularization"):
         Settings.from_options({"coarse_regularization": -1})
+    with pytest.raises(InputError, match="coarse_iterations"):
+        Settings.from_options({"coarse": "adam", "coarse_iterations": 0})
+
+
+@pytest.mark.parametrize("preset", ["lung-ct", "brain-mri", "generic"])
+def test_every_preset_default_parses_for_every_method(preset):
+    """A misspelt key in a preset's method options must fail here, not in a user's run."""
+    from nephireg.methods import adam
+    from nephireg.presets import get_preset
+
+    adam.Settings.from_options(get_preset(preset).options_for("adam", {}))
+    for method in ("nephi", "nephi-io"):
+        Settings.from_options(get_preset(preset).options_for(method, {}))
 
 
 def test_coarse_regularization_reaches_the_coarse_adam_step(known_pair):

@@ -58,6 +58,8 @@ class Settings:
             raise InputError(f"latent_stride must be >= 1, got {self.latent_stride}")
         if self.coarse not in COARSE_MODES:
             raise InputError(f"coarse must be one of {', '.join(COARSE_MODES)}, got {self.coarse!r}")
+        if self.coarse == "adam" and self.coarse_iterations < 1:
+            raise InputError(f"coarse_iterations must be >= 1 with coarse=adam, got {self.coarse_iterations}")
         if self.output_lattice != 0 and self.output_lattice < 1:
             raise InputError(f"output_lattice must be 0 (exact) or >= 1, got {self.output_lattice}")
 
