@@ -20,8 +20,7 @@ def jacobian_determinant(displacement_mm: np.ndarray, grid: Grid) -> np.ndarray:
     """
     if displacement_mm.ndim != 4 or displacement_mm.shape[-1] != 3:
         raise ValueError(f"displacement must be (Z, Y, X, 3); got {displacement_mm.shape}")
-    index_to_mm = grid.direction_matrix @ np.diag(grid.spacing)
-    mm_to_index = np.linalg.inv(index_to_mm)  # d index_m / d x_n
+    mm_to_index = grid.physical_to_index()[:3, :3]  # d index_m / d x_n
     # A constant shift (e.g. a composed pre-alignment translation) has no derivative: removing the mean first keeps
     # float32's rounding relative to the deformation, not to the shift.
     displacement_mm = np.asarray(displacement_mm)

@@ -57,8 +57,9 @@ def sample_normalised(volume: torch.Tensor, points_norm: torch.Tensor, padding: 
     return F.grid_sample(volume, points_norm, mode=mode, padding_mode=padding, align_corners=ALIGN_CORNERS)
 
 
-def sample_flat(volume: torch.Tensor, points_norm: torch.Tensor, padding: str = "border") -> torch.Tensor:
-    """Trilinear samples of ``volume`` (1, C, Z, Y, X) at normalised points (P, 3) -> (C, P); differentiable.
+def sample_flat(volume: torch.Tensor, points_norm: torch.Tensor, padding: str = "border",
+                mode: str = "bilinear") -> torch.Tensor:
+    """Samples of ``volume`` (1, C, Z, Y, X) at normalised points (P, 3) -> (C, P); differentiable.
 
     On a CPU the points are split into one batch entry per thread over an expanded (not copied) volume: PyTorch's
     3D CPU grid sampler parallelises over the batch only, so one batch entry uses one core (measured 1.3-1.9x
@@ -67,20 +68,19 @@ def sample_flat(volume: torch.Tensor, points_norm: torch.Tensor, padding: str = 
     count, channels = points_norm.shape[0], volume.shape[1]
     parts = 1 if volume.device.type != "cpu" else max(1, min(torch.get_num_threads(), count // 4096))
     if parts == 1:
-        return sample_normalised(volume, points_norm.reshape(1, -1, 1, 1, 3), padding=padding).reshape(channels, -1)
+        return sample_normalised(volume, points_norm.reshape(1, -1, 1, 1, 3), padding=padding,
+                                 mode=mode).reshape(channels, -1)
     per_part = -(-count // parts)
     padded = F.pad(points_norm, (0, 0, 0, per_part * parts - count))  # extra points at the centre, dropped below
     values = sample_normalised(volume.expand(parts, -1, -1, -1, -1), padded.reshape(parts, per_part, 1, 1, 3),
-                               padding=padding)  # (parts, C, per_part, 1, 1)
+                               padding=padding, mode=mode)  # (parts, C, per_part, 1, 1)
     return values.reshape(parts, channels, per_part).transpose(0, 1).reshape(channels, -1)[:, :count]
 
 
 def sample_points(volume: torch.Tensor, grid: Grid, points_mm: torch.Tensor, padding: str = "border",
                   mode: str = "bilinear") -> torch.Tensor:
     """Samples of ``volume`` (1, C, Z, Y, X) on ``grid`` at (P, 3) LPS mm points -> (P, C)."""
-    norm = physical_to_normalised(points_mm, grid).reshape(1, -1, 1, 1, 3)
-    values = sample_normalised(volume, norm, padding=padding, mode=mode)  # (1, C, P, 1, 1)
-    return values.reshape(volume.shape[1], -1).T
+    return sample_flat(volume, physical_to_normalised(points_mm, grid).reshape(-1, 3), padding, mode).T
 
 
 def resample_volume(volume: torch.Tensor, source: Grid, target: Grid, padding: str = "zeros") -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 
 from nephireg.geometry import Grid
 from nephireg.nephi.field import Codes, NePhiNet
-from nephireg.sampling import matrix_tensor, sample_normalised
+from nephireg.sampling import matrix_tensor, sample_flat
 
 
 def ncc(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -23,8 +23,7 @@ def ncc(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 def sample_image(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Intensities (P,) of ``volume`` (1, 1, Z, Y, X) at normalised points (P, 3), border-padded trilinear."""
-    values = sample_normalised(volume, points.to(volume.dtype).reshape(1, -1, 1, 1, 3))
-    return values.reshape(-1)
+    return sample_flat(volume, points.to(volume.dtype)).reshape(-1)
 
 
 def jacobian(fn: Callable[[torch.Tensor], torch.Tensor], points: torch.Tensor) -> torch.Tensor:
