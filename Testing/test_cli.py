@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from nephireg import io
 from nephireg.geometry import Grid
@@ -136,6 +137,11 @@ def test_bad_option_values_are_bad_input(good, tmp_path, capsys):
                                check_code=ExitCode.BAD_INPUT)
     assert [e["event"] for e in malformed] == ["start", "error"]  # the start event comes first, always
     assert "not KEY=VALUE" in malformed[-1]["message"]
+    if not torch.cuda.is_available():  # a device that is not there: also an error after the start event
+        no_gpu = run_in_process(capsys, "register", "--fixed", good["fixed"], "--moving", good["moving"], "--out",
+                                tmp_path / "o", "--device", "cuda", "--progress", "jsonl",
+                                check_code=ExitCode.BAD_INPUT)
+        assert [e["event"] for e in no_gpu] == ["start", "error"] and "cuda" in no_gpu[-1]["message"]
     run_cli("register", "--fixed", good["fixed"], "--moving", good["moving"], "--out", tmp_path / "o",
             "--method", "bogus", check_code=2)  # argparse's usage error
 

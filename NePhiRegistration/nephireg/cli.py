@@ -14,7 +14,7 @@ import traceback
 from typing import Any, Callable, Dict, List, Optional
 
 from nephireg import __version__
-from nephireg.protocol import DEVICES, METHODS, PREALIGN_MODES, PRESETS, Event, ExitCode
+from nephireg.protocol import DEVICES, METHODS, PREALIGN_MODES, PRESETS, RESULT_MANIFEST, Event, ExitCode
 
 
 def _common_registration_arguments(parser: argparse.ArgumentParser) -> None:
@@ -147,21 +147,26 @@ def _register_command(args: argparse.Namespace) -> int:
         from nephireg.errors import InputError
         from nephireg.inputs import prefetch_inputs
 
-        def make_request():
-            return _request_from(args, args.fixed, args.moving, args.fixed_mask, args.moving_mask)
-
+        held_back: Optional[InputError] = None  # raised after the start event, which must come first
+        request = prefetched = None
         try:
-            request = make_request()
-        except InputError:
-            request = None  # built again after the start event, which must come first, and raises there
-        prefetched = prefetch_inputs(request) if request else None  # reads the images while torch is imported
+            request = _request_from(args, args.fixed, args.moving, args.fixed_mask, args.moving_mask)
+            prefetched = prefetch_inputs(request)  # reads the images while torch is imported below
+        except InputError as exc:
+            held_back = exc
         from nephireg.pipeline import register, resolve_device
 
-        reporter.emit(Event.START, {"method": args.method, "preset": args.preset,
-                                    "device": str(resolve_device(args.device)),  # what runs, e.g. "cuda" for auto
+        device = args.device
+        try:
+            device = str(resolve_device(args.device))  # what runs, e.g. "cuda" for auto
+        except InputError as exc:
+            held_back = held_back or exc
+        reporter.emit(Event.START, {"method": args.method, "preset": args.preset, "device": device,
                                     "out": os.path.abspath(args.out)})
-        manifest = register(request or make_request(), reporter, prefetched)
-        manifest["manifest_path"] = os.path.join(os.path.abspath(args.out), "result.json")
+        if held_back is not None:
+            raise held_back
+        manifest = register(request, reporter, prefetched)
+        manifest["manifest_path"] = os.path.join(os.path.abspath(args.out), RESULT_MANIFEST)
         if not isinstance(reporter, _jsonl_type()):
             _print_summary(manifest)
         return manifest

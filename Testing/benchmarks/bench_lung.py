@@ -71,8 +71,7 @@ def run_convexadam(out: Path) -> Dict[str, object]:
     disp = convex_adam_pt(sitk.GetArrayFromImage(fixed), sitk.GetArrayFromImage(moving_on_fixed),
                           device=torch.device("cpu"))
     grid = Grid.of(fixed)
-    index_to_mm = grid.direction_matrix @ np.diag(grid.spacing)
-    u = disp[..., ::-1] @ index_to_mm.T
+    u = disp[..., ::-1] @ grid.index_to_physical()[:3, :3].T
     write_transform(u, grid, out / "transform.h5")
     np.save(out / "disp_voxels.npy", disp.astype(np.float32))  # kept for --verify-peers
     import convexAdam
@@ -220,10 +219,9 @@ def score(transform_path: Path) -> Dict[str, object]:
 def landmark_errors(transform) -> np.ndarray:
     """(n,) mm: ||T(baseline_i) - followup_i|| for a SimpleITK transform T (fixed -> moving)."""
     from nephireg.io import read_points
+    from nephireg.prealign import landmark_errors as errors
 
-    baseline, followup = (read_points(p) for p in LANDMARKS)
-    mapped = np.array([transform.TransformPoint(tuple(float(v) for v in p)) for p in baseline])
-    return np.linalg.norm(mapped - followup, axis=1)
+    return errors(transform, *(read_points(p) for p in LANDMARKS))
 
 
 def verify_convexadam(out: Path) -> Dict[str, float]:
