@@ -9,8 +9,9 @@ from nephireg.errors import InputError
 from nephireg.geometry import Grid
 from nephireg.nephi.encoder import Encoder, EncoderConfig
 from nephireg.nephi.field import FieldConfig, NePhiNet, zero_codes
-from nephireg.nephi.losses import gradicon
+from nephireg.nephi.losses import PointSampler, gradicon, ncc
 from nephireg.nephi.model_io import load_model, read_payload, save_model
+from nephireg.nephi.objective import LossSettings, PairImages, pair_loss
 from nephireg.nephi.output import NePhiField, lattice_field
 from nephireg.nephi.trilinear import trilinear
 from nephireg.sampling import grid_points_mm, sample_normalised
@@ -105,7 +106,8 @@ def _model(tmp_path):
     torch.manual_seed(0)
     net = NePhiNet(SMALL, seed=3)
     torch.nn.init.normal_(net.forward_map.out.weight, std=0.05)
-    encoder = Encoder(EncoderConfig(input_shape=(66, 66, 66), global_dim=4, local_dim=4))
+    encoder = Encoder(EncoderConfig(input_shape=(66, 66, 66), global_dim=4, local_dim=4, local_convs=1,
+                                    local_channels=8))
     path = tmp_path / "model.pt"
     save_model(path, net, encoder, {"note": "test"})
     return net, encoder, path
@@ -187,3 +189,41 @@ def test_point_sampler_draws_inside_the_mask_voxels():
     half_voxel = torch.tensor([1 / 6, 1 / 5, 1 / 4])
     assert ((pts - centre).abs() <= half_voxel + 1e-6).all()
     assert ((pts - centre).abs().max(0).values > 0.8 * half_voxel).all()  # jittered over the whole voxel
+
+
+def test_ncc_of_feature_channels_ignores_a_common_gain_and_each_channels_offset():
+    a = torch.rand(12, 500, generator=torch.Generator().manual_seed(0))
+    offsets = torch.linspace(-1, 1, 12)[:, None]
+    assert float(ncc(2.5 * a + offsets, a)) == pytest.approx(1.0, abs=1e-5)
+    assert float(ncc(a[:, torch.randperm(500)], a)) < 0.2
+    assert float(ncc(a + offsets, a + offsets.flip(0))) == pytest.approx(1.0, abs=1e-5)  # offsets: centred away
+    assert float(ncc(a[0], a[0] * 3 + 1)) == pytest.approx(1.0, abs=1e-5)  # one channel: (P,) as before
+
+
+def test_the_similarity_compares_feature_volumes_when_the_pair_has_them():
+    # two unrelated images whose (given) feature volumes are identical: at the identity the feature similarity is
+    # perfect (loss 0), the intensity similarity is not
+    gen = torch.Generator().manual_seed(0)
+    fixed, moving = torch.rand(1, 1, 12, 12, 12, generator=gen), torch.rand(1, 1, 12, 12, 12, generator=gen)
+    features = torch.rand(1, 3, 12, 12, 12, generator=gen)
+    net = NePhiNet(SMALL)
+    codes = zero_codes(SMALL, (3, 3, 3))
+    settings = LossSettings(similarity_points=500, gradicon_weight=0.0, prior_weight=0.0)
+    with_features = PairImages.build(fixed, moving, features=(features, features.clone()))
+    plain = PairImages.build(fixed, moving)
+    with torch.no_grad():
+        feature_loss = float(pair_loss(net, codes, with_features, settings, gen)["similarity"])
+        intensity_loss = float(pair_loss(net, codes, plain, settings, gen)["similarity"])
+    assert feature_loss == pytest.approx(0.0, abs=1e-5) and intensity_loss > 0.5
+    assert isinstance(plain.fixed_points, PointSampler)
+
+
+def test_local_convs_widen_the_local_branch_without_changing_the_code_grid():
+    plain = Encoder(EncoderConfig(input_shape=(66, 66, 66), global_dim=4, local_dim=5))
+    deeper = Encoder(EncoderConfig(input_shape=(66, 66, 66), global_dim=4, local_dim=5, local_convs=2,
+                                   local_channels=8))
+    images = torch.rand(1, 1, 30, 34, 38), torch.rand(1, 1, 30, 34, 38)
+    with torch.no_grad():
+        (g1, l1), (g2, l2) = plain.eval()(*images), deeper.eval()(*images)
+    assert l1.shape == l2.shape == (1, 5, 9, 9, 9) and g1.shape == g2.shape == (1, 4)
+    assert len(deeper.local_convs) == 2 and len(plain.local_convs) == 0

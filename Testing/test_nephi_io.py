@@ -111,6 +111,34 @@ def test_settings_validate_options():
         Settings.from_options({"coarse_regularization": -1})
     with pytest.raises(InputError, match="coarse_iterations"):
         Settings.from_options({"coarse": "adam", "coarse_iterations": 0})
+    assert Settings.from_options({"similarity": "mind"}).similarity == "mind"
+    with pytest.raises(InputError, match="similarity must be one of ncc, mind"):
+        Settings.from_options({"similarity": "mutual-information"})
+
+
+def test_the_runs_seed_reaches_the_point_sampling_unless_an_option_sets_it(known_pair):
+    grid, pair, _ = known_pair
+    options = {"iterations": 3, "similarity_points": 300, "gradicon_points": 8, "output_lattice": 0}
+
+    def result(run_seed: int, **extra) -> np.ndarray:
+        seeded = PreparedPair(grid, pair.fixed, pair.moving, seed=run_seed)
+        return evaluate_on_grid(run_instance_optimisation(seeded, {**options, **extra}, SilentReporter()), grid,
+                                torch.device("cpu"))
+
+    first = result(0)
+    assert np.array_equal(first, result(0))
+    assert not np.allclose(first, result(1))
+    assert np.array_equal(result(1, seed=0), first)
+
+
+def test_io_with_mind_similarity_recovers_a_known_deformation(known_pair):
+    grid, pair, pts = known_pair
+    field = run_instance_optimisation(pair, {"iterations": 80, "similarity_points": 2000, "gradicon_points": 50,
+                                             "regularization": 1.0, "similarity": "mind"}, SilentReporter())
+    u = torch.from_numpy(evaluate_on_grid(field, grid, torch.device("cpu"))).float().reshape(-1, 3)
+    before = (_warp(pts) - pts).norm(dim=1).mean()
+    after = (_warp(pts + u) - pts).norm(dim=1).mean()
+    assert after < 0.5 * before, (float(before), float(after))
 
 
 @pytest.mark.parametrize("preset", ["lung-ct", "brain-mri", "generic"])

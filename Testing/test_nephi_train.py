@@ -10,8 +10,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from nephireg.nephi.encoder import Encoder, EncoderConfig
+from nephireg.nephi.field import FieldConfig, NePhiNet
 from nephireg.nephi.model_io import load_model
-from nephireg.nephi.train import CHECKPOINT, TrainConfig, train
+from nephireg.nephi.objective import LossSettings, PairImages
+from nephireg.nephi.synthetic import WarpSettings, make_pair
+from nephireg.nephi.train import CHECKPOINT, Trainable, TrainConfig, train
 
 SMALL_FIELD = {"global_dim": 32, "local_dim": 32, "fourier_features": 16, "hidden": 32}
 
@@ -91,3 +95,29 @@ def test_two_gloo_processes_train_with_ddp(tmp_path, volumes_csv):
 def test_train_needs_data():
     with pytest.raises(ValueError, match="--pairs and/or --volumes"):
         TrainConfig(out="m.pt", workdir="w")
+
+
+def test_supervised_term_measures_the_known_warp_and_reaches_the_encoder():
+    gen = torch.Generator().manual_seed(0)
+    volume = torch.rand(1, 1, 66, 66, 66, generator=gen)
+    synthetic = make_pair(volume, None, WarpSettings(amplitude=0.08), gen)
+    images = PairImages.build(synthetic.fixed, synthetic.moving)
+    config = FieldConfig(**SMALL_FIELD)
+    model = Trainable(Encoder(EncoderConfig(input_shape=(66, 66, 66))), NePhiNet(config),
+                      LossSettings(similarity_points=400, gradicon_points=8), supervised_weight=10.0)
+    # a fresh field is the identity: the term is then exactly the mean size of the known warp, both ways
+    terms = {k: float(v.detach()) for k, v in model(images, torch.Generator().manual_seed(1), synthetic).items()}
+    x = images.fixed_points.sample(400, torch.Generator().manual_seed(2))
+    warp_size = float((synthetic.warp_points(x) - x).norm(dim=1).mean())
+    assert terms["supervised"] == pytest.approx(warp_size, rel=0.25)
+    assert terms["total"] > terms["similarity"] + 10.0 * 0.5 * warp_size
+    assert "supervised" not in model(images, gen)  # a real pair: no known warp, no term
+    # with a non-zero read-out the term's gradient reaches the encoder's local head
+    torch.nn.init.normal_(model.net.forward_map.out.weight, std=0.1)
+    model(images, gen, synthetic)["supervised"].backward()
+    assert model.encoder.local_head.weight.grad.abs().sum() > 0
+
+
+def test_supervised_weight_must_not_be_negative(tmp_path, volumes_csv):
+    with pytest.raises(ValueError, match="supervised_weight"):
+        _config(tmp_path, volumes_csv, supervised_weight=-1.0)

@@ -20,6 +20,7 @@ from nephireg.pair import PreparedPair
 from nephireg.progress import Reporter
 
 COARSE_MODES = ("none", "adam")
+SIMILARITIES = ("ncc", "mind")  # NCC of the (masked) intensities, or of MIND-SSC features
 _IGNORED = ("grid_spacing_mm", "device")  # common options NePhi does not use
 
 
@@ -30,7 +31,7 @@ class Settings:
     iterations: int = 200  # IO steps (nephi-io only)
     regularization: float = 1.0  # GradICON weight lambda (10 in the paper; 1 measured better here, docs/nephi.md)
     model: Optional[str] = None  # path or registry name; None: the shipped default (predict) / identity (IO)
-    seed: int = 0
+    seed: int = 0  # point sampling and fresh MLP weights; the pipeline passes the run's --seed
     learning_rate: float = 2e-3  # Adam, MLP weights
     code_learning_rate: float = 2e-2  # Adam, latent codes
     similarity_points: int = 10_000  # per direction and step
@@ -38,6 +39,7 @@ class Settings:
     prior_weight: float = 0.01
     latent_stride: int = 8  # working voxels per local-code cell when starting from identity
     mask_images: bool = True  # with masks: image x mask and similarity points inside the masks
+    similarity: str = "ncc"  # "mind": NCC of MIND-SSC features (of the unmasked images) instead of intensities
     coarse: str = "none"  # "adam": a coarse continuous-Adam field first, NePhi refines on top
     coarse_iterations: int = 60
     coarse_regularization: float = 1.0  # diffusion weight of the coarse Adam step (see methods.adam.Settings)
@@ -56,6 +58,8 @@ class Settings:
             raise InputError(f"threads must be >= 0, got {self.threads}")
         if self.latent_stride < 1:
             raise InputError(f"latent_stride must be >= 1, got {self.latent_stride}")
+        if self.similarity not in SIMILARITIES:
+            raise InputError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {self.similarity!r}")
         if self.coarse not in COARSE_MODES:
             raise InputError(f"coarse must be one of {', '.join(COARSE_MODES)}, got {self.coarse!r}")
         if self.coarse == "adam" and self.coarse_iterations < 1:
@@ -118,7 +122,7 @@ def run_instance_optimisation(pair: PreparedPair, options: Mapping[str, Any], re
     from nephireg.nephi.field import NePhiNet, zero_codes
     from nephireg.nephi.optimise import optimise
 
-    settings = Settings.from_options(options)
+    settings = Settings.from_options({"seed": pair.seed, **options})  # the run's --seed unless an option says
     torch.manual_seed(settings.seed)
     images, coarse = _inputs(pair, settings, reporter)
     model = _load(settings.model, required=False, device=pair.device)
@@ -147,9 +151,22 @@ def _inputs(pair: PreparedPair, settings: Settings, reporter: Reporter):
         coarse, moving, moving_mask = _coarse_step(pair, settings, reporter)
     fixed_mask = pair.fixed_mask if settings.mask_images else None
     moving_mask = moving_mask if settings.mask_images else None
+    features = _mind_features(pair.fixed, moving) if settings.similarity == "mind" else None
     fixed = pair.fixed if fixed_mask is None else pair.fixed * fixed_mask
     moving = moving if moving_mask is None else moving * moving_mask
-    return PairImages.build(fixed, moving, fixed_mask, moving_mask), coarse
+    return PairImages.build(fixed, moving, fixed_mask, moving_mask, features), coarse
+
+
+def _mind_features(fixed: torch.Tensor, moving: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """MIND-SSC (1, 12, Z, Y, X) of both unmasked images, with continuous Adam's radius and dilation (a mask
+    edge would otherwise be the strongest structure); the similarity points still come from the masks."""
+    from nephireg.features import mind_ssc
+    from nephireg.methods.adam import Settings as AdamSettings
+
+    defaults = AdamSettings()
+    with torch.no_grad():
+        return (mind_ssc(fixed, defaults.mind_radius, defaults.mind_dilation),
+                mind_ssc(moving, defaults.mind_radius, defaults.mind_dilation))
 
 
 def _coarse_step(pair: PreparedPair, settings: Settings, reporter: Reporter):

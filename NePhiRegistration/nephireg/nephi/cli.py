@@ -32,7 +32,13 @@ def _add_train(subparsers) -> None:
     p.add_argument("--similarity-points", type=int, default=4000)
     p.add_argument("--gradicon-points", type=int, default=100)
     p.add_argument("--regularization", dest="gradicon_weight", type=float, default=1.0)
+    p.add_argument("--supervised-weight", type=float, default=10.0,
+                   help="weight of the known-warp error on synthetic pairs (0: unsupervised)")
     p.add_argument("--warp-amplitude", type=float, default=0.05, help="synthetic velocity std, normalised units")
+    p.add_argument("--warp-affine", type=float, default=1.0,
+                   help="synthetic affine ranges as a fraction of 3 deg, 3 %%, 0.03 normalised (0: no affine)")
+    p.add_argument("--local-convs", type=int, default=0,
+                   help="stride-1 conv blocks on the encoder's local branch (0: the paper's encoder)")
     p.add_argument("--validate-every", type=int, default=100)
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop and save after this long (0: no limit)")
@@ -63,7 +69,9 @@ def run_train(args: argparse.Namespace) -> int:
                              volumes_csv=args.volumes_csv, steps=args.steps, learning_rate=args.learning_rate,
                              input_shape=(args.input_size,) * 3, similarity_points=args.similarity_points,
                              gradicon_points=args.gradicon_points, gradicon_weight=args.gradicon_weight,
-                             warp_amplitude=args.warp_amplitude, validate_every=args.validate_every,
+                             supervised_weight=args.supervised_weight,
+                             warp_amplitude=args.warp_amplitude, warp_affine=args.warp_affine,
+                             encoder={"local_convs": args.local_convs}, validate_every=args.validate_every,
                              checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
                              seed=args.seed, resume=args.resume, field={"hidden": args.hidden})
     except ValueError as exc:

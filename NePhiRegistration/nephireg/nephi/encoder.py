@@ -25,6 +25,11 @@ class EncoderConfig:
     local_block: int = 3  # 1-based block feeding the local code (stride 2^3 = 8)
     global_dim: int = 32
     local_dim: int = 32
+    # stride-1 conv blocks on the local branch, at the local code's resolution (cheap: ~10^3 voxels); each widens
+    # the local code's receptive field by 2 x 2^local_block input voxels and adds depth for matching the two images
+    # (the paper's local code is 3 convolutions from the input). 0 = the paper's encoder.
+    local_convs: int = 0
+    local_channels: int = 64
 
     def __post_init__(self) -> None:
         # BatchNorm in training needs more than one value per channel after the last stride-2 block
@@ -47,8 +52,8 @@ class EncoderConfig:
         return cls(**values)
 
 
-def _block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv3d(cin, cout, 3, stride=2, padding=1), nn.BatchNorm3d(cout),
+def _block(cin: int, cout: int, stride: int = 2) -> nn.Sequential:
+    return nn.Sequential(nn.Conv3d(cin, cout, 3, stride=stride, padding=1), nn.BatchNorm3d(cout),
                          nn.LeakyReLU(0.2))
 
 
@@ -58,7 +63,12 @@ class Encoder(nn.Module):
         self.config = config
         chans = (2,) + tuple(config.channels)
         self.blocks = nn.ModuleList([_block(chans[i], chans[i + 1]) for i in range(len(config.channels))])
-        self.local_head = nn.Conv3d(config.channels[config.local_block - 1], config.local_dim, 1)
+        local_in = config.channels[config.local_block - 1]
+        self.local_convs = nn.Sequential(*[_block(local_in if i == 0 else config.local_channels, config.local_channels,
+                                                  stride=1) for i in range(config.local_convs)])
+        if config.local_convs:
+            local_in = config.local_channels
+        self.local_head = nn.Conv3d(local_in, config.local_dim, 1)
         self.global_head = nn.Linear(config.channels[-1], config.global_dim)
         # Small heads: codes start near zero, where the field's modulation was trained from.
         for head in (self.local_head, self.global_head):
@@ -79,5 +89,5 @@ class Encoder(nn.Module):
         for i, block in enumerate(self.blocks, start=1):
             h = block(h)
             if i == self.config.local_block:
-                local = self.local_head(h)
+                local = self.local_head(self.local_convs(h))
         return self.global_head(h.mean(dim=(2, 3, 4))), local

@@ -15,15 +15,18 @@ from nephireg.sampling import matrix_tensor, sample_flat
 
 
 def ncc(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Normalised cross-correlation of two (P,) samples, in [-1, 1] (1 = identical up to gain and offset)."""
-    a = a - a.mean()
-    b = b - b.mean()
+    """Normalised cross-correlation of two samples (P,) or (C, P), in [-1, 1] (1 = identical up to one common gain
+    and each channel's offset): each channel is centred on its own mean, then the channels count as one sample."""
+    a = a - a.mean(dim=-1, keepdim=True)
+    b = b - b.mean(dim=-1, keepdim=True)
     return (a * b).sum() / torch.sqrt((a * a).sum() * (b * b).sum() + eps)
 
 
 def sample_image(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Intensities (P,) of ``volume`` (1, 1, Z, Y, X) at normalised points (P, 3), border-padded trilinear."""
-    return sample_flat(volume, points.to(volume.dtype)).reshape(-1)
+    """Values of ``volume`` (1, C, Z, Y, X) at normalised points (P, 3), border-padded trilinear: (P,) for one
+    channel, (C, P) for several (e.g. MIND-SSC features)."""
+    values = sample_flat(volume, points.to(volume.dtype))
+    return values.reshape(-1) if values.shape[0] == 1 else values
 
 
 def jacobian(fn: Callable[[torch.Tensor], torch.Tensor], points: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,15 @@
 """The NePhi loss of one image pair on sampled points (shared by instance optimisation and training):
 
 ``0.5 [ (1 - NCC(M o phi, F)) + (1 - NCC(F o phi^-1, M)) ] + lambda GradICON + prior_weight (|g| + |l|)``.
+
+NCC compares the images' intensities, or, when the pair carries them, feature volumes of the two images (MIND-SSC,
+12 channels: NCC over all channels, each centred on its own mean). The images themselves always feed the encoder.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -30,19 +33,32 @@ class LossSettings:
 
 @dataclass
 class PairImages:
-    """One pair on a common working grid: images (1, 1, Z, Y, X) and samplers of their (masked) points."""
+    """One pair on a common working grid: images (1, 1, Z, Y, X), samplers of their (masked) points, and the
+    volumes the similarity compares (the images, or their features (1, C, Z, Y, X))."""
 
     fixed: torch.Tensor
     moving: torch.Tensor
     fixed_points: PointSampler
     moving_points: PointSampler
     all_points: PointSampler
+    fixed_similarity: Optional[torch.Tensor] = None  # None: the image itself
+    moving_similarity: Optional[torch.Tensor] = None
 
     @classmethod
-    def build(cls, fixed: torch.Tensor, moving: torch.Tensor, fixed_mask=None, moving_mask=None) -> PairImages:
+    def build(cls, fixed: torch.Tensor, moving: torch.Tensor, fixed_mask=None, moving_mask=None,
+              features: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> PairImages:
+        """``features``: optional (fixed, moving) feature volumes on the same grid for the similarity term."""
         shape = tuple(fixed.shape[2:])
+        fixed_similarity, moving_similarity = features if features is not None else (None, None)
         return cls(fixed, moving, PointSampler(shape, fixed_mask, fixed.device),
-                   PointSampler(shape, moving_mask, fixed.device), PointSampler(shape, None, fixed.device))
+                   PointSampler(shape, moving_mask, fixed.device), PointSampler(shape, None, fixed.device),
+                   fixed_similarity, moving_similarity)
+
+    def similarity_volumes(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(fixed, moving) volumes the similarity term samples."""
+        if self.fixed_similarity is None or self.moving_similarity is None:
+            return self.fixed, self.moving
+        return self.fixed_similarity, self.moving_similarity
 
 
 def pair_loss(net: NePhiNet, codes: Codes, images: PairImages, settings: LossSettings,
@@ -50,10 +66,11 @@ def pair_loss(net: NePhiNet, codes: Codes, images: PairImages, settings: LossSet
     """Loss terms of one pair; ``total`` is the one to minimise."""
     xf = images.fixed_points.sample(settings.similarity_points, generator)
     xm = images.moving_points.sample(settings.similarity_points, generator)
-    warped_moving = sample_image(images.moving, net.transform(xf, codes))
-    warped_fixed = sample_image(images.fixed, net.transform(xm, codes, inverse=True))
-    similarity = 1.0 - 0.5 * (ncc(warped_moving, sample_image(images.fixed, xf))
-                              + ncc(warped_fixed, sample_image(images.moving, xm)))
+    fixed, moving = images.similarity_volumes()
+    warped_moving = sample_image(moving, net.transform(xf, codes))
+    warped_fixed = sample_image(fixed, net.transform(xm, codes, inverse=True))
+    similarity = 1.0 - 0.5 * (ncc(warped_moving, sample_image(fixed, xf))
+                              + ncc(warped_fixed, sample_image(moving, xm)))
     terms = {"similarity": similarity}
     total = similarity
     if settings.gradicon_weight > 0:

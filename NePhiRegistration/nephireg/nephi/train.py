@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from dataclasses import field as default_of
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -24,7 +25,7 @@ from nephireg.nephi.encoder import Encoder, EncoderConfig
 from nephireg.nephi.field import FieldConfig, NePhiNet
 from nephireg.nephi.model_io import save_model
 from nephireg.nephi.objective import LossSettings, PairImages, pair_loss
-from nephireg.nephi.synthetic import WarpSettings, make_pair
+from nephireg.nephi.synthetic import SyntheticPair, WarpSettings, make_pair
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -42,33 +43,63 @@ class TrainConfig:
     gradicon_points: int = 100
     gradicon_weight: float = 1.0
     prior_weight: float = 0.01
+    # weight of the known-warp error on synthetic pairs (mean ||T(phi(x)) - x|| + mean ||phi^-1(y) - T(y)||,
+    # normalised units); 0 = unsupervised (similarity + GradICON only, as for real pairs)
+    supervised_weight: float = 10.0
     synthetic_fraction: float = 1.0  # share of steps on synthetic pairs when both sources are given
     warp_amplitude: float = 0.05
+    warp_affine: float = 1.0  # synthetic affine ranges as a fraction of WarpSettings' (3 deg, 3 %, 0.03)
     checkpoint_every: int = 100
     validate_every: int = 100
     validation_pairs: int = 4
     seed: int = 0
     resume: bool = False
     max_minutes: float = 0.0  # stop (and save) after this much training time; 0 = no limit
-    field: Dict = field(default_factory=dict)  # FieldConfig overrides
+    field: Dict = default_of(default_factory=dict)  # FieldConfig overrides
+    encoder: Dict = default_of(default_factory=dict)  # EncoderConfig overrides (besides input_shape)
 
     def __post_init__(self) -> None:
         if not self.pairs_csv and not self.volumes_csv:
             raise ValueError("training needs --pairs and/or --volumes")
         if self.steps < 1 or self.learning_rate <= 0:
             raise ValueError("steps must be >= 1 and the learning rate positive")
+        if self.supervised_weight < 0 or self.warp_affine < 0:
+            raise ValueError("supervised_weight and warp_affine must be >= 0")
 
 
 class Trainable(nn.Module):
     """Encoder + field; ``forward`` returns the loss terms of one pair (DDP hooks run on this call)."""
 
-    def __init__(self, encoder: Encoder, net: NePhiNet, losses: LossSettings) -> None:
+    def __init__(self, encoder: Encoder, net: NePhiNet, losses: LossSettings, supervised_weight: float = 0.0
+                 ) -> None:
         super().__init__()
         self.encoder, self.net, self.losses = encoder, net, losses
+        self.supervised_weight = supervised_weight
 
-    def forward(self, images: PairImages, generator: torch.Generator) -> Dict[str, torch.Tensor]:
+    def forward(self, images: PairImages, generator: torch.Generator,
+                synthetic: Optional[SyntheticPair] = None) -> Dict[str, torch.Tensor]:
         global_code, local = self.encoder(images.fixed, images.moving)
-        return pair_loss(self.net, (global_code[0], local[0]), images, self.losses, generator)
+        codes = (global_code[0], local[0])
+        terms = pair_loss(self.net, codes, images, self.losses, generator)
+        if synthetic is not None and self.supervised_weight > 0:
+            # the synthetic warp is known: a direct target for both maps (much faster to learn from than NCC)
+            count = max(16, self.losses.similarity_points // 4)
+            x = images.fixed_points.sample(count, generator)
+            y = images.moving_points.sample(count, generator)
+            terms["supervised"] = 0.5 * (known_warp_error(self.net, codes, synthetic, x).mean()
+                                         + inverse_warp_error(self.net, codes, synthetic, y).mean())
+            terms["total"] = terms["total"] + self.supervised_weight * terms["supervised"]
+        return terms
+
+
+def known_warp_error(net: NePhiNet, codes, synthetic: SyntheticPair, points: torch.Tensor) -> torch.Tensor:
+    """(P,) ``||T(phi(x)) - x||`` at fixed-image points (P, 3), normalised units: 0 for a perfect forward map."""
+    return (synthetic.warp_points(net.transform(points, codes)) - points).norm(dim=1)
+
+
+def inverse_warp_error(net: NePhiNet, codes, synthetic: SyntheticPair, points: torch.Tensor) -> torch.Tensor:
+    """(P,) ``||phi^-1(y) - T(y)||`` at moving-image points (P, 3), normalised units (phi^-1 should be T)."""
+    return (net.transform(points, codes, inverse=True) - synthetic.warp_points(points)).norm(dim=1)
 
 
 def train(config: TrainConfig, log: Callable[[str], None] = print) -> Dict:
@@ -81,24 +112,25 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> Dict:
     shape = tuple(config.input_shape)
     pairs = load_pairs(Path(config.pairs_csv), shape) if config.pairs_csv else []
     volumes = load_volumes(Path(config.volumes_csv), shape) if config.volumes_csv else []
-    model = Trainable(Encoder(EncoderConfig(input_shape=shape)), NePhiNet(FieldConfig(**config.field), config.seed),
+    encoder = Encoder(EncoderConfig(input_shape=shape, **config.encoder))
+    model = Trainable(encoder, NePhiNet(FieldConfig(**config.field), config.seed),
                       LossSettings(config.similarity_points, config.gradicon_points, config.gradicon_weight,
-                                   config.prior_weight))
+                                   config.prior_weight), config.supervised_weight)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     state = {"step": 0, "history": [], "seconds": 0.0}
     if config.resume and (workdir / CHECKPOINT).is_file():
         state = _load_checkpoint(workdir / CHECKPOINT, model, optimiser)
         log(f"resumed from step {state['step']}")
     runner = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    warp = WarpSettings(amplitude=config.warp_amplitude)
+    warp = warp_settings(config)
     validation = _validation_set(volumes, warp, config) if rank == 0 else []
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank + 7919 * state["step"])
     started = time.perf_counter() - state["seconds"]
     model.train()
     for step in range(state["step"] + 1, config.steps + 1):
-        images = _draw(pairs, volumes, warp, config, generator)
+        images, synthetic = _draw(pairs, volumes, warp, config, generator)
         optimiser.zero_grad(set_to_none=True)
-        terms = runner(images, generator)
+        terms = runner(images, generator, synthetic)
         terms["total"].backward()
         optimiser.step()
         state["step"], state["seconds"] = step, time.perf_counter() - started
@@ -123,6 +155,13 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> Dict:
     return metadata
 
 
+def warp_settings(config: TrainConfig) -> WarpSettings:
+    """The synthetic warps of a training run: velocity std and affine ranges from the configuration."""
+    base = WarpSettings()
+    return WarpSettings(amplitude=config.warp_amplitude, rotation_deg=base.rotation_deg * config.warp_affine,
+                        scale=base.scale * config.warp_affine, translation=base.translation * config.warp_affine)
+
+
 def _out_of_time(config: TrainConfig, seconds: float, world: int) -> bool:
     """Whether the time limit is reached; under DDP rank 0 decides, so every process stops at the same step."""
     flag = torch.tensor([float(config.max_minutes > 0 and seconds >= 60.0 * config.max_minutes)])
@@ -141,14 +180,15 @@ def _init_distributed() -> Tuple[int, int]:
 
 
 def _draw(pairs: List[Pair], volumes: List[Volume], warp: WarpSettings, config: TrainConfig,
-          generator: torch.Generator) -> PairImages:
+          generator: torch.Generator) -> Tuple[PairImages, Optional[SyntheticPair]]:
+    """One training pair: its images, and the synthetic pair (with its known warp) when it is synthetic."""
     use_synthetic = volumes and (not pairs or float(torch.rand(1, generator=generator)) < config.synthetic_fraction)
     if use_synthetic:
         vol = volumes[int(torch.randint(len(volumes), (1,), generator=generator))]
         p = make_pair(vol.image, vol.mask, warp, generator)
-        return PairImages.build(p.fixed, p.moving, p.fixed_mask, p.moving_mask)
+        return PairImages.build(p.fixed, p.moving, p.fixed_mask, p.moving_mask), p
     pair = pairs[int(torch.randint(len(pairs), (1,), generator=generator))]
-    return PairImages.build(pair.fixed.image, pair.moving.image, pair.fixed.mask, pair.moving.mask)
+    return PairImages.build(pair.fixed.image, pair.moving.image, pair.fixed.mask, pair.moving.mask), None
 
 
 def _validation_set(volumes: List[Volume], warp: WarpSettings, config: TrainConfig):
@@ -170,9 +210,9 @@ def _validate(model: Trainable, pairs, config: TrainConfig) -> Dict[str, float]:
             images = PairImages.build(p.fixed, p.moving, p.fixed_mask, p.moving_mask)
             x = images.fixed_points.sample(4000, generator)
             g, local = model.encoder(p.fixed, p.moving)
-            phi = model.net.transform(x, (g[0], local[0]))
             half = (torch.tensor(config.input_shape[::-1], dtype=x.dtype) - 1) / 2  # normalised -> voxels
             before.append(((p.warp_points(x) - x) * half).norm(dim=1).mean())
+            phi = model.net.transform(x, (g[0], local[0]))
             after.append(((p.warp_points(phi) - x) * half).norm(dim=1).mean())
     model.train()
     return {"val_error_before_vox": round(float(torch.stack(before).mean()), 4),
