@@ -140,6 +140,23 @@ def test_split_sampling_matches_one_batch_values_and_gradients():
     assert torch.allclose(split, whole) and torch.allclose(split_grad, points.grad)
 
 
+def test_channels_last_volumes_sample_to_the_same_values_and_gradients():
+    from nephireg.sampling import channels_last, sample_flat
+
+    torch.manual_seed(0)
+    volume = torch.rand(1, 12, 9, 10, 11, dtype=torch.float64)
+    fast = channels_last(volume)
+    assert fast.is_contiguous(memory_format=torch.channels_last_3d) and torch.equal(fast, volume)
+    grads = []
+    for v in (volume, fast):
+        points = (torch.rand(3000, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2 - 1)
+        points.requires_grad_(True)
+        values = sample_flat(v, points)
+        (values ** 2).sum().backward()
+        grads.append((values.detach(), points.grad))
+    assert torch.allclose(grads[0][0], grads[1][0]) and torch.allclose(grads[0][1], grads[1][1])
+
+
 def test_engine_adam_follows_torch_adam_step_for_step():
     from nephireg.optim import Adam
 

@@ -77,6 +77,13 @@ def sample_flat(volume: torch.Tensor, points_norm: torch.Tensor, padding: str = 
     return values.reshape(parts, channels, per_part).transpose(0, 1).reshape(channels, -1)[:, :count]
 
 
+def channels_last(volume: torch.Tensor) -> torch.Tensor:
+    """The same (N, C, Z, Y, X) values with the channels adjacent in memory (``channels_last_3d``): point sampling
+    of a many-channel volume then reads one cache line per corner instead of one per channel (12-channel MIND-SSC,
+    8000 points, one CPU thread: 0.016-0.022 s forward + backward against 0.08-0.09 s). Same numbers."""
+    return volume.contiguous(memory_format=torch.channels_last_3d)
+
+
 def sample_points(volume: torch.Tensor, grid: Grid, points_mm: torch.Tensor, padding: str = "border",
                   mode: str = "bilinear") -> torch.Tensor:
     """Samples of ``volume`` (1, C, Z, Y, X) on ``grid`` at (P, 3) LPS mm points -> (P, C)."""

@@ -27,7 +27,15 @@ from nephireg.geometry import Grid
 from nephireg.optim import Adam
 from nephireg.pair import PreparedPair
 from nephireg.progress import Reporter
-from nephireg.sampling import identity_normalised, matrix_tensor, pool, pooled_grid, resample_volume, sample_flat
+from nephireg.sampling import (
+    channels_last,
+    identity_normalised,
+    matrix_tensor,
+    pool,
+    pooled_grid,
+    resample_volume,
+    sample_flat,
+)
 from nephireg.schedule import ConstantCosineLinear
 
 
@@ -142,7 +150,7 @@ class MindDataTerm:
         self.identity = identity if self.index is None else identity[self.index]  # (P, 3) normalised
         flat_target = target.reshape(channels, -1)
         self.target = flat_target if self.index is None else flat_target[:, self.index]  # (C, P)
-        self.source = source
+        self.source = channels_last(source)  # sampled at every masked voxel each step
         self.to_normalised = matrix_tensor(grid.physical_to_normalised(), target)[:3, :3]  # mm vector -> normalised
 
     def __call__(self, u_mm: torch.Tensor) -> torch.Tensor:

@@ -162,11 +162,12 @@ def _mind_features(fixed: torch.Tensor, moving: torch.Tensor) -> Tuple[torch.Ten
     edge would otherwise be the strongest structure); the similarity points still come from the masks."""
     from nephireg.features import mind_ssc
     from nephireg.methods.adam import Settings as AdamSettings
+    from nephireg.sampling import channels_last
 
     defaults = AdamSettings()
     with torch.no_grad():
-        return (mind_ssc(fixed, defaults.mind_radius, defaults.mind_dilation),
-                mind_ssc(moving, defaults.mind_radius, defaults.mind_dilation))
+        return tuple(channels_last(mind_ssc(image, defaults.mind_radius, defaults.mind_dilation))
+                     for image in (fixed, moving))
 
 
 def _coarse_step(pair: PreparedPair, settings: Settings, reporter: Reporter):
