@@ -50,12 +50,13 @@ _PRESETS = {
         # as 80 + 60 or 270 + 100, in a third of the time.
         # NePhi predict: the dense output sampled on a 3x working-spacing lattice (4.7 -> 1.3 s CPU, docs/nephi.md).
         # NePhi + IO: multi-resolution (continuous Adam on the 1/4 grid first, lambda 0.2 as above), Adam rates 2.5x
-        # the generic ones, 8000 similarity points, 170 iterations, NCC of MIND-SSC features, GradICON lambda 0.5:
-        # 1.374-1.384 mm over seeds 0-2, against 1.41-1.45 mm with intensity NCC and lambda 1 (docs/nephi.md).
+        # the generic ones, NCC of MIND-SSC features, GradICON lambda 0.5, 6000 similarity points, 150 iterations:
+        # 1.39 mm in ~87 s on a slow 2-core CPU; 170 iterations with 8000 points give 1.374-1.384 mm over seeds 0-2
+        # in ~110 s there; intensity NCC with lambda 1 gave 1.41-1.45 mm (docs/nephi.md).
         method_options={"adam": {"regularization": 0.2, "iterations": 30, "coarse_iterations": 30},
                         "nephi": {"output_lattice": 3},
-                        "nephi-io": {"coarse": "adam", "coarse_regularization": 0.2, "iterations": 170,
-                                     "learning_rate": 5e-3, "code_learning_rate": 5e-2, "similarity_points": 8000,
+                        "nephi-io": {"coarse": "adam", "coarse_regularization": 0.2, "iterations": 150,
+                                     "learning_rate": 5e-3, "code_learning_rate": 5e-2, "similarity_points": 6000,
                                      "similarity": "mind", "regularization": 0.5, "output_lattice": 3}},
     ),
     "brain-mri": Preset(
