@@ -227,3 +227,21 @@ def test_local_convs_widen_the_local_branch_without_changing_the_code_grid():
         (g1, l1), (g2, l2) = plain.eval()(*images), deeper.eval()(*images)
     assert l1.shape == l2.shape == (1, 5, 9, 9, 9) and g1.shape == g2.shape == (1, 4)
     assert len(deeper.local_convs) == 2 and len(plain.local_convs) == 0
+
+
+def test_a_model_file_written_before_local_convs_existed_still_loads(tmp_path):
+    # the session-1 file layout: an encoder configuration without the local_convs / local_channels keys
+    _, _, path = _model(tmp_path)
+    payload = read_payload(path)
+    payload["encoder_config"] = {k: v for k, v in payload["encoder_config"].items()
+                                 if k not in ("local_convs", "local_channels")}
+    plain = Encoder(EncoderConfig(input_shape=(66, 66, 66), global_dim=4, local_dim=4))
+    payload["encoder"] = plain.state_dict()
+    torch.save(payload, tmp_path / "old.pt")
+    model = load_model(tmp_path / "old.pt")
+    assert model.encoder.config.local_convs == 0 and len(model.encoder.local_convs) == 0
+    images = torch.rand(1, 1, 40, 44, 48), torch.rand(1, 1, 40, 44, 48)
+    with torch.no_grad():
+        assert torch.equal(model.predict_codes(*images)[1], plain.eval()(*images)[1][0])
+    with pytest.raises(ValueError, match="local_convs"):
+        EncoderConfig(local_convs=-1)

@@ -109,7 +109,7 @@ def run_predict(pair: PreparedPair, options: Mapping[str, Any], reporter: Report
     """One encoder pass: latent codes from the pair, the field from the model's MLPs."""
     settings = Settings.from_options(options)
     reporter.stage("nephi-predict", "NePhi: predicting the deformation")
-    images, coarse = _inputs(pair, settings, reporter)
+    images, coarse = _inputs(pair, settings, reporter, with_features=False)  # no similarity term in predict
     model = _load(settings.model, required=True, device=pair.device)
     codes = _predict_codes(model, images)
     reporter.step(1, 1)
@@ -141,7 +141,7 @@ def run_instance_optimisation(pair: PreparedPair, options: Mapping[str, Any], re
     return _output(net, codes, pair, settings, coarse)
 
 
-def _inputs(pair: PreparedPair, settings: Settings, reporter: Reporter):
+def _inputs(pair: PreparedPair, settings: Settings, reporter: Reporter, with_features: bool = True):
     """Masked images and point samplers, after the optional coarse step (which warps the moving image)."""
     from nephireg.nephi.objective import PairImages
 
@@ -151,7 +151,7 @@ def _inputs(pair: PreparedPair, settings: Settings, reporter: Reporter):
         coarse, moving, moving_mask = _coarse_step(pair, settings, reporter)
     fixed_mask = pair.fixed_mask if settings.mask_images else None
     moving_mask = moving_mask if settings.mask_images else None
-    features = _mind_features(pair.fixed, moving) if settings.similarity == "mind" else None
+    features = _mind_features(pair.fixed, moving) if with_features and settings.similarity == "mind" else None
     fixed = pair.fixed if fixed_mask is None else pair.fixed * fixed_mask
     moving = moving if moving_mask is None else moving * moving_mask
     return PairImages.build(fixed, moving, fixed_mask, moving_mask, features), coarse
@@ -166,8 +166,9 @@ def _mind_features(fixed: torch.Tensor, moving: torch.Tensor) -> Tuple[torch.Ten
 
     defaults = AdamSettings()
     with torch.no_grad():
-        return tuple(channels_last(mind_ssc(image, defaults.mind_radius, defaults.mind_dilation))
-                     for image in (fixed, moving))
+        fixed_features = mind_ssc(fixed, defaults.mind_radius, defaults.mind_dilation)
+        moving_features = mind_ssc(moving, defaults.mind_radius, defaults.mind_dilation)
+    return channels_last(fixed_features), channels_last(moving_features)
 
 
 def _coarse_step(pair: PreparedPair, settings: Settings, reporter: Reporter):

@@ -38,6 +38,8 @@ class EncoderConfig:
                              f"each side must exceed {2 ** len(self.channels)}")
         if not 1 <= self.local_block <= len(self.channels):
             raise ValueError(f"local_block must be in 1..{len(self.channels)}")
+        if self.local_convs < 0 or self.local_channels < 1:
+            raise ValueError("local_convs must be >= 0 and local_channels >= 1")
 
     def to_dict(self) -> Dict[str, Any]:
         values = asdict(self)

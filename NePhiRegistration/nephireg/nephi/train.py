@@ -22,7 +22,7 @@ from torch import nn
 
 from nephireg.nephi.data import Pair, Volume, load_pairs, load_volumes
 from nephireg.nephi.encoder import Encoder, EncoderConfig
-from nephireg.nephi.field import FieldConfig, NePhiNet
+from nephireg.nephi.field import Codes, FieldConfig, NePhiNet
 from nephireg.nephi.model_io import save_model
 from nephireg.nephi.objective import LossSettings, PairImages, pair_loss
 from nephireg.nephi.synthetic import SyntheticPair, WarpSettings, make_pair
@@ -65,6 +65,8 @@ class TrainConfig:
             raise ValueError("steps must be >= 1 and the learning rate positive")
         if self.supervised_weight < 0 or self.warp_affine < 0:
             raise ValueError("supervised_weight and warp_affine must be >= 0")
+        if "input_shape" in self.encoder:
+            raise ValueError("set the encoder's input shape with input_shape (--input-size), not in encoder")
 
 
 class Trainable(nn.Module):
@@ -92,12 +94,12 @@ class Trainable(nn.Module):
         return terms
 
 
-def known_warp_error(net: NePhiNet, codes, synthetic: SyntheticPair, points: torch.Tensor) -> torch.Tensor:
+def known_warp_error(net: NePhiNet, codes: Codes, synthetic: SyntheticPair, points: torch.Tensor) -> torch.Tensor:
     """(P,) ``||T(phi(x)) - x||`` at fixed-image points (P, 3), normalised units: 0 for a perfect forward map."""
     return (synthetic.warp_points(net.transform(points, codes)) - points).norm(dim=1)
 
 
-def inverse_warp_error(net: NePhiNet, codes, synthetic: SyntheticPair, points: torch.Tensor) -> torch.Tensor:
+def inverse_warp_error(net: NePhiNet, codes: Codes, synthetic: SyntheticPair, points: torch.Tensor) -> torch.Tensor:
     """(P,) ``||phi^-1(y) - T(y)||`` at moving-image points (P, 3), normalised units (phi^-1 should be T)."""
     return (net.transform(points, codes, inverse=True) - synthetic.warp_points(points)).norm(dim=1)
 
