@@ -65,12 +65,9 @@ class Encoder(nn.Module):
         self.config = config
         chans = (2,) + tuple(config.channels)
         self.blocks = nn.ModuleList([_block(chans[i], chans[i + 1]) for i in range(len(config.channels))])
-        local_in = config.channels[config.local_block - 1]
-        self.local_convs = nn.Sequential(*[_block(local_in if i == 0 else config.local_channels, config.local_channels,
-                                                  stride=1) for i in range(config.local_convs)])
-        if config.local_convs:
-            local_in = config.local_channels
-        self.local_head = nn.Conv3d(local_in, config.local_dim, 1)
+        local = (config.channels[config.local_block - 1],) + (config.local_channels,) * config.local_convs
+        self.local_convs = nn.Sequential(*[_block(local[i], local[i + 1], stride=1) for i in range(config.local_convs)])
+        self.local_head = nn.Conv3d(local[-1], config.local_dim, 1)
         self.global_head = nn.Linear(config.channels[-1], config.global_dim)
         # Small heads: codes start near zero, where the field's modulation was trained from.
         for head in (self.local_head, self.global_head):

@@ -212,9 +212,9 @@ def _validate(model: Trainable, pairs, config: TrainConfig) -> Dict[str, float]:
             images = PairImages.build(p.fixed, p.moving, p.fixed_mask, p.moving_mask)
             x = images.fixed_points.sample(4000, generator)
             g, local = model.encoder(p.fixed, p.moving)
+            phi = model.net.transform(x, (g[0], local[0]))
             half = (torch.tensor(config.input_shape[::-1], dtype=x.dtype) - 1) / 2  # normalised -> voxels
             before.append(((p.warp_points(x) - x) * half).norm(dim=1).mean())
-            phi = model.net.transform(x, (g[0], local[0]))
             after.append(((p.warp_points(phi) - x) * half).norm(dim=1).mean())
     model.train()
     return {"val_error_before_vox": round(float(torch.stack(before).mean()), 4),
