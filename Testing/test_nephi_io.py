@@ -172,6 +172,23 @@ def test_multi_resolution_coarse_adam_then_nephi(known_pair):
     assert {"optimise", "nephi-io"} <= set(reporter.finish())  # the coarse Adam stage ran, then NePhi
 
 
+def test_coarse_level_sets_the_coarse_adam_pyramid(known_pair):
+    from nephireg.methods.nephi import coarse_levels
+
+    assert [coarse_levels(f) for f in (8, 4, 2, 1)] == [(8,), (4,), (4, 2), (4, 2, 1)]
+    with pytest.raises(InputError, match="coarse_level must be one of 1, 2, 4, 8, got 3"):
+        Settings.from_options({"coarse_level": 3})
+    grid, pair, pts = known_pair
+    messages = []
+    reporter = CallbackReporter(lambda event, fields: messages.append(fields.get("message", "")))
+    field = run_instance_optimisation(pair, {"coarse": "adam", "coarse_level": 2, "coarse_iterations": 20,
+                                             "iterations": 0}, reporter)
+    assert [m for m in messages if m.startswith("Adam level")] == [
+        "Adam level 1/2: grid 1/4, 20 iterations", "Adam level 2/2: grid 1/2, 20 iterations"]
+    u = field.displacement_mm(pts)  # NePhi stays the identity (0 iterations): this is the two-level Adam field
+    assert (_warp(pts + u) - pts).norm(dim=1).mean() < 0.7 * (_warp(pts) - pts).norm(dim=1).mean()
+
+
 def test_predict_with_the_shipped_model_gives_a_finite_regular_field(known_pair):
     from nephireg.methods.nephi import availability, run_predict
 

@@ -20,6 +20,7 @@ from nephireg.pair import PreparedPair
 from nephireg.progress import Reporter
 
 COARSE_MODES = ("none", "adam")
+COARSE_LEVELS = (1, 2, 4, 8)  # finest pooling factor of the coarse Adam step
 SIMILARITIES = ("ncc", "mind")  # NCC of the (masked) intensities, or of MIND-SSC features
 _IGNORED = ("grid_spacing_mm", "device")  # common options NePhi does not use
 
@@ -41,7 +42,8 @@ class Settings:
     mask_images: bool = True  # with masks: image x mask and similarity points inside the masks
     similarity: str = "ncc"  # "mind": NCC of MIND-SSC features (of the unmasked images) instead of intensities
     coarse: str = "none"  # "adam": a coarse continuous-Adam field first, NePhi refines on top
-    coarse_iterations: int = 60
+    coarse_iterations: int = 60  # at each level of the coarse step
+    coarse_level: int = 4  # finest pooling factor of the coarse step: 4 = the 1/4 grid only, 2 = 1/4 then 1/2
     coarse_regularization: float = 1.0  # diffusion weight of the coarse Adam step (see methods.adam.Settings)
     output_lattice: float = 2.0  # dense output sampled on a lattice of this x working spacing; 0 = exact
     threads: int = 1  # torch CPU threads during the IO loop (restored after); 0 = leave as is
@@ -64,6 +66,9 @@ class Settings:
             raise InputError(f"coarse must be one of {', '.join(COARSE_MODES)}, got {self.coarse!r}")
         if self.coarse == "adam" and self.coarse_iterations < 1:
             raise InputError(f"coarse_iterations must be >= 1 with coarse=adam, got {self.coarse_iterations}")
+        if self.coarse_level not in COARSE_LEVELS:
+            choices = ", ".join(map(str, COARSE_LEVELS))
+            raise InputError(f"coarse_level must be one of {choices}, got {self.coarse_level}")
         if self.output_lattice != 0 and self.output_lattice < 1:
             raise InputError(f"output_lattice must be 0 (exact) or >= 1, got {self.output_lattice}")
 
@@ -176,7 +181,8 @@ def _coarse_step(pair: PreparedPair, settings: Settings, reporter: Reporter):
     from nephireg.methods import adam
     from nephireg.sampling import grid_points_mm, sample_points
 
-    field = adam.run(pair, {"levels": [4], "iterations": settings.coarse_iterations,
+    field = adam.run(pair, {"levels": coarse_levels(settings.coarse_level), "iterations": settings.coarse_iterations,
+                            "coarse_iterations": settings.coarse_iterations,
                             "regularization": settings.coarse_regularization}, reporter)
     values = torch.from_numpy(evaluate_on_grid(field, pair.grid, pair.device)).to(pair.fixed)
     points = grid_points_mm(pair.grid, device=pair.device) + values
@@ -188,6 +194,11 @@ def _coarse_step(pair: PreparedPair, settings: Settings, reporter: Reporter):
 
     mask = None if pair.moving_mask is None else (warp(pair.moving_mask) > 0.5).to(pair.moving_mask)
     return field, warp(pair.moving), mask
+
+
+def coarse_levels(finest: int) -> Tuple[int, ...]:
+    """Pooling factors of the coarse Adam step, coarse to fine: (8,), (4,), (4, 2) or (4, 2, 1)."""
+    return (finest,) if finest >= 4 else tuple(f for f in (4, 2, 1) if f >= finest)
 
 
 def _load(name: Optional[str], required: bool, device: torch.device):
