@@ -146,7 +146,7 @@ def register(request: Request, reporter: Optional[Reporter] = None,
         displacement = evaluate_on_grid(field_, fixed_grid, device)
     except torch.cuda.OutOfMemoryError as exc:
         raise OutOfMemory(f"the GPU ran out of memory ({exc}); run again with --device cpu") from None
-    displacement = compose_prealignment(fixed_grid.physical_points(), displacement, prealign)
+    displacement = compose_prealignment(fixed_grid, displacement, prealign)
     return _write_result(request, preset, mode, inputs, fixed_grid, displacement, options, device, reporter, started)
 
 
