@@ -1,6 +1,6 @@
 """``python -m nephireg ...`` (how the Slicer module starts the engine under PythonSlicer)."""
 
-from nephireg.cli import main
+from nephireg.cli import console_main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    console_main()

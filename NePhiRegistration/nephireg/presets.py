@@ -48,14 +48,16 @@ _PRESETS = {
         # Measured on the lung pair (docs/adam-tuning.md): lambda 0.2 gives 1.32 mm (median 0.99) with 0.0005 %
         # folding, against 1.43 mm at 1.0 and 0.0097 % folding at 0.1; 30 fine + 30 coarse iterations did as well
         # as 80 + 60 or 270 + 100, in a third of the time.
-        # NePhi predict: the dense output sampled on a 3x working-spacing lattice (4.7 -> 1.3 s CPU, docs/nephi.md).
-        # NePhi + IO: multi-resolution (continuous Adam on the 1/4 grid first, lambda 0.2 as above), Adam rates 2.5x
-        # the generic ones, NCC of MIND-SSC features, GradICON lambda 0.5, 6000 similarity points, 150 iterations:
-        # 1.39 mm in ~87 s on a slow 2-core CPU; 170 iterations with 8000 points give 1.374-1.384 mm over seeds 0-2
-        # in ~110 s there; intensity NCC with lambda 1 gave 1.41-1.45 mm (docs/nephi.md).
+        # NePhi predict: the dense output sampled on a 4x working-spacing lattice (2.90 mm at 3x and 2.89 mm at 4x;
+        # 0.4 s less; docs/nephi.md).
+        # NePhi + IO: multi-resolution (continuous Adam on the 1/4 then 1/2 grid first, 30 iterations each, lambda 0.2
+        # as above), a local-code cell every 4 working voxels, Adam rates 2.5x the generic ones, NCC of MIND-SSC
+        # features, GradICON lambda 0.5, 6000 similarity points, 110 iterations: 1.30-1.33 mm over seeds 0-2
+        # (docs/nephi.md, session 4). The 1/4 grid alone with cells every 8 voxels gave 1.36-1.40 mm.
         method_options={"adam": {"regularization": 0.2, "iterations": 30, "coarse_iterations": 30},
-                        "nephi": {"output_lattice": 3},
-                        "nephi-io": {"coarse": "adam", "coarse_regularization": 0.2, "iterations": 150,
+                        "nephi": {"output_lattice": 4},
+                        "nephi-io": {"coarse": "adam", "coarse_level": 2, "coarse_iterations": 30,
+                                     "coarse_regularization": 0.2, "latent_stride": 4, "iterations": 110,
                                      "learning_rate": 5e-3, "code_learning_rate": 5e-2, "similarity_points": 6000,
                                      "similarity": "mind", "regularization": 0.5, "output_lattice": 3}},
     ),
