@@ -52,8 +52,8 @@ _PRESETS = {
         # 0.4 s less; docs/nephi.md).
         # NePhi + IO: multi-resolution (continuous Adam on the 1/4 then 1/2 grid first, 30 iterations each, lambda 0.2
         # as above), a local-code cell every 4 working voxels, Adam rates 2.5x the generic ones, NCC of MIND-SSC
-        # features, GradICON lambda 0.5, 6000 similarity points, 110 iterations: 1.30-1.33 mm over seeds 0-2
-        # (docs/nephi.md, session 4). The 1/4 grid alone with cells every 8 voxels gave 1.36-1.40 mm.
+        # features, GradICON lambda 0.5, 6000 similarity points, 110 iterations: 1.30-1.33 mm over seeds 0-2, 77 s on a
+        # slow 2-core CPU (docs/nephi.md, session 4). The 1/4 grid alone with cells every 8 voxels gave 1.36-1.40 mm.
         method_options={"adam": {"regularization": 0.2, "iterations": 30, "coarse_iterations": 30},
                         "nephi": {"output_lattice": 4},
                         "nephi-io": {"coarse": "adam", "coarse_level": 2, "coarse_iterations": 30,
