@@ -209,4 +209,6 @@ def test_composed_prealignment_maps_each_voxel_through_the_affine(linear):
     matrix[:3, 3] = (12.5, -4.0, 30.0)
     points = grid.physical_points()
     expected = apply_affine(matrix, points + u) - points
+    before = u.copy()
     assert np.allclose(compose_prealignment(grid, u, matrix), expected, atol=1e-9)
+    assert np.array_equal(u, before)  # the method's field is not changed in place

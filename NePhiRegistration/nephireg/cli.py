@@ -223,8 +223,13 @@ def console_main() -> None:
     Every file the engine writes is closed (and its temporary folders removed) before :func:`main` returns.
     """
     code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    if sys.gettrace() is not None or sys.getprofile() is not None:  # coverage, cProfile: let them write at exit
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # no stream, or a closed pipe (``| head``): nothing to save
+            pass
     os._exit(code)
 
 

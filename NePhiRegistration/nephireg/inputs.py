@@ -107,8 +107,9 @@ class PrefetchedInputs:
         self._stages: List[Tuple[str, str]] = []
         self._outcome: Optional[Inputs] = None
         self._error: Optional[BaseException] = None
-        # Not a daemon: if the run fails before taking the result, the interpreter still waits for the thread
-        # (a second or two) instead of finalising while it is inside SimpleITK.
+        # Not a daemon: if a run in this process (a library call of cli.main) fails before taking the result, the
+        # interpreter waits for the thread instead of finalising while it is inside SimpleITK. The command line
+        # (cli.console_main) ends with os._exit, which does not wait: the thread only reads, so nothing is lost.
         self._thread = threading.Thread(target=self._run, name="nephireg-read")
         self._thread.start()
 

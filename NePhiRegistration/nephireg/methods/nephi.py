@@ -197,7 +197,8 @@ def _coarse_step(pair: PreparedPair, settings: Settings, reporter: Reporter):
 
 
 def coarse_levels(finest: int) -> Tuple[int, ...]:
-    """Pooling factors of the coarse Adam step, coarse to fine: (8,), (4,), (4, 2) or (4, 2, 1)."""
+    """Pooling factors of the coarse Adam step, coarse to fine: (8,), (4,), (4, 2) or (4, 2, 1); (4, 2) is
+    continuous Adam's own default pyramid (``methods.adam.Settings.levels``)."""
     return (finest,) if finest >= 4 else tuple(f for f in (4, 2, 1) if f >= finest)
 
 

@@ -41,7 +41,7 @@ def trilinear(volume: torch.Tensor, points_norm: torch.Tensor) -> torch.Tensor:
     base = base.long()
     step = (size > 1).long()  # a size-1 axis has no upper neighbour
     # (Z*Y*X, C) made contiguous: gathering whole rows is ~10x faster than gathering strided ones, far more than
-    # the copy costs (a latent grid is small).
+    # the copy costs (a latent grid is small). A channels-last volume is already such a table: no copy.
     flat = volume.reshape(channels, -1).t().contiguous()
     # One gather for all eight corners: its backward fills and scatters into one (Z*Y*X, C) gradient instead of
     # eight, which made up a third of an instance-optimisation step on a fine latent grid.
