@@ -16,11 +16,12 @@ import torch
 from nephireg.fields import DenseField, DisplacementField, evaluate_on_grid
 from nephireg.geometry import Grid
 from nephireg.nephi.field import Codes, NePhiNet
-from nephireg.sampling import normalised_to_physical, physical_to_normalised
+from nephireg.sampling import channels_last, normalised_to_physical, physical_to_normalised
 
 # On a CPU, small enough that the MLP's activations (4096 x 256 floats, 4 MB) stay in cache: 2x faster than 65536
 # points. A GPU wants large launches instead.
-EXACT_CHUNK_POINTS = {"cpu": 4_096, "cuda": 65_536}
+EXACT_CHUNK_POINTS_CPU = 4_096
+EXACT_CHUNK_POINTS_GPU = 65_536
 
 
 class NePhiField:
@@ -32,11 +33,11 @@ class NePhiField:
         global_code, local_grid = (c.detach() for c in codes)
         # The local grid's values stored channels-last (same (L, Z, Y, X) shape): the trilinear gather then reads
         # it as a (Z*Y*X, L) table without copying it for every chunk.
-        local_grid = local_grid.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
-        self.codes = (global_code, local_grid)
+        self.codes = (global_code, channels_last(local_grid[None])[0])
         self.grid = grid
         self.inverse = inverse
-        self.chunk_points = chunk_points or EXACT_CHUNK_POINTS.get(global_code.device.type, 65_536)
+        on_cpu = global_code.device.type == "cpu"
+        self.chunk_points = chunk_points or (EXACT_CHUNK_POINTS_CPU if on_cpu else EXACT_CHUNK_POINTS_GPU)
 
     def displacement_mm(self, points_mm: torch.Tensor) -> torch.Tensor:
         """(P, 3) LPS mm -> (P, 3) LPS mm, evaluated in chunks of ``chunk_points``."""
