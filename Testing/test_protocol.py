@@ -106,3 +106,13 @@ def test_terminal_bar_draws_progress():
     reporter.log("careful", level="warning")
     text = out.getvalue()
     assert "[optimise] Adam level 1/2" in text and "|##########| 10/10" in text and "warning: careful" in text
+
+
+def test_warning_event_is_emitted_and_kept_for_the_manifest():
+    events = []
+    reporter = CallbackReporter(lambda event, fields: events.append((event, fields)))
+    reporter.warn("example-code", "something to check")
+    assert events == [(Event.WARNING, {"code": "example-code", "message": "something to check"})]
+    assert reporter.warnings == [{"code": "example-code", "message": "something to check"}]
+    line = encode_event(Event.WARNING, **events[0][1])
+    assert parse_event_line(line)["code"] == "example-code"

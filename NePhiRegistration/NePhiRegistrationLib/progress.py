@@ -33,6 +33,7 @@ class ProgressState:
     elapsed: str = ""
     device: str = ""
     logLines: List[str] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)  # messages of the run's ``warning`` events
 
     def update(self, event: Dict[str, Any]) -> None:
         kind = event.get("event")
@@ -53,6 +54,9 @@ class ProgressState:
         elif kind == protocol.Event.LOG.value:
             level = event.get("level", "info")
             self.logLines.append(("Warning: " if level == "warning" else "") + str(event.get("message", "")))
+        elif kind == protocol.Event.WARNING.value:
+            self.warnings.append(str(event.get("message", "")))
+            self.logLines.append("Warning: " + str(event.get("message", "")))
         elif kind == protocol.Event.RESULT.value:
             self.percent, self.eta, self.message = 100, "", "Done"
         elif kind == protocol.Event.ERROR.value:

@@ -170,6 +170,7 @@ def _write_result(request: Request, preset: Preset, mode: str, inputs: Inputs, g
             (out / RESULT_MANIFEST).unlink(missing_ok=True)
         for name in manifest["files"].values():
             os.replace(staging / name, out / name)
+        manifest["warnings"] = list(reporter.warnings)
         manifest["timings_s"] = reporter.finish()
         manifest["timings_s"]["total"] = round(time.perf_counter() - started, 3)
         write_manifest(str(out), manifest)

@@ -11,7 +11,7 @@ import math
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, Optional, TextIO
+from typing import Any, Callable, Dict, List, Optional, TextIO
 
 from nephireg.errors import Cancelled
 from nephireg.protocol import Event, encode_event
@@ -28,6 +28,7 @@ class Reporter:
         self.stage_name: Optional[str] = None
         self._stage_started = self.started
         self.stage_seconds: Dict[str, float] = {}
+        self.warnings: List[Dict[str, str]] = []  # every warn() of the run, in order: the manifest's "warnings"
 
     # -- cancellation ---------------------------------------------------------------------------------------
     def request_cancel(self) -> None:
@@ -65,6 +66,12 @@ class Reporter:
     def log(self, message: str, level: str = "info") -> None:
         self.emit(Event.LOG, {"level": level, "message": message})
 
+    def warn(self, code: str, message: str) -> None:
+        """A ``warning`` event the user can act on; kept in :attr:`warnings` for the result manifest."""
+        entry = {"code": code, "message": message}
+        self.warnings.append(entry)
+        self.emit(Event.WARNING, dict(entry))
+
     def finish(self) -> Dict[str, float]:
         """Close the last stage and return seconds per stage."""
         self._close_stage()
@@ -94,7 +101,7 @@ class QuietReporter(Reporter):
     def emit(self, event: Event, fields: Dict[str, Any]) -> None:
         if event == Event.ERROR:
             self.stream.write(f"error: {fields.get('message')}\n")
-        elif event == Event.LOG and fields.get("level") == "warning":
+        elif event == Event.WARNING or (event == Event.LOG and fields.get("level") == "warning"):
             self.stream.write(f"warning: {fields.get('message')}\n")
         else:
             return
@@ -146,6 +153,8 @@ class TerminalReporter(Reporter):
         elif event == Event.LOG:
             prefix = "warning: " if fields["level"] == "warning" else ""
             self.stream.write(f"  {prefix}{fields['message']}\n")
+        elif event == Event.WARNING:
+            self.stream.write(f"  warning: {fields['message']}\n")
         elif event == Event.RESULT:
             self.stream.write(f"done: {fields.get('manifest')}\n")
         elif event == Event.ERROR:

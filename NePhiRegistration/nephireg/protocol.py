@@ -18,6 +18,8 @@ Progress (``--progress jsonl``): one JSON object per stdout line, each with ``"v
 * ``stage``     ``{stage, message}`` - a new stage begins (read, preprocess, prealign, optimise, write ...)
 * ``progress``  ``{stage, step, total, loss, elapsed_s, eta_s}`` - ``loss`` may be null
 * ``log``       ``{level, message}`` - ``level`` is ``info`` / ``warning``
+* ``warning``   ``{code, message}`` - the result may be doubtful or the run changed course (the run goes on);
+  ``code`` is a stable identifier; every warning of a run is also listed in the manifest's ``warnings``
 * ``result``    ``{manifest, metrics}`` - ``manifest`` is the path of ``result.json``; always the last line on success
 * ``error``     ``{code, kind, message}`` - ``code`` is the process exit code; always the last line on failure
 
@@ -72,6 +74,7 @@ class Event(str, enum.Enum):
     STAGE = "stage"
     PROGRESS = "progress"
     LOG = "log"
+    WARNING = "warning"
     RESULT = "result"
     ERROR = "error"
 
