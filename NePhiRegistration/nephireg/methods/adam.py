@@ -7,10 +7,12 @@ METHODS.md, method 1. Per pyramid level (pooling factor f of the working grid):
   box filters (approximates a B-spline);
 * loss: ``mean_w((MIND_F - MIND_M o (x + u))^2) + lambda * mean(|grad u|^2)`` with forward differences in mm/mm
   and ``w`` the fixed mask on G (all ones without mask);
+* ``parameterisation="svf"``: ``S(p)`` is a stationary velocity ``v`` instead, ``u`` the displacement of exp(v)
+  (:func:`nephireg.svf.exp_velocity`, scaling and squaring: diffeomorphic), and the diffusion term acts on ``v``;
 * Adam with :class:`nephireg.schedule.ConstantCosineLinear`, stretched to the level's iteration count.
 
-The coarse level's result initialises the next one. Returns a :class:`nephireg.fields.DenseField` on the finest
-level grid (trilinear interpolation upsamples it).
+The coarse level's result (displacement or velocity) initialises the next one. Returns a
+:class:`nephireg.fields.DenseField` on the finest level grid (trilinear interpolation upsamples it).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from nephireg.sampling import (
     sample_flat,
 )
 from nephireg.schedule import ConstantCosineLinear
+from nephireg.svf import exp_velocity
+
+PARAMETERISATIONS = ("displacement", "svf")
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,8 @@ class Settings:
     cosine_floor: float = 0.433
     final_fraction: float = 0.0333
     grid_spacing_mm: Optional[float] = None  # if set, the finest level's spacing (overrides the last level)
+    parameterisation: str = "displacement"  # or "svf": a stationary velocity field, exp by scaling and squaring
+    svf_steps: int = 7  # squarings of the svf parameterisation (2^7 = 128 sub-steps)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> Settings:
@@ -69,6 +76,11 @@ class Settings:
             raise ValueError("continuous Adam needs iterations >= 1, coarse_iterations >= 0 and at least one level")
         if settings.regularization < 0:
             raise ValueError("regularization must be >= 0")
+        if settings.parameterisation not in PARAMETERISATIONS:
+            raise ValueError(f"parameterisation must be one of {', '.join(PARAMETERISATIONS)}, "
+                             f"got {settings.parameterisation!r}")
+        if settings.svf_steps < 0:
+            raise ValueError(f"svf_steps must be >= 0, got {settings.svf_steps}")
         return settings
 
     def schedule(self, steps: int) -> ConstantCosineLinear:
@@ -93,6 +105,9 @@ def run(pair: PreparedPair, options: Mapping[str, Any], reporter: Reporter) -> D
         reporter.stage("optimise", f"Adam level {number}/{len(factors)}: grid 1/{factor}, {steps} iterations")
         field = _optimise_level(pair, fixed_features, moving_features, factor, steps, field, settings, reporter)
     assert field is not None
+    if settings.parameterisation == "svf":  # the levels carry the velocity; the result is its exponential
+        with torch.no_grad():
+            field = DenseField(field.grid, exp_velocity(field.values_mm, field.grid, settings.svf_steps))
     return field
 
 
@@ -119,8 +134,9 @@ def _optimise_level(pair: PreparedPair, fixed_features: torch.Tensor, moving_fea
     for step in range(1, steps + 1):
         optimiser.groups[0]["lr"] = schedule(step)
         optimiser.zero_grad()
-        u = smooth(params, settings.smoothing_passes)
-        loss = data_term(u) + settings.regularization * diffusion(u, spacing)
+        state = smooth(params, settings.smoothing_passes)  # displacement, or velocity with svf
+        u = exp_velocity(state, grid, settings.svf_steps) if settings.parameterisation == "svf" else state
+        loss = data_term(u) + settings.regularization * diffusion(state, spacing)
         loss.backward()
         optimiser.step()
         reporter.step(step, steps, float(loss.detach()))
