@@ -179,6 +179,8 @@ def run_child(cmd: List[str], log: Path, timeout_s: float) -> Dict[str, object]:
     child.returncode = os.waitstatus_to_exitcode(status)  # keep Popen from waiting on a reaped pid
     tail = log.read_text(errors="replace").strip().splitlines()[-3:]
     return {"wall_s": round(wall, 2), "exit_code": child.returncode,
+            # CPU seconds of the child and its children (user + system): far less sensitive to other load than wall
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
             # VmHWM (polled every 50 ms) is the child's own peak after exec; ru_maxrss is not reset by exec, so it
             # carries this (large) harness's RSS at fork time: used only where /proc is absent.
             "peak_rss_gib": round((high_water_kib or usage.ru_maxrss) / 1024 ** 2, 3),

@@ -2,7 +2,9 @@
 
 METHODS.md, method 1. Per pyramid level (pooling factor f of the working grid):
 
-* features: MIND-SSC of both images on the working grid, block-averaged by f onto the level grid G;
+* features: MIND-SSC of both images on the working grid (``similarity="mind"``; or the normalised intensities,
+  ``"intensity"``; or both, ``"mind+intensity"``, the intensity channel weighted as much as the 12 MIND channels
+  together), block-averaged by f onto the level grid G;
 * unknown: ``p`` (1, 3, Zg, Yg, Xg) mm on G; the displacement used is ``u = S(p)``, S = ``smoothing_passes`` 3x3x3
   box filters (approximates a B-spline);
 * loss: ``mean_w((MIND_F - MIND_M o (x + u))^2) + lambda * mean(|grad u|^2)`` with forward differences in mm/mm
@@ -42,6 +44,7 @@ from nephireg.schedule import ConstantCosineLinear
 from nephireg.svf import exp_velocity
 
 PARAMETERISATIONS = ("displacement", "svf")
+SIMILARITIES = ("mind", "intensity", "mind+intensity")  # squared differences of these features
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class Settings:
     grid_spacing_mm: Optional[float] = None  # if set, the finest level's spacing (overrides the last level)
     parameterisation: str = "displacement"  # or "svf": a stationary velocity field, exp by scaling and squaring
     svf_steps: int = 7  # squarings of the svf parameterisation (2^7 = 128 sub-steps)
+    similarity: str = "mind"  # features compared by squared differences: SIMILARITIES
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> Settings:
@@ -79,6 +83,8 @@ class Settings:
         if settings.parameterisation not in PARAMETERISATIONS:
             raise ValueError(f"parameterisation must be one of {', '.join(PARAMETERISATIONS)}, "
                              f"got {settings.parameterisation!r}")
+        if settings.similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {settings.similarity!r}")
         if settings.svf_steps < 0:
             raise ValueError(f"svf_steps must be >= 0, got {settings.svf_steps}")
         return settings
@@ -92,10 +98,9 @@ class Settings:
 def run(pair: PreparedPair, options: Mapping[str, Any], reporter: Reporter) -> DenseField:
     """Register ``pair`` by continuous Adam; see the module docstring."""
     settings = Settings.from_options(options)
-    reporter.stage("features", "MIND-SSC features")
+    reporter.stage("features", "MIND-SSC features" if "mind" in settings.similarity else "Intensity features")
     with torch.no_grad():
-        fixed_features = mind_ssc(pair.fixed, settings.mind_radius, settings.mind_dilation)
-        moving_features = mind_ssc(pair.moving, settings.mind_radius, settings.mind_dilation)
+        fixed_features, moving_features = (features(image, settings) for image in (pair.fixed, pair.moving))
     factors = level_factors(settings, pair.grid)
     field: Optional[DenseField] = None
     for number, factor in enumerate(factors, start=1):
@@ -109,6 +114,17 @@ def run(pair: PreparedPair, options: Mapping[str, Any], reporter: Reporter) -> D
         with torch.no_grad():
             field = DenseField(field.grid, exp_velocity(field.values_mm, field.grid, settings.svf_steps))
     return field
+
+
+def features(image: torch.Tensor, settings: Settings) -> torch.Tensor:
+    """The compared features of a (1, 1, Z, Y, X) image: (1, C, Z, Y, X), C = 12 (MIND-SSC), 1 or 13."""
+    if settings.similarity == "intensity":
+        return image
+    mind = mind_ssc(image, settings.mind_radius, settings.mind_dilation)
+    if settings.similarity == "mind":
+        return mind
+    # sqrt(C): the squared difference of the intensity channel weighs as much as those of all MIND channels
+    return torch.cat([mind, image * float(mind.shape[1]) ** 0.5], dim=1)
 
 
 def level_factors(settings: Settings, grid: Grid) -> Tuple[int, ...]:
