@@ -8,7 +8,9 @@ same label-free tissue classes (3-class Otsu of T1 inside the brain, brain_cases
 both directions in this process (``nephireg.pipeline.register``, one torch thread; the affine pre-alignment of each
 direction is computed once and reused, since it does not depend on the deformable options), and every result is
 appended to ``DIR/tuning.jsonl``: WM/GM Dice, folding % and the registration's own seconds. ``--ants`` adds ANTs
-SyN (a child process, bench_accuracy.py's runner) as the reference.
+SyN (a child process, bench_accuracy.py's runner) as the reference. ``--synthetic`` adds a known-warp case on the
+ROBEX atlas alone (fixed = the atlas, moving = the atlas through a smooth 4 mm warp of 20-40 mm wavelengths, seed 11;
+not the reported synthetic-brain case, which warps the MNI152 template): mean ||v(phi(x)) + phi(x) - x|| in the brain.
 """
 
 from __future__ import annotations
@@ -56,36 +58,79 @@ def cache_prealignment() -> None:
     pipeline.prealign_matrix = cached
 
 
-def run_config(config: Dict, work: Path, volumes, tag: str) -> List[Dict]:
-    from nephireg.inputs import Request
-    from nephireg.pipeline import register
-
+def run_config(config: Dict, work: Path, volumes, tag: str, synthetic: Dict = None,
+               directions=DIRECTIONS) -> List[Dict]:
+    pairs = [(fixed, moving, t1_path(work, fixed), t1_path(work, moving),
+              lambda t, f=fixed, m=moving: brain_cases.score(t, volumes[f], volumes[m]))
+             for fixed, moving in directions]
+    if synthetic:
+        pairs.append(("robex-atlas", "robex-synthetic", synthetic["fixed"], synthetic["moving"], synthetic["scorer"]))
     rows = []
-    for fixed, moving in DIRECTIONS:
-        out = work / "runs" / f"{tag}-{fixed}"
+    for fixed, moving, fixed_path, moving_path, scorer in pairs:
+        out = work / "runs" / f"{tag}-{fixed}-{moving}"
         started = time.perf_counter()
-        manifest = register(Request(fixed=str(t1_path(work, fixed)), moving=str(t1_path(work, moving)), out=str(out),
-                                    method=config.get("method", "adam"), preset=config.get("preset", "brain-mri"),
-                                    options=dict(config.get("options", {})), device="cpu", overwrite=True,
-                                    write_warped=False, write_overview=False))
+        manifest = _register(config, fixed_path, moving_path, out)
         seconds = time.perf_counter() - started
-        scores = brain_cases.score(sitk.ReadTransform(str(out / "transform.h5")), volumes[fixed], volumes[moving])
         rows.append({"config": config, "fixed": fixed, "moving": moving, "seconds": round(seconds, 1),
-                     "timings_s": manifest.get("timings_s"), **scores})
+                     "timings_s": manifest.get("timings_s"), **scorer(sitk.ReadTransform(str(out / "transform.h5")))})
     return rows
 
 
-def run_ants(work: Path, volumes) -> List[Dict]:
+def _register(config: Dict, fixed: Path, moving: Path, out: Path) -> Dict:
+    from nephireg.inputs import Request
+    from nephireg.pipeline import register
+
+    return register(Request(fixed=str(fixed), moving=str(moving), out=str(out), method=config.get("method", "adam"),
+                            preset=config.get("preset", "brain-mri"), options=dict(config.get("options", {})),
+                            device="cpu", overwrite=True, write_warped=False, write_overview=False))
+
+
+def synthetic_pair(work: Path, volumes) -> Dict:
+    """The ROBEX atlas and the atlas warped by a known smooth displacement (files written once), and its scorer."""
+    import numpy as np
+
+    from nephireg import io
+    from nephireg.geometry import Grid
+    from nephireg.io import displacement_of
+    from nephireg.jacobian import jacobian_determinant
+    from nephireg.synthetic import deform, random_displacement, warp_error_mm
+
+    atlas = volumes["robex-atlas"]
+    grid = Grid.of(atlas.t1)
+    truth = random_displacement(grid, amplitude_mm=4.0, sigma_mm=5.0, seed=11)
+    paths = {"fixed": t1_path(work, "robex-atlas"), "moving": work / "inputs" / "robex-synthetic_t1.nii.gz"}
+    if not paths["moving"].exists():
+        io.write_image(deform(atlas.t1, truth, grid, default=0.0), paths["moving"])
+    brain = sitk.GetArrayFromImage(atlas.brain) > 0
+    chosen = np.zeros(brain.size, dtype=bool)
+    chosen[np.random.default_rng(0).choice(np.flatnonzero(brain), 3000, replace=False)] = True
+    chosen = chosen.reshape(brain.shape)
+
+    def scorer(transform: sitk.Transform) -> Dict:
+        errors = warp_error_mm(transform, truth, grid, chosen)
+        det = jacobian_determinant(displacement_of(transform, grid), grid)
+        return {"warp_error_mean_mm": round(float(errors.mean()), 3),
+                "warp_error_p95_mm": round(float(np.percentile(errors, 95)), 3),
+                "folding_percent": round(float(100.0 * np.mean(det <= 0)), 4)}
+
+    return {**paths, "scorer": scorer}
+
+
+def run_ants(work: Path, volumes, synthetic: Dict = None, directions=DIRECTIONS) -> List[Dict]:
+    pairs = [(fixed, moving, t1_path(work, fixed), t1_path(work, moving),
+              lambda t, f=fixed, m=moving: brain_cases.score(t, volumes[f], volumes[m]))
+             for fixed, moving in directions]
+    if synthetic:
+        pairs.append(("robex-atlas", "robex-synthetic", synthetic["fixed"], synthetic["moving"], synthetic["scorer"]))
     rows = []
-    for fixed, moving in DIRECTIONS:
-        case = bench_accuracy.Case(f"tune-{fixed}", "brain-mri", t1_path(work, fixed), t1_path(work, moving),
-                                   lambda t, f=fixed, m=moving: brain_cases.score(t, volumes[f], volumes[m]), "")
-        out = work / "runs" / f"ants-{fixed}"
+    for fixed, moving, fixed_path, moving_path, scorer in pairs:
+        case = bench_accuracy.Case(f"tune-{fixed}-{moving}", "brain-mri", fixed_path, moving_path, scorer, "")
+        out = work / "runs" / f"ants-{fixed}-{moving}"
         out.mkdir(parents=True, exist_ok=True)
         record = bench_lung.run_child(bench_accuracy.command_for("ants", case, out), out / "log.txt", 3600)
-        scores = case.scorer(sitk.ReadTransform(str(out / "transform.h5"))) if record["exit_code"] == 0 else {}
+        scores = scorer(sitk.ReadTransform(str(out / "transform.h5"))) if record["exit_code"] == 0 else {}
         rows.append({"config": {"method": "ants"}, "fixed": fixed, "moving": moving, "seconds": record["wall_s"],
-                     **scores})
+                     "cpu_s": record["cpu_s"], **scores})
     return rows
 
 
@@ -94,6 +139,8 @@ def main(argv=None) -> int:
     parser.add_argument("--work", required=True)
     parser.add_argument("--config", action="append", default=[], help="JSON: method, preset, options")
     parser.add_argument("--ants", action="store_true")
+    parser.add_argument("--synthetic", action="store_true", help="also the known-warp case on the ROBEX atlas")
+    parser.add_argument("--only-synthetic", action="store_true", help="the known-warp case alone")
     args = parser.parse_args(argv)
     import torch
 
@@ -101,17 +148,23 @@ def main(argv=None) -> int:
     work = Path(args.work)
     volumes = prepared(work)
     cache_prealignment()
+    synthetic = synthetic_pair(work, volumes) if args.synthetic or args.only_synthetic else None
     log = work / "tuning.jsonl"
     batches = [("ants", None)] if args.ants else []
     batches += [(f"c{int(time.time())}-{n}", json.loads(c)) for n, c in enumerate(args.config)]
     for tag, config in batches:
-        rows = run_ants(work, volumes) if config is None else run_config(config, work, volumes, tag)
-        mean = sum(r.get("dice_tissue_mean", 0.0) for r in rows) / len(rows)
+        directions = () if args.only_synthetic else DIRECTIONS
+        if config is None:
+            rows = run_ants(work, volumes, synthetic, directions)
+        else:
+            rows = run_config(config, work, volumes, tag, synthetic, directions)
+        dice_rows = [r for r in rows if "dice_tissue_mean" in r]
+        mean = sum(r["dice_tissue_mean"] for r in dice_rows) / max(len(dice_rows), 1)
         with open(log, "a") as sink:
             for row in rows:
                 sink.write(json.dumps(row) + "\n")
-        summary = [(r["fixed"][:5], r.get("dice_wm"), r.get("dice_gm"), r.get("folding_percent"), r["seconds"])
-                   for r in rows]
+        summary = [(r["fixed"][:5], r.get("dice_wm", r.get("warp_error_mean_mm")), r.get("dice_gm"),
+                    r.get("folding_percent"), r["seconds"]) for r in rows]
         print(f"{json.dumps(config)}: mean tissue Dice {mean:.4f} {summary}", flush=True)
     return 0
 
