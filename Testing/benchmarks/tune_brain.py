@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
     synthetic = synthetic_pair(work, volumes) if args.synthetic or args.only_synthetic else None
     log = work / "tuning.jsonl"
     batches = [("ants", None)] if args.ants else []
-    batches += [(f"c{int(time.time())}-{n}", json.loads(c)) for n, c in enumerate(args.config)]
+    batches += [(f"c{int(time.time())}-{os.getpid()}-{n}", json.loads(c)) for n, c in enumerate(args.config)]
     for tag, config in batches:
         directions = () if args.only_synthetic else DIRECTIONS
         if config is None:

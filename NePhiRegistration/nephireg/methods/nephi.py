@@ -45,6 +45,8 @@ class Settings:
     coarse_iterations: int = 60  # at each level of the coarse step
     coarse_level: int = 4  # finest pooling factor of the coarse step: 4 = the 1/4 grid only, 2 = 1/4 then 1/2
     coarse_regularization: float = 1.0  # diffusion weight of the coarse Adam step (see methods.adam.Settings)
+    coarse_similarity: str = "mind"  # features of the coarse Adam step (methods.adam.SIMILARITIES)
+    coarse_parameterisation: str = "displacement"  # of the coarse Adam step (methods.adam.PARAMETERISATIONS)
     output_lattice: float = 2.0  # dense output sampled on a lattice of this x working spacing; 0 = exact
     threads: int = 1  # torch CPU threads during the IO loop (restored after); 0 = leave as is
 
@@ -66,6 +68,15 @@ class Settings:
             raise InputError(f"coarse must be one of {', '.join(COARSE_MODES)}, got {self.coarse!r}")
         if self.coarse == "adam" and self.coarse_iterations < 1:
             raise InputError(f"coarse_iterations must be >= 1 with coarse=adam, got {self.coarse_iterations}")
+        from nephireg.methods.adam import PARAMETERISATIONS
+        from nephireg.methods.adam import SIMILARITIES as ADAM_SIMILARITIES
+
+        if self.coarse_similarity not in ADAM_SIMILARITIES:
+            raise InputError(f"coarse_similarity must be one of {', '.join(ADAM_SIMILARITIES)}, "
+                             f"got {self.coarse_similarity!r}")
+        if self.coarse_parameterisation not in PARAMETERISATIONS:
+            raise InputError(f"coarse_parameterisation must be one of {', '.join(PARAMETERISATIONS)}, "
+                             f"got {self.coarse_parameterisation!r}")
         if self.coarse_level not in COARSE_LEVELS:
             choices = ", ".join(map(str, COARSE_LEVELS))
             raise InputError(f"coarse_level must be one of {choices}, got {self.coarse_level}")
@@ -183,7 +194,9 @@ def _coarse_step(pair: PreparedPair, settings: Settings, reporter: Reporter):
 
     field = adam.run(pair, {"levels": coarse_levels(settings.coarse_level), "iterations": settings.coarse_iterations,
                             "coarse_iterations": settings.coarse_iterations,
-                            "regularization": settings.coarse_regularization}, reporter)
+                            "regularization": settings.coarse_regularization,
+                            "similarity": settings.coarse_similarity,
+                            "parameterisation": settings.coarse_parameterisation}, reporter)
     values = torch.from_numpy(evaluate_on_grid(field, pair.grid, pair.device)).to(pair.fixed)
     points = grid_points_mm(pair.grid, device=pair.device) + values
     flat = points.reshape(-1, 3)
