@@ -1,4 +1,4 @@
-"""Continuous Adam's similarity option: MIND-SSC, intensities, or both, as squared feature differences."""
+"""Continuous Adam's similarity option: MIND-SSC, or MIND-SSC and intensities, as squared feature differences."""
 
 import pytest
 import SimpleITK as sitk
@@ -13,7 +13,6 @@ from nephireg.synthetic import warp_error_mm
 
 def test_features_have_the_channels_each_similarity_names():
     image = torch.rand(1, 1, 12, 11, 10)
-    assert features(image, Settings(similarity="intensity")) is image
     mind = features(image, Settings(similarity="mind"))
     both = features(image, Settings(similarity="mind+intensity"))
     assert mind.shape == (1, 12, 12, 11, 10) and both.shape == (1, 13, 12, 11, 10)
@@ -21,15 +20,12 @@ def test_features_have_the_channels_each_similarity_names():
     assert torch.allclose(both[:, 12:], image * 12 ** 0.5)  # as much weight as the 12 MIND channels together
 
 
-@pytest.mark.parametrize("similarity", ["intensity", "mind+intensity"])
-def test_adam_recovers_a_known_deformation_with_intensity_similarity(similarity, small_pair, tmp_path,
-                                                                    one_torch_thread):
+def test_adam_recovers_a_known_deformation_with_mind_and_intensity(small_pair, tmp_path, one_torch_thread):
+    similarity = "mind+intensity"
     out = tmp_path / similarity
     manifest = register(Request(small_pair["fixed"], small_pair["moving"], str(out), method="adam", preset="generic",
                                 prealign="none", fixed_mask=small_pair["fixed_mask"], write_overview=False,
-                                options={"iterations": 60, "coarse_iterations": 40, "similarity": similarity,
-                                         # intensity differences are smaller than MIND's: a lighter diffusion weight
-                                         "regularization": 0.05}))
+                                options={"iterations": 60, "coarse_iterations": 40, "similarity": similarity}))
     points = sample_mask(small_pair["mask"], 600)
     before = warp_error_mm(sitk.Transform(3, sitk.sitkIdentity), small_pair["truth"], small_pair["grid"], points)
     after = warp_error_mm(io.read_transform(out / "transform.h5"), small_pair["truth"], small_pair["grid"], points)
@@ -39,4 +35,4 @@ def test_adam_recovers_a_known_deformation_with_intensity_similarity(similarity,
 
 def test_unknown_similarity_is_refused():
     with pytest.raises(ValueError, match="similarity"):
-        Settings.from_options({"similarity": "mutual-information"})
+        Settings.from_options({"similarity": "intensity"})

@@ -90,7 +90,9 @@ _PRESETS = {
         working_spacing_mm=2.0,
         # Measured on both anatomies (docs/adam-tuning.md, "The generic preset"): on the lung development pair with
         # this preset (no lung masks, 2 mm) lambda 1 gave 1.76 mm, 0.5 gave 1.60 mm with 0.001 % folding and 0.2 gave
-        # 1.48 mm but 0.14 % folding; lambda 0.5 also gains on the brain tuning pair over lambda 1.
+        # 1.48 mm but 0.14 % folding. On the brain tuning pair with this preset (centre pre-alignment only) lambda 0.5
+        # lost against 1 (tissue Dice 0.408 against 0.431): a compromise that favours the larger lung gain; brain
+        # MRI has its own preset.
         method_options={"adam": {"regularization": 0.5, "iterations": 40, "coarse_iterations": 40},
                         "nephi": {}, "nephi-io": {}},
     ),

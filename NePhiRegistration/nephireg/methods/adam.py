@@ -2,9 +2,9 @@
 
 METHODS.md, method 1. Per pyramid level (pooling factor f of the working grid):
 
-* features: MIND-SSC of both images on the working grid (``similarity="mind"``; or the normalised intensities,
-  ``"intensity"``; or both, ``"mind+intensity"``, the intensity channel weighted as much as the 12 MIND channels
-  together), block-averaged by f onto the level grid G;
+* features: MIND-SSC of both images on the working grid (``similarity="mind"``), or MIND-SSC plus the normalised
+  intensities (``"mind+intensity"``, the intensity channel weighted as much as the 12 MIND channels together),
+  block-averaged by f onto the level grid G;
 * unknown: ``p`` (1, 3, Zg, Yg, Xg) mm on G; the displacement used is ``u = S(p)``, S = ``smoothing_passes`` 3x3x3
   box filters (approximates a B-spline);
 * loss: ``mean_w((MIND_F - MIND_M o (x + u))^2) + lambda * mean(|grad u|^2)`` with forward differences in mm/mm
@@ -44,7 +44,7 @@ from nephireg.schedule import ConstantCosineLinear
 from nephireg.svf import exp_velocity
 
 PARAMETERISATIONS = ("displacement", "svf")
-SIMILARITIES = ("mind", "intensity", "mind+intensity")  # squared differences of these features
+SIMILARITIES = ("mind", "mind+intensity")  # squared differences of these features
 
 
 @dataclass(frozen=True)
@@ -117,9 +117,7 @@ def run(pair: PreparedPair, options: Mapping[str, Any], reporter: Reporter) -> D
 
 
 def features(image: torch.Tensor, settings: Settings) -> torch.Tensor:
-    """The compared features of a (1, 1, Z, Y, X) image: (1, C, Z, Y, X), C = 12 (MIND-SSC), 1 or 13."""
-    if settings.similarity == "intensity":
-        return image
+    """The compared features of a (1, 1, Z, Y, X) image: (1, C, Z, Y, X), C = 12 (MIND-SSC) or 13."""
     mind = mind_ssc(image, settings.mind_radius, settings.mind_dilation)
     if settings.similarity == "mind":
         return mind
