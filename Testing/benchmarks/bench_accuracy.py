@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO / "NePhiRegistration"))
 OURS = {"adam": ("adam", None), "nephi-io": ("nephi-io", None), "adam-generic": ("adam", "generic")}
 PEERS = ("ants", "elastix", "convexadam")
 ALL_METHODS = tuple(OURS) + PEERS
+CASE_NAMES = ["lung", "brain-template-to-subject", "brain-subject-to-template", "synthetic-thorax", "synthetic-brain"]
 SKIPPED = {("synthetic-thorax", "nephi-io"), ("synthetic-brain", "nephi-io")}  # (case, method): saves ~3 minutes
 SYNTHETIC_POINTS = 4000  # mask voxels scored per synthetic case (a fixed-seed subsample: the scoring is per point)
 
@@ -337,7 +338,7 @@ def machine() -> Dict[str, object]:
 
 
 def parse(argv: Optional[List[str]]) -> argparse.Namespace:
-    names = ["lung", "brain-template-to-subject", "brain-subject-to-template", "synthetic-thorax", "synthetic-brain"]
+    names = CASE_NAMES
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(names), help="comma-separated: " + ",".join(names))
     parser.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated: " + ",".join(ALL_METHODS))
@@ -361,9 +362,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse(argv)
     if args.peer:
         return peer_main(args.peer, Path(args.peer_out), Path(args.peer_fixed), Path(args.peer_moving))
-    if args.render:
-        write_markdown(REPO / args.markdown, markdown(json.loads(Path(args.render).read_text())))
-        return 0
+    if args.render:  # rewrite the markdown (and, with --previous, the merged JSON) from a results JSON
+        report = json.loads(Path(args.render).read_text())
+        if not args.previous:
+            write_markdown(REPO / args.markdown, markdown(report))
+            return 0
+        return finish(report, args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(ALL_METHODS))
     if unknown:
@@ -393,15 +397,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     report["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     for r in report["runs"]:
         r["invocation"] = report["date"]
-    for previous in args.previous:  # earlier invocations: their runs, unless this one measured the same pair
+    return finish(report, args)
+
+
+def merge(report: Dict[str, object], previous_paths: List[str]) -> None:
+    """Add the runs (and cases) of earlier invocations' JSONs, unless ``report`` measured the same case and method."""
+    for previous in previous_paths:
         earlier = json.loads(Path(previous).read_text())
         done = {(r["case"], r["method"]) for r in report["runs"]}
         report["runs"] += [dict(r, invocation=r.get("invocation", earlier["date"])) for r in earlier["runs"]
                            if (r["case"], r["method"]) not in done]
+        known = {c["name"] for c in report["cases"]}
+        report["cases"] += [c for c in earlier["cases"] if c["name"] not in known]
         report.setdefault("previous", []).append({k: earlier.get(k) for k in ("date", "command", "loadavg_start",
                                                                              "loadavg_end")})
+
+
+def finish(report: Dict[str, object], args: argparse.Namespace) -> int:
+    """Merge ``--previous``, order, add the ratios to ANTs, write the JSON and the markdown section."""
+    merge(report, args.previous)
     order = {m: n for n, m in enumerate(ALL_METHODS)}
     report["runs"].sort(key=lambda r: order.get(r["method"], len(order)))
+    case_order = {c: n for n, c in enumerate(CASE_NAMES)}
+    report["cases"].sort(key=lambda c: case_order.get(c["name"], len(case_order)))
     ratios_to_ants(report["runs"])
     report["json_path"] = args.out_json
     out_json = REPO / args.out_json
