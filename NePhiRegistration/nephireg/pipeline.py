@@ -215,8 +215,7 @@ def _write_files(request: Request, preset: Preset, mode: str, inputs: Inputs, gr
         "method": request.method,
         "preset": preset.name,
         "parameters": {"options": options, "prealign": mode, "seed": request.seed,
-                       "masks": "derived (lung)" if inputs.masks_derived else
-                       ("given" if request.fixed_mask or request.moving_mask else "none"),
+                       "masks": inputs.describe_masks(),
                        "request": asdict(request)},
         "inputs": {"fixed": os.path.abspath(request.fixed), "moving": os.path.abspath(request.moving),
                    "fixed_grid": _grid_dict(grid)},
