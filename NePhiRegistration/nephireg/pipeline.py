@@ -25,6 +25,7 @@ from nephireg.errors import InputError, OutOfMemory
 from nephireg.fields import evaluate_on_grid
 from nephireg.geometry import Grid, overlap_fraction
 from nephireg.inputs import Inputs, PrefetchedInputs, Request, read_inputs
+from nephireg.inverse import InverseMap, invert, lattice_mm, write_inverse
 from nephireg.jacobian import jacobian_determinant, jacobian_summary
 from nephireg.methods import get_method
 from nephireg.overview import overview
@@ -144,10 +145,14 @@ def register(request: Request, reporter: Optional[Reporter] = None,
         field_ = method(pair, options, reporter)
         reporter.stage("field", "Evaluating the displacement on the fixed grid")
         displacement = evaluate_on_grid(field_, fixed_grid, device)
+        reporter.stage("inverse", "Inverting the transform (moving -> fixed)")
+        inverse = invert(field_, displacement, fixed_grid, Grid.of(inputs.moving), prealign, device,
+                         lattice_mm(pair.grid))
     except torch.cuda.OutOfMemoryError as exc:
         raise OutOfMemory(f"the GPU ran out of memory ({exc}); run again with --device cpu") from None
     displacement = compose_prealignment(fixed_grid, displacement, prealign)
-    return _write_result(request, preset, mode, inputs, fixed_grid, displacement, options, device, reporter, started)
+    return _write_result(request, preset, mode, inputs, fixed_grid, displacement, inverse, options, device, reporter,
+                         started)
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> None:
@@ -158,14 +163,16 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
 
 
 def _write_result(request: Request, preset: Preset, mode: str, inputs: Inputs, grid: Grid, displacement: np.ndarray,
-                  options: Dict[str, Any], device: torch.device, reporter: Reporter, started: float) -> Dict[str, Any]:
+                  inverse: InverseMap, options: Dict[str, Any], device: torch.device, reporter: Reporter,
+                  started: float) -> Dict[str, Any]:
     reporter.stage("write", "Writing the transform, Jacobian and warped image")
     out = Path(request.out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
     try:
-        manifest = _write_files(request, preset, mode, inputs, grid, displacement, options, device, staging, reporter)
+        manifest = _write_files(request, preset, mode, inputs, grid, displacement, inverse, options, device, staging,
+                                reporter)
         if request.overwrite:
             (out / RESULT_MANIFEST).unlink(missing_ok=True)
         for name in manifest["files"].values():
@@ -184,7 +191,8 @@ def _write_result(request: Request, preset: Preset, mode: str, inputs: Inputs, g
 
 
 def _write_files(request: Request, preset: Preset, mode: str, inputs: Inputs, grid: Grid, displacement: np.ndarray,
-                 options: Dict[str, Any], device: torch.device, folder: Path, reporter: Reporter) -> Dict[str, Any]:
+                 inverse: InverseMap, options: Dict[str, Any], device: torch.device, folder: Path,
+                 reporter: Reporter) -> Dict[str, Any]:
     files = {"transform": OUTPUT_FILES["transform"], "jacobian": OUTPUT_FILES["jacobian"]}
     transform = io.displacement_transform(displacement, grid)
     sitk.WriteTransform(transform, str(folder / files["transform"]))
@@ -209,6 +217,8 @@ def _write_files(request: Request, preset: Preset, mode: str, inputs: Inputs, gr
         "similarity_region": "fixed mask" if mask is not None else "whole fixed image",
         "displacement_max_mm": float(np.linalg.norm(displacement, axis=-1).max()),
     })
+    files["inverse"] = OUTPUT_FILES["inverse"]
+    metrics.update(write_inverse(inverse, displacement, grid, mask, folder / files["inverse"]))
     return {
         "files": files,
         "metrics": metrics,
