@@ -168,13 +168,12 @@ def _monotone_chain(points: np.ndarray) -> np.ndarray:
     if len(ordered) < 3:
         return np.asarray(ordered)
 
-    def cross(o, a, b) -> float:
-        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
-
     def chain(sequence):
         out: list = []
         for p in sequence:
-            while len(out) >= 2 and cross(out[-2], out[-1], p) <= 0:
+            # pop while the last two points and p make no left turn (cross product <= 0)
+            while len(out) >= 2 and ((out[-1][0] - out[-2][0]) * (p[1] - out[-2][1])
+                                     - (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0])) <= 0:
                 out.pop()
             out.append(p)
         return out[:-1]
