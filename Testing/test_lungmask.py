@@ -209,3 +209,18 @@ def test_body_hull_holds_a_cut_lung_and_not_the_outside_air():
     array = sitk.GetArrayFromImage(ct)
     corner_air = array[:, :3, :3] < -950  # outside air in the crop's (anterior, right) corner
     assert np.count_nonzero(corner_air) > 0 and not np.any(hull[:, :3, :3][corner_air])
+
+
+def test_convex_hull_of_a_slice():
+    from nephireg.lungmask import _convex_hull_2d
+
+    section = np.zeros((7, 9), dtype=np.uint8)
+    section[1, 2] = section[1, 6] = section[5, 6] = 1  # a right triangle's corners
+    hull = _convex_hull_2d(section)
+    rows, cols = np.nonzero(hull)
+    assert hull.sum() == 15  # 5 + 4 + 3 + 2 + 1 pixel centres on or inside the triangle
+    assert np.all(cols - rows >= 1) and np.all((rows >= 1) & (rows <= 5) & (cols <= 6))
+    line = np.zeros((4, 5), dtype=np.uint8)
+    line[2, 1:4] = 1
+    assert np.array_equal(_convex_hull_2d(line), line)  # collinear: the pixels themselves
+    assert not _convex_hull_2d(np.zeros((3, 3), dtype=np.uint8)).any()

@@ -149,13 +149,13 @@ def _convex_hull_2d(section: np.ndarray) -> np.ndarray:
     # The hull of a pixel set is the hull of each row's two end pixels.
     points = np.concatenate([np.stack([rows, first], 1), np.stack([rows, last], 1)]).astype(float)
     hull = _monotone_chain(points)
+    if len(hull) < 3:  # all on one line: the row spans themselves are the hull
+        spans = np.zeros(section.shape, dtype=np.uint8)
+        for row, lo, hi in zip(rows, first, last):
+            spans[row, lo:hi + 1] = 1
+        return spans
     r, c = np.mgrid[:section.shape[0], :section.shape[1]]
     inside = np.ones(section.shape, dtype=bool)
-    if len(hull) < 3:  # a point or a segment: its end pixels and the row spans between them
-        inside = np.zeros(section.shape, dtype=bool)
-        for row, lo, hi in zip(rows, first, last):
-            inside[row, lo:hi + 1] = True
-        return inside.astype(np.uint8)
     for (r0, c0), (r1, c1) in zip(hull, np.roll(hull, -1, axis=0)):
         inside &= (r1 - r0) * (c - c0) - (c1 - c0) * (r - r0) >= -1e-9  # left of (or on) every edge
     return inside.astype(np.uint8)
