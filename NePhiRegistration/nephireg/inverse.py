@@ -70,7 +70,7 @@ class FieldWithInverse:
 
 @dataclass
 class InverseMap:
-    """phi^-1 as y -> y + v(y): ``displacement_mm`` v (Z, Y, X, 3) float64 LPS mm on ``grid`` (the moving image's)."""
+    """phi^-1 as y -> y + v(y): ``displacement_mm`` v (Z, Y, X, 3) float32 LPS mm on ``grid`` (the moving image's)."""
 
     displacement_mm: np.ndarray
     grid: Grid
@@ -94,7 +94,7 @@ def invert(field: DisplacementField, displacement_mm: np.ndarray, fixed_grid: Gr
     v, iterations, started_from = _invert_on(field, displacement_mm, fixed_grid, lattice, prealign, device)
     if lattice != moving_grid:
         v = resample_volume(v, lattice, moving_grid, padding="border")
-    values = v[0].permute(1, 2, 3, 0).double().cpu().numpy()
+    values = v[0].permute(1, 2, 3, 0).cpu().numpy()  # float32; the writer makes the float64 ITK wants
     return InverseMap(values, moving_grid, iterations, started_from)
 
 
@@ -148,7 +148,7 @@ def consistency_mm(forward_mm: np.ndarray, fixed_grid: Grid, inverse: InverseMap
     grid = inverse.grid
     index = mapped @ grid.physical_to_index()[:3, :3].T + grid.physical_to_index()[:3, 3]
     inside = np.all((index >= 0) & (index <= np.asarray(grid.size) - 1.0), axis=1)
-    values = torch.from_numpy(inverse.displacement_mm).permute(3, 0, 1, 2).unsqueeze(0).contiguous()
+    values = torch.from_numpy(inverse.displacement_mm).double().permute(3, 0, 1, 2).unsqueeze(0).contiguous()
     mapped_t = torch.from_numpy(mapped[inside])
     to_norm = matrix_tensor(grid.physical_to_normalised(), mapped_t)
     back = sample_flat(values, mapped_t @ to_norm[:3, :3].T + to_norm[:3, 3]).T.numpy()
