@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from nephireg import io
-from nephireg.fields import DisplacementField
+from nephireg.fields import DenseField, DisplacementField, evaluate_on_grid
 from nephireg.geometry import Grid
-from nephireg.sampling import grid_points_mm, matrix_tensor, resample_volume, sample_flat
+from nephireg.sampling import grid_points_mm, matrix_tensor, sample_flat
 
 MAX_ITERATIONS = 30
 UNDAMPED_ITERATIONS = 10
@@ -70,7 +70,7 @@ class FieldWithInverse:
 
 @dataclass
 class InverseMap:
-    """phi^-1 as y -> y + v(y): ``displacement_mm`` v (Z, Y, X, 3) float32 LPS mm on ``grid`` (the moving image's)."""
+    """phi^-1 as y -> y + v(y): ``displacement_mm`` v (Z, Y, X, 3) float64 LPS mm on ``grid`` (the moving image's)."""
 
     displacement_mm: np.ndarray
     grid: Grid
@@ -92,9 +92,10 @@ def invert(field: DisplacementField, displacement_mm: np.ndarray, fixed_grid: Gr
     if lattice.size == moving_grid.size:
         lattice = moving_grid
     v, iterations, started_from = _invert_on(field, displacement_mm, fixed_grid, lattice, prealign, device)
-    if lattice != moving_grid:
-        v = resample_volume(v, lattice, moving_grid, padding="border")
-    values = v[0].permute(1, 2, 3, 0).cpu().numpy()  # float32; the writer makes the float64 ITK wants
+    if lattice == moving_grid:
+        values = v[0].permute(1, 2, 3, 0).double().cpu().numpy()
+    else:  # trilinear onto the moving grid, in slabs (memory flat in the grid's size), float64 as ITK stores it
+        values = evaluate_on_grid(DenseField(lattice, v), moving_grid, device)
     return InverseMap(values, moving_grid, iterations, started_from)
 
 
@@ -139,7 +140,8 @@ def consistency_mm(forward_mm: np.ndarray, fixed_grid: Grid, inverse: InverseMap
     whose phi(x) = x + ``forward_mm``(x) lies inside the inverse's grid; every ``stride``-th voxel along each axis;
     1D float64."""
     every = (slice(None, None, stride),) * 3
-    points, forward_mm = fixed_grid.physical_points()[every], forward_mm[every]
+    forward_mm = forward_mm[every]
+    points = _strided(fixed_grid, stride).physical_points()
     if mask is not None:
         mask = mask[every]
         points, forward_mm = points[mask], forward_mm[mask]
@@ -148,11 +150,17 @@ def consistency_mm(forward_mm: np.ndarray, fixed_grid: Grid, inverse: InverseMap
     grid = inverse.grid
     index = mapped @ grid.physical_to_index()[:3, :3].T + grid.physical_to_index()[:3, 3]
     inside = np.all((index >= 0) & (index <= np.asarray(grid.size) - 1.0), axis=1)
-    values = torch.from_numpy(inverse.displacement_mm).double().permute(3, 0, 1, 2).unsqueeze(0).contiguous()
+    values = torch.from_numpy(inverse.displacement_mm).permute(3, 0, 1, 2).unsqueeze(0).contiguous()
     mapped_t = torch.from_numpy(mapped[inside])
     to_norm = matrix_tensor(grid.physical_to_normalised(), mapped_t)
     back = sample_flat(values, mapped_t @ to_norm[:3, :3].T + to_norm[:3, 3]).T.numpy()
     return np.linalg.norm(mapped[inside] + back - points[inside], axis=1)
+
+
+def _strided(grid: Grid, stride: int) -> Grid:
+    """The grid of every ``stride``-th voxel of ``grid`` along each axis (voxel 0 kept)."""
+    size = tuple(-(-n // stride) for n in grid.size)
+    return Grid(size, tuple(s * stride for s in grid.spacing), grid.origin, grid.direction)
 
 
 def write_inverse(inverse: InverseMap, forward_mm: np.ndarray, fixed_grid: Grid, mask: Optional[np.ndarray],
