@@ -16,7 +16,7 @@ from nephireg.errors import InputError
 
 # The options that have their own flags on the command line (``--iterations`` ...); others come from ``--option``.
 OPTION_FLAGS = {"iterations": "--iterations", "regularization": "--regularization",
-                "grid_spacing_mm": "--grid-spacing-mm", "model": "--model"}
+                "grid_spacing_mm": "--grid-spacing-mm", "model": "--model", "seed": "--seed"}
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 S = TypeVar("S")
 
@@ -82,7 +82,9 @@ _BAD = object()
 
 
 def _num(value: Optional[float]) -> str:
-    return "inf" if value is None else f"{value:g}"
+    if value is None:
+        return "inf"
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
 
 
 def _show(value: Any) -> str:
