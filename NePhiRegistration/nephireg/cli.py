@@ -164,6 +164,10 @@ def _register_command(args: argparse.Namespace) -> int:
             prefetched = prefetch_inputs(request)  # reads the images while torch is imported below
         except InputError as exc:
             held_back = exc
+        if reporter.cancel_requested:  # a signal during start-up: no need to load torch first
+            reporter.emit(Event.START, {"method": args.method, "preset": args.preset, "device": args.device,
+                                        "out": os.path.abspath(args.out)})
+            reporter.check_cancel()
         from nephireg.pipeline import register, resolve_device
 
         device = args.device
