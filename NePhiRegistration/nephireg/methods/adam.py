@@ -83,11 +83,13 @@ OPTION_RULES = {
     "constant_until": Rule("int", 0, 270),
     "cosine_until": Rule("int", 0, 270),
     "cosine_floor": Rule("float", 0, 1),
-    "final_fraction": Rule("float", 0, 1),
+    "final_fraction": Rule("float", 0, 1, low_open=True),
     "grid_spacing_mm": Rule("float", 0, 1000, low_open=True, optional=True),
 }
 INVARIANTS = ((lambda s: s.constant_until <= s.cosine_until,
-               "--option constant_until must not exceed --option cosine_until (schedule breakpoints of 270 steps)"),)
+               "--option constant_until must not exceed --option cosine_until (schedule breakpoints of 270 steps)"),
+              (lambda s: s.final_fraction <= s.cosine_floor,
+               "--option final_fraction must not exceed --option cosine_floor (schedule.ConstantCosineLinear)"))
 
 
 def coarsest_pooling(settings: Settings, grid: Grid) -> int:

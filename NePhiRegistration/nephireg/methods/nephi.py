@@ -66,7 +66,7 @@ OPTION_RULES = {
     "seed": Rule("int", 0, 2**32 - 1),
     "learning_rate": Rule("float", 0, 10, low_open=True),
     "code_learning_rate": Rule("float", 0, 10, low_open=True),
-    "similarity_points": Rule("int", 1, MAX_POINTS),
+    "similarity_points": Rule("int", 16, MAX_POINTS),  # nephi.objective needs 16 for its statistics
     "gradicon_points": Rule("int", 1, MAX_POINTS),
     "prior_weight": Rule("float", 0, 1e6),
     "latent_stride": Rule("int", 1, 64),
