@@ -158,7 +158,7 @@ def settings_from(cls: Type[S], options: Mapping[str, Any], rules: Mapping[str, 
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(options) - known - set(ignored))
     if unknown:
-        raise InputError(f"{what} does not know option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise InputError(f"unknown {what} option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     values = {name: rules[name].parse(name, value) for name, value in options.items()
               if name in known and value is not None}
     return cls(**values)
