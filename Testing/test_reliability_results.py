@@ -73,6 +73,26 @@ def test_a_result_committed_meanwhile_is_kept_without_overwrite(tmp_path):
     assert set(snapshot(out)) == {"transform.h5", "result.json"}  # both staging folders gone
 
 
+def test_a_retried_job_finishing_first_keeps_its_result(pair, tmp_path, capsys):
+    """Two runs into one --out, neither with --overwrite: the one that finishes second is refused (when it starts
+    writing, or at the swap under the folder lock) and the first one's result stays."""
+    out = tmp_path / "out"
+    slow = subprocess.Popen([sys.executable, "-m", "nephireg", "register", "--fixed", pair["fixed"], "--moving",
+                             pair["moving"], "--out", str(out), "--prealign", "none", "--option", "iterations=600",
+                             "--option", "coarse_iterations=1", "--progress", "jsonl"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in slow.stdout:  # the slow run is optimising: its start-up check saw no result
+        event = parse_event_line(line)
+        if event and event["event"] == "progress" and event["stage"] == "optimise":
+            break
+    assert register(capsys, pair, out)[0] == ExitCode.SUCCESS  # the retry finishes first
+    committed = snapshot(out)
+    rest, err = slow.communicate(timeout=300)
+    assert slow.returncode == ExitCode.BAD_INPUT, err
+    assert "another run wrote a result" in [e for e in map(parse_event_line, rest.splitlines()) if e][-1]["message"]
+    assert snapshot(out) == committed
+
+
 def test_the_manifest_must_list_exactly_the_staged_files(tmp_path):
     with ResultFolder(tmp_path / "out", overwrite=False) as writer:
         (writer.staging / "transform.h5").write_text("t")

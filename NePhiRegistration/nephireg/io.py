@@ -72,6 +72,8 @@ def _fmt(values) -> str:
 
 
 def _read_any(path: PathLike, role: str) -> sitk.Image:
+    if not str(path).strip():  # Path("") is the current folder: never read "whatever DICOM series is here"
+        raise InputError(f"{role} path is empty")
     p = Path(path)
     if not p.exists():
         raise InputError(f"{role} file not found", path)

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import platform
 import time
@@ -25,7 +24,7 @@ from nephireg.fields import evaluate_on_grid
 from nephireg.geometry import Grid, overlap_fraction
 from nephireg.inputs import Inputs, PrefetchedInputs, Request, read_inputs
 from nephireg.jacobian import jacobian_determinant, jacobian_summary
-from nephireg.methods import get_method
+from nephireg.methods import get_method, method_module
 from nephireg.overview import overview
 from nephireg.pair import PreparedPair
 from nephireg.preprocess import crop_to_mask, working_grid
@@ -102,8 +101,8 @@ def check_geometry(request: Request, preset: Preset, inputs: Inputs, settings: A
     """The read images can give this method a usable working grid, and their result fits on the disk."""
     fixed = Grid.of(inputs.fixed)
     working = working_grid_of(inputs, preset)
-    module = importlib.import_module(get_method(request.method).__module__)
-    validate.check_working_grid(working, module.coarsest_pooling(settings, working), preset.name, request.method,
+    coarsest = method_module(request.method).coarsest_pooling(settings, working)
+    validate.check_working_grid(working, coarsest, preset.name, request.method,
                                 request.fixed, fixed.extent_mm())
     validate.check_free_space(Path(request.out), validate.result_bytes(fixed, Grid.of(inputs.moving)))
 

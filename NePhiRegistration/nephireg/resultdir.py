@@ -21,7 +21,7 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence
 
 from nephireg.errors import InputError, NephiregError
 from nephireg.protocol import OUTPUT_FILES, RESULT_MANIFEST, write_manifest
@@ -46,7 +46,8 @@ class ResultFolder:
         self._created: List[Path] = []
 
     def __enter__(self) -> ResultFolder:
-        check_output_folder(self.out, self.overwrite)
+        check_output_folder(self.out, overwrite=True)  # the location; a result there is checked next
+        self._refuse_a_concurrent_result()  # the run checked at its start: one now came from another run
         self._created = make_parents(self.out)
         remove_stale(self.out, STAGING_PREFIX)
         legacy = self.out / _LEGACY_PARTIAL_MANIFEST  # an interrupted manifest write of older versions
@@ -72,12 +73,15 @@ class ResultFolder:
         check_cancel()
         with _folder_lock(self.out):
             check_cancel()  # the commit point: a cancellation up to here leaves the folder as it was
-            if (self.out / RESULT_MANIFEST).exists() and not self.overwrite:
-                raise InputError("another run wrote a result into this folder while this one ran; it was kept "
-                                 "(use --overwrite to replace it)", self.out)
+            self._refuse_a_concurrent_result()
             _swap(self.out, self.staging, names)
             self.committed = True
         return str(self.out / RESULT_MANIFEST)
+
+    def _refuse_a_concurrent_result(self) -> None:
+        if (self.out / RESULT_MANIFEST).exists() and not self.overwrite:
+            raise InputError("another run wrote a result into this folder while this one ran; it was kept "
+                             "(use --overwrite to replace it)", self.out)
 
 
 def _safe_name(name: Any) -> str:
@@ -200,8 +204,3 @@ def _publish_file(staged: Path, target: Path, overwrite: bool) -> None:
         os.replace(staged, target)
         return
     staged.unlink()
-
-
-def file_names(manifest: Mapping[str, Any]) -> Dict[str, str]:
-    """The manifest's ``files`` as plain relative names (what :meth:`ResultFolder.commit` accepts)."""
-    return {key: _safe_name(name) for key, name in manifest.get("files", {}).items()}

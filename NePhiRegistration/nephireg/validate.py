@@ -50,11 +50,10 @@ def check_request(request: Any) -> None:
 
 def method_settings(request: Any) -> Any:
     """The method's typed, checked ``Settings`` for the request's preset and options (imports the method)."""
-    from importlib import import_module
-
+    from nephireg.methods import method_module
     from nephireg.presets import get_preset
 
-    module = import_module({"adam": "nephireg.methods.adam"}.get(request.method, "nephireg.methods.nephi"))
+    module = method_module(request.method)
     options = get_preset(request.preset).options_for(request.method, request.options)
     if request.method == "nephi-io":
         options = {"seed": request.seed, **options}
