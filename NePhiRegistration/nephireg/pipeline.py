@@ -24,7 +24,7 @@ from nephireg.fields import evaluate_on_grid
 from nephireg.geometry import Grid, overlap_fraction
 from nephireg.inputs import Inputs, PrefetchedInputs, Request, read_inputs
 from nephireg.jacobian import jacobian_determinant, jacobian_summary
-from nephireg.methods import get_method, method_module
+from nephireg.methods import get_method
 from nephireg.overview import overview
 from nephireg.pair import PreparedPair
 from nephireg.preprocess import crop_to_mask, working_grid
@@ -97,16 +97,6 @@ def working_grid_of(inputs: Inputs, preset: Preset) -> Grid:
     return working_grid(region, preset.working_spacing_mm)
 
 
-def check_geometry(request: Request, preset: Preset, inputs: Inputs, settings: Any) -> None:
-    """The read images can give this method a usable working grid, and their result fits on the disk."""
-    fixed = Grid.of(inputs.fixed)
-    working = working_grid_of(inputs, preset)
-    coarsest = method_module(request.method).coarsest_pooling(settings, working)
-    validate.check_working_grid(working, coarsest, preset.name, request.method,
-                                request.fixed, fixed.extent_mm())
-    validate.check_free_space(Path(request.out), validate.result_bytes(fixed, Grid.of(inputs.moving)))
-
-
 def to_tensor(image: sitk.Image, grid: Grid, transform: Optional[sitk.Transform], device: torch.device,
               is_mask: bool = False) -> torch.Tensor:
     """``image`` resampled onto ``grid`` (through ``transform``, fixed -> image space) as (1, 1, Z, Y, X) float32.
@@ -158,7 +148,8 @@ def register(request: Request, reporter: Optional[Reporter] = None,
     if prefetched is not None and prefetched.request is not request:
         raise ValueError("prefetched inputs belong to another request")
     inputs = prefetched.result(reporter) if prefetched is not None else read_inputs(request, preset, reporter)
-    check_geometry(request, preset, inputs, settings)
+    validate.check_geometry(request, settings, Grid.of(inputs.fixed), Grid.of(inputs.moving),
+                            working_grid_of(inputs, preset))
     mode, prealign = prealign_matrix(request, preset, inputs, reporter)
     fixed_grid = Grid.of(inputs.fixed)
     check_overlap(fixed_grid, Grid.of(inputs.moving), prealign, request)

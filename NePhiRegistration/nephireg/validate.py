@@ -192,6 +192,15 @@ def check_image_geometry(grid: Grid, role: str, path: Any) -> None:
                          f"[{low:g}, {high:g}] mm; check the file's header", path)
 
 
+def check_geometry(request: Any, settings: Any, fixed: Grid, moving: Grid, working: Grid) -> None:
+    """The read images give the request's method a usable working grid, and their result fits on the disk."""
+    from nephireg.methods import method_module
+
+    coarsest = method_module(request.method).coarsest_pooling(settings, working)
+    check_working_grid(working, coarsest, request.preset, request.method, request.fixed, fixed.extent_mm())
+    check_free_space(Path(os.fspath(request.out)), result_bytes(fixed, moving))
+
+
 def check_working_grid(working: Grid, coarsest_factor: int, preset: str, method: str, fixed_path: str,
                        extent_mm: Optional[np.ndarray] = None) -> None:
     """The working grid holds at least :data:`MIN_LEVEL_VOXELS` voxels per axis at the method's coarsest
