@@ -122,19 +122,9 @@ def _report_failure(reporter, exc: BaseException, failure) -> int:
 
 
 def _print_traceback(exc: BaseException) -> None:
-    _best_effort(lambda: traceback.print_exception(exc, file=sys.stderr))
+    from nephireg.progress import say
 
-
-def _best_effort(write: Callable[[], Any]) -> None:
-    """Console output never fails a command (a closed pipe, ``/dev/full``): the result is what counts."""
-    try:
-        write()
-    except (OSError, ValueError, AttributeError):
-        pass
-
-
-def _say(text: str) -> None:
-    _best_effort(lambda: print(text, flush=True))
+    say("".join(traceback.format_exception(exc)).rstrip("\n"), sys.stderr)
 
 
 def _request_from(args: argparse.Namespace, fixed: str, moving: str, fixed_mask: Optional[str],
@@ -195,6 +185,12 @@ def _jsonl_type():
     return JsonlReporter
 
 
+def _say(text: str, stream=None) -> None:
+    from nephireg.progress import say
+
+    say(text, stream)
+
+
 def _print_summary(manifest: Dict[str, Any]) -> None:
     m = manifest["metrics"]
     _say(f"folding {m['folding_percent']:.4f} %  det J [{m['jacobian_min']:.3f}, {m['jacobian_max']:.3f}]  "
@@ -237,7 +233,7 @@ def run_command(args: argparse.Namespace) -> int:
         code, _, message = describe_failure(exc)
         if code == ExitCode.INTERNAL_ERROR:
             _print_traceback(exc)
-        _best_effort(lambda: print(f"error: {message}", file=sys.stderr, flush=True))
+        _say(f"error: {message}", sys.stderr)
         return int(code)
 
 

@@ -19,6 +19,15 @@ from nephireg.protocol import Event, encode_event
 EventSink = Callable[[Event, Dict[str, Any]], None]
 
 
+def say(text: str, stream: Optional[TextIO] = None) -> None:
+    """Print one line for a person (stdout by default), best effort: a closed pipe or a full device
+    (``| head``, ``/dev/full``) never fails a command whose outputs are written."""
+    try:
+        print(text, file=stream or sys.stdout, flush=True)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 class Reporter:
     """Base reporter: keeps stage timings, the cancel flag and ETA; subclasses decide where events go."""
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import signal
 import threading
 from contextlib import contextmanager
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List
 
 from nephireg.errors import Cancelled
 
@@ -44,11 +44,6 @@ def install() -> bool:
     for signum in SIGNALS:
         signal.signal(signum, _on_signal)
     return True
-
-
-def last_signal() -> Optional[int]:
-    """The most recent signal received (None if none): what ``batch`` forwards to its child."""
-    return _received[-1] if _received else None
 
 
 @contextmanager

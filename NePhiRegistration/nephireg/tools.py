@@ -45,10 +45,9 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
 
 
 def _say(text: str) -> None:
-    try:
-        print(text, flush=True)
-    except (OSError, ValueError):  # a closed stdout never fails a command whose output is written
-        pass
+    from nephireg.progress import say
+
+    say(text)
 
 
 def _warp_command(args: argparse.Namespace) -> int:
@@ -80,6 +79,7 @@ def _warp_command(args: argparse.Namespace) -> int:
 
 def _jacobian_command(args: argparse.Namespace) -> int:
     from nephireg import io
+    from nephireg.errors import InputError
     from nephireg.geometry import Grid
     from nephireg.jacobian import jacobian_determinant, jacobian_summary
     from nephireg.resultdir import staged_file
@@ -94,7 +94,11 @@ def _jacobian_command(args: argparse.Namespace) -> int:
     else:
         field = _displacement_field_of(transform, args.transform)
         grid = Grid.of(field)
-    displacement = io.displacement_of(transform, grid)
+    try:
+        displacement = io.displacement_of(transform, grid)
+    except RuntimeError as exc:  # SimpleITK cannot evaluate this transform (e.g. a broken field)
+        raise InputError(f"transform cannot be evaluated on the grid ({str(exc).strip()[-200:]})",
+                         args.transform) from None
     det = jacobian_determinant(displacement, grid)
     if args.out:
         with staged_file(args.out, args.overwrite, inputs) as staged:
@@ -209,7 +213,9 @@ def _batch_command(args: argparse.Namespace) -> int:
             codes = [_batch_row(index, rows[index], Path(args.out_root), extra, cancel) for index in indices]
     except Exception as exc:  # noqa: BLE001 - batch's own error boundary
         code, _, message = describe_failure(exc)
-        _err(f"error: {message}")
+        from nephireg.progress import say
+
+        say(f"error: {message}", sys.stderr)
         return int(code)
     if ExitCode.CANCELLED in codes:
         return int(ExitCode.CANCELLED)
@@ -240,7 +246,10 @@ def _batch_row(index: int, row: dict, out_root: Path, extra: List[str], cancel: 
 
 
 def _run_child(command: List[str], cancel: threading.Event) -> int:
-    """Run ``command``; a cancel of the batch (SIGINT/SIGTERM) is forwarded to it and waited for."""
+    """Run ``command``; a cancel of the batch (SIGINT/SIGTERM) is forwarded to it as SIGTERM and waited for.
+
+    SIGTERM whatever the batch received: a child still starting its interpreter (before its handlers exist) then
+    ends quietly instead of printing a KeyboardInterrupt traceback."""
     from nephireg import signals
 
     child = subprocess.Popen(command)
@@ -251,15 +260,8 @@ def _run_child(command: List[str], cancel: threading.Event) -> int:
             break
         except subprocess.TimeoutExpired:
             if cancel.is_set() and not forwarded:
-                child.send_signal(signals.last_signal() or signal.SIGTERM)
+                child.send_signal(signal.SIGTERM)
                 forwarded = True
     if forwarded and code != ExitCode.SUCCESS:
         return int(ExitCode.CANCELLED)
     return int(code) if code >= 0 else int(ExitCode.CANCELLED if -code in signals.SIGNALS else ExitCode.INTERNAL_ERROR)
-
-
-def _err(text: str) -> None:
-    try:
-        print(text, file=sys.stderr, flush=True)
-    except (OSError, ValueError):
-        pass
