@@ -219,9 +219,9 @@ def _demo_command(args: argparse.Namespace) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """The error boundary of every command: register, demo and batch report through their own events
-    (:func:`run_cancellable`); the others get SIGINT/SIGTERM as a :class:`~nephireg.errors.Cancelled` and every
-    failure as its exit code and one ``error:`` line on stderr."""
+    """The error boundary of every command: register and demo report through their own events
+    (:func:`run_cancellable`); the others (warp, jacobian, batch, train, models) get SIGINT/SIGTERM as a
+    :class:`~nephireg.errors.Cancelled` and every failure as its exit code and one ``error:`` line on stderr."""
     if getattr(args, "own_boundary", False):
         return int(args.func(args))
     from nephireg.errors import describe_failure

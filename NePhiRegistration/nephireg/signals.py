@@ -4,10 +4,10 @@
 is recorded instead of killing the interpreter (exit -15) or raising KeyboardInterrupt in an import. A command
 then takes the recorded signals in one of two ways:
 
-* :func:`cooperative` (register, demo, batch): a signal requests a cancel of the run's reporter, whose loops
-  poll it (:meth:`nephireg.progress.Reporter.check_cancel`); one recorded earlier cancels it at once.
-* :func:`interrupting` (warp, jacobian, train, models): a signal raises :class:`nephireg.errors.Cancelled`
-  in the main thread (these commands have no loop that polls).
+* :func:`cooperative` (register, demo): a signal requests a cancel of the run's reporter, whose loops poll it
+  (:meth:`nephireg.progress.Reporter.check_cancel`); one recorded earlier cancels it at once.
+* :func:`interrupting` (warp, jacobian, batch, train, models): a signal raises :class:`nephireg.errors.Cancelled`
+  in the main thread (these commands have no loop that polls; batch forwards it to its child first).
 
 Either way the error boundary turns the cancellation into exit 3 and one line. Signals that arrive while the
 interpreter itself starts (before :func:`install`, a few tens of ms) still end the process with the default

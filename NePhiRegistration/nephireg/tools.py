@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import List
 
@@ -41,7 +40,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     batch.add_argument("--index", type=int, help="run only this 0-based row (for a cluster job array)")
     batch.add_argument("register_args", nargs=argparse.REMAINDER,
                        help="after --: options passed to every 'register' (e.g. -- --method adam --preset lung-ct)")
-    batch.set_defaults(func=_batch_command, own_boundary=True)
+    batch.set_defaults(func=_batch_command)
 
 
 def _say(text: str) -> None:
@@ -123,7 +122,6 @@ def _displacement_field_of(transform, path: str):
 
 
 PAIR_COLUMNS = ("fixed", "moving", "fixed_mask", "moving_mask")
-POLL_S = 0.1  # how often batch looks at its child and at the cancel flag
 
 
 def read_pairs(csv_path: str) -> List[dict]:
@@ -199,34 +197,22 @@ def _done_already(out: Path, row: dict) -> str:
 
 
 def _batch_command(args: argparse.Namespace) -> int:
-    from nephireg import signals
-    from nephireg.errors import InputError, describe_failure
+    """Every row, one child process each. Runs inside the command line's error boundary (``cli.run_command``):
+    a SIGINT/SIGTERM raises Cancelled here, which :func:`_run_child` forwards to the running child first."""
+    from nephireg.errors import InputError
 
-    cancel = threading.Event()
-    try:
-        with signals.cooperative(cancel.set):
-            rows = read_pairs(args.csv)
-            if args.index is not None and not 0 <= args.index < len(rows):
-                raise InputError(f"--index {args.index} is outside the CSV's {len(rows)} rows", args.csv)
-            indices = [args.index] if args.index is not None else range(len(rows))
-            extra = [a for a in args.register_args if a != "--"]
-            codes = [_batch_row(index, rows[index], Path(args.out_root), extra, cancel) for index in indices]
-    except Exception as exc:  # noqa: BLE001 - batch's own error boundary
-        code, _, message = describe_failure(exc)
-        from nephireg.progress import say
-
-        say(f"error: {message}", sys.stderr)
-        return int(code)
-    if ExitCode.CANCELLED in codes:
-        return int(ExitCode.CANCELLED)
+    rows = read_pairs(args.csv)
+    if args.index is not None and not 0 <= args.index < len(rows):
+        raise InputError(f"--index {args.index} is outside the CSV's {len(rows)} rows", args.csv)
+    indices = [args.index] if args.index is not None else range(len(rows))
+    extra = [a for a in args.register_args if a != "--"]
+    codes = [_batch_row(index, rows[index], Path(args.out_root), extra) for index in indices]
     failed = [code for code in codes if code != ExitCode.SUCCESS]
     return int(ExitCode.SUCCESS if not failed else failed[0] if len(set(failed)) == 1 else ExitCode.INTERNAL_ERROR)
 
 
-def _batch_row(index: int, row: dict, out_root: Path, extra: List[str], cancel: threading.Event) -> int:
+def _batch_row(index: int, row: dict, out_root: Path, extra: List[str]) -> int:
     """One row: skipped when done, refused when broken, else registered in a child process (exit code back)."""
-    if cancel.is_set():
-        return int(ExitCode.CANCELLED)
     out = out_root / row["id"]
     problem = row["problem"] or _done_already(out, row)
     if problem == "done":
@@ -240,28 +226,29 @@ def _batch_row(index: int, row: dict, out_root: Path, extra: List[str], cancel: 
     for key in ("fixed_mask", "moving_mask"):
         if row.get(key):
             command += [f"--{key.replace('_', '-')}", row[key]]
-    code = _run_child(command, cancel)  # one pair per process: a crash or OOM cannot take the batch down
+    code = _run_child(command)  # one pair per process: a crash or OOM cannot take the batch down
     _say(f"[{index}] {out}: exit {code}")
     return code
 
 
-def _run_child(command: List[str], cancel: threading.Event) -> int:
-    """Run ``command``; a cancel of the batch (SIGINT/SIGTERM) is forwarded to it as SIGTERM and waited for.
+def _run_child(command: List[str]) -> int:
+    """Run ``command``; a cancellation of the batch (the Cancelled its signal raises) is forwarded to the child as
+    SIGTERM, the child is waited for, and the cancellation goes on up.
 
     SIGTERM whatever the batch received: a child still starting its interpreter (before its handlers exist) then
     ends quietly instead of printing a KeyboardInterrupt traceback."""
-    from nephireg import signals
+    from nephireg.errors import Cancelled
 
     child = subprocess.Popen(command)
-    forwarded = False
-    while True:
-        try:
-            code = child.wait(timeout=POLL_S)
-            break
-        except subprocess.TimeoutExpired:
-            if cancel.is_set() and not forwarded:
-                child.send_signal(signal.SIGTERM)
-                forwarded = True
-    if forwarded and code != ExitCode.SUCCESS:
-        return int(ExitCode.CANCELLED)
-    return int(code) if code >= 0 else int(ExitCode.CANCELLED if -code in signals.SIGNALS else ExitCode.INTERNAL_ERROR)
+    try:
+        code = child.wait()
+    except Cancelled:
+        child.send_signal(signal.SIGTERM)
+        while True:
+            try:
+                child.wait()
+                break
+            except Cancelled:  # a second signal while the child winds down: keep waiting for it
+                continue
+        raise
+    return int(code) if code >= 0 else int(ExitCode.INTERNAL_ERROR)  # killed by a signal the batch did not get
