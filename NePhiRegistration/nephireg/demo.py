@@ -46,9 +46,10 @@ def run_demo(args: argparse.Namespace, reporter: Reporter, make_request: Callabl
                 (staging / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(paths[key], staging / name)
                 manifest["files"][key] = name
-            final = out.absolute()
-            manifest["inputs"].update(fixed=str(final / INPUT_FILES["demo_fixed"]),
-                                      moving=str(final / INPUT_FILES["demo_moving"]))
+            final = out.absolute()  # where the sample images will be, not the private folder they came from
+            where = {"fixed": str(final / INPUT_FILES["demo_fixed"]), "moving": str(final / INPUT_FILES["demo_moving"])}
+            manifest["inputs"].update(where)
+            manifest["parameters"]["request"].update(where)
 
         request = make_request(args, str(paths["demo_fixed"]), str(paths["demo_moving"]), None, None)
         manifest = register(request, reporter, before_commit=add_inputs_and_score)
