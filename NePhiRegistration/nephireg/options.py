@@ -123,7 +123,7 @@ def _as_bool(rule: Rule, value: Any) -> Any:
 
 def _as_choice(rule: Rule, value: Any) -> Any:
     for choice in rule.choices:
-        if value == choice and type(value) is type(choice) or str(value) == str(choice):
+        if (value == choice and type(value) is type(choice)) or str(value) == str(choice):
             return choice
     return _BAD
 
