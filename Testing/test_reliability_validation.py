@@ -168,3 +168,15 @@ def test_demo_with_a_bad_option_leaves_nothing(tmp_path, capsys):
     code, evs, _ = run(capsys, "demo", "--out", out, "--option", "levels=4", "--progress", "jsonl")
     assert code == ExitCode.BAD_INPUT and "levels" in evs[-1]["message"]
     assert not out.exists()
+
+
+def test_tools_refuse_overlong_inputs_and_train_refuses_to_clobber_before_work(pair, tmp_path, capsys):
+    code, _, err = run(capsys, "warp", "--transform", "t" * 300 + ".h5", "--points", pair["fixed"],
+                       "--out", tmp_path / "q.txt")
+    assert code == ExitCode.BAD_INPUT and "File name too long" in err and "Traceback" not in err
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"a model someone trained for a week")
+    code, _, err = run(capsys, "train", "--volumes", tmp_path / "none.csv", "--out", model, "--workdir",
+                       tmp_path / "work")
+    assert code == ExitCode.BAD_INPUT and "--overwrite" in err
+    assert model.read_bytes() == b"a model someone trained for a week" and not (tmp_path / "work").exists()
