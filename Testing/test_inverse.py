@@ -145,3 +145,20 @@ def test_warp_inverse_maps_points_and_images_into_fixed_space(oblique_pair, tmp_
     no_result = run_cli("warp", "--inverse", "--transform", tmp_path / "fixed.txt", "--points", tmp_path / "moving.txt",
                         "--out", tmp_path / "x.txt")
     assert no_result.returncode == 2 and "needs a registration result" in no_result.stderr
+
+
+def test_the_inversion_stops_when_cancelled():
+    from nephireg.errors import Cancelled
+
+    u = random_displacement(FIXED_GRID, amplitude_mm=6.0, sigma_mm=14.0, seed=2)
+    field = DenseField(FIXED_GRID, torch.from_numpy(u).float().permute(3, 0, 1, 2)[None])
+    calls = []
+
+    def cancel_on_second():
+        calls.append(1)
+        if len(calls) == 2:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        invert(field, u, FIXED_GRID, MOVING_GRID, np.eye(4), torch.device("cpu"), cancel=cancel_on_second)
+    assert len(calls) == 2

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -79,28 +79,31 @@ class InverseMap:
 
 
 def invert(field: DisplacementField, displacement_mm: np.ndarray, fixed_grid: Grid, moving_grid: Grid,
-           prealign: np.ndarray, device: torch.device, lattice_mm: float = 0.0) -> InverseMap:
+           prealign: np.ndarray, device: torch.device, lattice_mm: float = 0.0,
+           cancel: Optional[Callable[[], None]] = None) -> InverseMap:
     """The inverse map on ``moving_grid`` of phi(x) = A(x + u(x)).
 
     ``field``: the method's field (its ``inverse`` starts the iteration when it is a :class:`FieldWithInverse`);
     ``displacement_mm``: u (Z, Y, X, 3) LPS mm at ``fixed_grid``'s voxels, as the forward transform was built from;
     ``prealign``: A, 4x4 LPS mm, fixed -> moving. ``lattice_mm``: the iteration runs on a lattice over the moving
     image no finer than this (mm per axis; the pipeline gives the field's own resolution) and its result is
-    interpolated (trilinearly) onto ``moving_grid``; 0: on ``moving_grid`` itself.
+    interpolated (trilinearly) onto ``moving_grid``; 0: on ``moving_grid`` itself. ``cancel``: called every
+    iteration and between chunks (raises to stop).
     """
     lattice = moving_grid.resampled([max(s, lattice_mm) for s in moving_grid.spacing])
     if lattice.size == moving_grid.size:
         lattice = moving_grid
-    v, iterations, started_from = _invert_on(field, displacement_mm, fixed_grid, lattice, prealign, device)
+    v, iterations, started_from = _invert_on(field, displacement_mm, fixed_grid, lattice, prealign, device, cancel)
     if lattice == moving_grid:
         values = v[0].permute(1, 2, 3, 0).double().cpu().numpy()
     else:  # trilinear onto the moving grid, in slabs (memory flat in the grid's size), float64 as ITK stores it
-        values = evaluate_on_grid(DenseField(lattice, v), moving_grid, device)
+        values = evaluate_on_grid(DenseField(lattice, v), moving_grid, device, cancel=cancel)
     return InverseMap(values, moving_grid, iterations, started_from)
 
 
 def _invert_on(field: DisplacementField, displacement_mm: np.ndarray, fixed_grid: Grid, moving_grid: Grid,
-               prealign: np.ndarray, device: torch.device) -> Tuple[torch.Tensor, int, str]:
+               prealign: np.ndarray, device: torch.device, cancel: Optional[Callable[[], None]]
+               ) -> Tuple[torch.Tensor, int, str]:
     """:func:`invert` at ``moving_grid``'s voxels: (v as (1, 3, Z, Y, X) float32 mm, iterations, started from)."""
     values = torch.from_numpy(np.ascontiguousarray(displacement_mm, dtype=np.float32)).to(device)
     to_norm = matrix_tensor(fixed_grid.physical_to_normalised(), values)
@@ -121,6 +124,8 @@ def _invert_on(field: DisplacementField, displacement_mm: np.ndarray, fixed_grid
         active = torch.arange(len(x_norm), device=device)  # points still moving more than TOLERANCE_MM a step
         iterations = 0
         for iterations in range(1, MAX_ITERATIONS + 1):
+            if cancel is not None:
+                cancel()
             x_active = x_norm[active]
             step = z_norm[active] - sample_flat(u_norm, x_active).T - x_active
             if iterations > UNDAMPED_ITERATIONS:  # points that oscillate (|grad u| near 1) settle with half steps

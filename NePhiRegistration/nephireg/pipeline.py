@@ -163,7 +163,7 @@ def register(request: Request, reporter: Optional[Reporter] = None,
         displacement = evaluate_on_grid(field_, fixed_grid, device, cancel=reporter.check_cancel)
         reporter.stage("inverse", "Inverting the transform (moving -> fixed)")
         inverse = invert(field_, displacement, fixed_grid, Grid.of(inputs.moving), prealign, device,
-                         lattice_mm(pair.grid))
+                         lattice_mm(pair.grid), cancel=reporter.check_cancel)
     except torch.cuda.OutOfMemoryError as exc:
         raise OutOfMemory(f"the GPU ran out of memory ({exc}); run again with --device cpu") from None
     displacement = compose_prealignment(fixed_grid, displacement, prealign)
