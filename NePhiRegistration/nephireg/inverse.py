@@ -5,7 +5,8 @@ method's field u on the fixed space, then the pre-alignment A, fixed -> moving. 
 
     phi^-1(y) = w(A^-1 y),   w = (id + u)^-1,
 
-evaluated at every voxel centre y of the moving image. w(z) is the fixed point of x = z - u(x) (the scheme of
+at the voxel centres y of the moving image (computed on a lattice over it, :data:`LATTICE_FACTOR`, and interpolated
+trilinearly onto them). w(z) is the fixed point of x = z - u(x) (the scheme of
 ITK's ``InvertDisplacementFieldImageFilter``), iterated on all points at once with u sampled trilinearly from its
 dense values on the fixed grid (constant beyond its border); it converges where |grad u| < 1, i.e. wherever the
 field does not come close to folding (after :data:`UNDAMPED_ITERATIONS`, the points still moving take half steps).
@@ -37,7 +38,6 @@ UNDAMPED_ITERATIONS = 10
 """Full fixed-point steps; after these, the points still moving take half steps (a damped iteration)."""
 TOLERANCE_MM = 0.01
 """A point stops iterating once its update is below this (mm); only the points still moving are sampled."""
-
 
 CONSISTENCY_STRIDE = 2
 """The manifest's consistency metrics sample every second fixed voxel along each axis (an eighth of them)."""
