@@ -62,8 +62,17 @@ def test_one_given_mask_the_other_is_derived(small_pair, tmp_path):
                           sitk.GetArrayViewFromImage(sitk.ReadImage(small_pair["fixed_mask"])))
     moving_lungs = sitk.GetArrayViewFromImage(inputs.moving_mask)
     assert 0.05 < moving_lungs.mean() < 0.5  # lungs, not empty and not the whole volume
+    # The pre-alignment takes masks of one definition: the fixed image's derived mask beside the moving one's.
+    from nephireg.lungmask import lung_mask
+
+    fixed_for_alignment, moving_for_alignment = inputs.prealignment_masks()
+    assert moving_for_alignment is inputs.moving_mask
+    derived_fixed = sitk.GetArrayFromImage(lung_mask(sitk.ReadImage(small_pair["fixed"])))
+    assert np.array_equal(sitk.GetArrayFromImage(fixed_for_alignment), derived_fixed)
+    assert not np.array_equal(derived_fixed, sitk.GetArrayFromImage(inputs.fixed_mask))  # it is not the given one
     generic = read_inputs(request, get_preset("generic"), SilentReporter())  # no derivation outside lung-ct
     assert generic.moving_mask is None and generic.mask_sources == ("given", "none")
+    assert generic.prealignment_masks() == (generic.fixed_mask, None)
 
 
 def not_ct_like(path: str, tmp_path) -> str:

@@ -55,7 +55,7 @@ def prealign_matrix(request: Request, preset: Preset, inputs: Inputs, reporter: 
     from nephireg.prealign import prealign
 
     reporter.stage("prealign", f"Pre-alignment ({mode})")
-    transform = prealign(inputs.fixed_norm, inputs.moving_norm, mode, inputs.fixed_mask, inputs.moving_mask,
+    transform = prealign(inputs.fixed_norm, inputs.moving_norm, mode, *inputs.prealignment_masks(),
                          cancelled=lambda: reporter.cancel_requested)
     reporter.check_cancel()
     return mode, affine_matrix(transform)
