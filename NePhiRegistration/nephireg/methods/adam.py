@@ -19,7 +19,7 @@ The coarse level's result (displacement or velocity) initialises the next one. R
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Tuple
 
 import torch
@@ -29,6 +29,7 @@ from nephireg.features import mind_ssc
 from nephireg.fields import DenseField
 from nephireg.geometry import Grid
 from nephireg.optim import Adam
+from nephireg.options import Rule, check_settings, settings_from
 from nephireg.pair import PreparedPair
 from nephireg.progress import Reporter
 from nephireg.sampling import (
@@ -66,33 +67,48 @@ class Settings:
     svf_steps: int = 5  # squarings of the svf parameterisation (2^5 = 32 sub-steps; measured on brain MRI)
     similarity: str = "mind"  # features compared by squared differences: SIMILARITIES
 
+    def __post_init__(self) -> None:
+        check_settings(self, OPTION_RULES, INVARIANTS)
+
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> Settings:
-        known = {f.name for f in fields(cls)}
-        unknown = set(options) - known - {"model", "seed"}
-        if unknown:
-            raise ValueError(f"continuous Adam does not know option(s) {', '.join(sorted(unknown))}")
-        values = {k: v for k, v in options.items() if k in known and v is not None}
-        if "levels" in values:
-            values["levels"] = tuple(int(v) for v in values["levels"])
-        settings = cls(**values)
-        if settings.iterations < 1 or settings.coarse_iterations < 0 or not settings.levels:
-            raise ValueError("continuous Adam needs iterations >= 1, coarse_iterations >= 0 and at least one level")
-        if settings.regularization < 0:
-            raise ValueError("regularization must be >= 0")
-        if settings.parameterisation not in PARAMETERISATIONS:
-            raise ValueError(f"parameterisation must be one of {', '.join(PARAMETERISATIONS)}, "
-                             f"got {settings.parameterisation!r}")
-        if settings.similarity not in SIMILARITIES:
-            raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {settings.similarity!r}")
-        if settings.svf_steps < 0:
-            raise ValueError(f"svf_steps must be >= 0, got {settings.svf_steps}")
-        return settings
+        return settings_from(cls, options, OPTION_RULES, ignored=("model", "seed"), what="continuous Adam")
 
     def schedule(self, steps: int) -> ConstantCosineLinear:
         base = ConstantCosineLinear(self.lr, self.constant_until, self.cosine_until, 270,
                                     self.cosine_floor, self.final_fraction)
         return base.scaled_to(steps)
+
+
+MAX_ITERATIONS = 100_000
+# The one schema of these options (nephireg.options): type and allowed range of every Settings field.
+OPTION_RULES = {
+    "iterations": Rule("int", 1, MAX_ITERATIONS),
+    "coarse_iterations": Rule("int", 0, MAX_ITERATIONS),
+    "levels": Rule("int-list", 1, 32, items=(1, 6)),
+    "regularization": Rule("float", 0, 1e6),
+    "lr": Rule("float", 0, 1e3, low_open=True),
+    "smoothing_passes": Rule("int", 0, 20),
+    "mind_radius": Rule("int", 1, 5),
+    "mind_dilation": Rule("int", 1, 10),
+    "constant_until": Rule("int", 0, 270),
+    "cosine_until": Rule("int", 0, 270),
+    "cosine_floor": Rule("float", 0, 1),
+    "final_fraction": Rule("float", 0, 1, low_open=True),
+    "grid_spacing_mm": Rule("float", 0, 1000, low_open=True, optional=True),
+    "parameterisation": Rule("choice", choices=PARAMETERISATIONS),
+    "svf_steps": Rule("int", 0, 12),
+    "similarity": Rule("choice", choices=SIMILARITIES),
+}
+INVARIANTS = ((lambda s: s.constant_until <= s.cosine_until,
+               "--option constant_until must not exceed --option cosine_until (schedule breakpoints of 270 steps)"),
+              (lambda s: s.final_fraction <= s.cosine_floor,
+               "--option final_fraction must not exceed --option cosine_floor (schedule.ConstantCosineLinear)"))
+
+
+def coarsest_pooling(settings: Settings, grid: Grid) -> int:
+    """The largest pooling factor of the working grid this method uses (the geometry check needs it)."""
+    return max(level_factors(settings, grid))
 
 
 def run(pair: PreparedPair, options: Mapping[str, Any], reporter: Reporter) -> DenseField:

@@ -1,21 +1,25 @@
 """NePhi predict (``nephi``) and NePhi + instance optimisation (``nephi-io``): METHODS.md methods 2 and 3.
 
 Both take a :class:`nephireg.pair.PreparedPair` and return a :class:`nephireg.fields.DisplacementField` in LPS mm.
-``nephi`` needs a trained model (``options["model"]``: a path or a registry name, default: the shipped model);
-``nephi-io`` starts from the model's codes and weights when one is given, otherwise from the identity (zero last
-layer, zero codes), so it works with no weights at all.
+``nephi`` needs a trained model (``options["model"]``: a path or a registry name, default: the registry's default
+model of the run's preset); ``nephi-io`` starts from the model's codes and weights when one is given, otherwise from
+the identity (zero last layer, zero codes), so it works with no weights at all. A model trained for another preset
+than the run's still runs, with a ``model-preset-mismatch`` warning.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
 from nephireg.errors import InputError
 from nephireg.fields import DisplacementField, evaluate_on_grid
+from nephireg.geometry import Grid
+from nephireg.methods.adam import PARAMETERISATIONS as ADAM_PARAMETERISATIONS
+from nephireg.methods.adam import SIMILARITIES as ADAM_SIMILARITIES
+from nephireg.options import Rule, check_settings, settings_from
 from nephireg.pair import PreparedPair
 from nephireg.progress import Reporter
 
@@ -23,6 +27,8 @@ COARSE_MODES = ("none", "adam")
 COARSE_LEVELS = (1, 2, 4, 8)  # finest pooling factor of the coarse Adam step
 SIMILARITIES = ("ncc", "mind")  # NCC of the (masked) intensities, or of MIND-SSC features
 _IGNORED = ("grid_spacing_mm", "device")  # common options NePhi does not use
+BACKWARD_LATTICE = 8.0  # the backward map's lattice (x working spacing): the start of the inversion, no more
+MODEL_PRESET_MISMATCH = "model-preset-mismatch"  # warning: the model was trained for another preset than the run's
 
 
 @dataclass(frozen=True)
@@ -51,64 +57,45 @@ class Settings:
     threads: int = 1  # torch CPU threads during the IO loop (restored after); 0 = leave as is
 
     def __post_init__(self) -> None:
-        if self.iterations < 0:
-            raise InputError(f"iterations must be >= 0, got {self.iterations}")
-        weights = (self.regularization, self.prior_weight, self.coarse_regularization)
-        if not all(math.isfinite(w) and w >= 0 for w in weights):
-            raise InputError("regularization, coarse_regularization and prior_weight must be finite and >= 0")
-        if self.learning_rate <= 0 or self.code_learning_rate <= 0:
-            raise InputError("learning rates must be positive")
-        if self.threads < 0:
-            raise InputError(f"threads must be >= 0, got {self.threads}")
-        if self.latent_stride < 1:
-            raise InputError(f"latent_stride must be >= 1, got {self.latent_stride}")
-        if self.similarity not in SIMILARITIES:
-            raise InputError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {self.similarity!r}")
-        if self.coarse not in COARSE_MODES:
-            raise InputError(f"coarse must be one of {', '.join(COARSE_MODES)}, got {self.coarse!r}")
-        if self.coarse == "adam" and self.coarse_iterations < 1:
-            raise InputError(f"coarse_iterations must be >= 1 with coarse=adam, got {self.coarse_iterations}")
-        from nephireg.methods.adam import PARAMETERISATIONS
-        from nephireg.methods.adam import SIMILARITIES as ADAM_SIMILARITIES
-
-        if self.coarse_similarity not in ADAM_SIMILARITIES:
-            raise InputError(f"coarse_similarity must be one of {', '.join(ADAM_SIMILARITIES)}, "
-                             f"got {self.coarse_similarity!r}")
-        if self.coarse_parameterisation not in PARAMETERISATIONS:
-            raise InputError(f"coarse_parameterisation must be one of {', '.join(PARAMETERISATIONS)}, "
-                             f"got {self.coarse_parameterisation!r}")
-        if self.coarse_level not in COARSE_LEVELS:
-            choices = ", ".join(map(str, COARSE_LEVELS))
-            raise InputError(f"coarse_level must be one of {choices}, got {self.coarse_level}")
-        if self.output_lattice != 0 and self.output_lattice < 1:
-            raise InputError(f"output_lattice must be 0 (exact) or >= 1, got {self.output_lattice}")
+        check_settings(self, OPTION_RULES, INVARIANTS)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> Settings:
-        known = {f.name: f.type for f in fields(cls)}
-        unknown = sorted(set(options) - set(known) - set(_IGNORED))
-        if unknown:
-            raise InputError(f"unknown NePhi option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        values: Dict[str, Any] = {}
-        for name, value in options.items():
-            if name in _IGNORED or value is None:
-                continue
-            default = cls.__dataclass_fields__[name].default
-            values[name] = _coerce(name, value, default)
-        return cls(**values)
+        return settings_from(cls, options, OPTION_RULES, ignored=_IGNORED, what="NePhi")
 
 
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    try:
-        if isinstance(default, bool):
-            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
-        if isinstance(default, int):
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise InputError(f"option {name}={value!r} is not a valid {type(default).__name__}") from None
+MAX_POINTS = 10_000_000
+# The one schema of these options (nephireg.options): type and allowed range of every Settings field.
+OPTION_RULES = {
+    "iterations": Rule("int", 0, 100_000),
+    "regularization": Rule("float", 0, 1e6),
+    "model": Rule("text", optional=True),
+    "seed": Rule("int", 0, 2**32 - 1),
+    "learning_rate": Rule("float", 0, 10, low_open=True),
+    "code_learning_rate": Rule("float", 0, 10, low_open=True),
+    "similarity_points": Rule("int", 16, MAX_POINTS),  # nephi.objective needs 16 for its statistics
+    "gradicon_points": Rule("int", 1, MAX_POINTS),
+    "prior_weight": Rule("float", 0, 1e6),
+    "latent_stride": Rule("int", 1, 64),
+    "mask_images": Rule("bool"),
+    "similarity": Rule("choice", choices=SIMILARITIES),
+    "coarse": Rule("choice", choices=COARSE_MODES),
+    "coarse_iterations": Rule("int", 0, 100_000),
+    "coarse_level": Rule("choice", choices=COARSE_LEVELS),
+    "coarse_regularization": Rule("float", 0, 1e6),
+    "coarse_similarity": Rule("choice", choices=ADAM_SIMILARITIES),
+    "coarse_parameterisation": Rule("choice", choices=ADAM_PARAMETERISATIONS),
+    "output_lattice": Rule("float", 1, 64, also=(0,)),
+    "threads": Rule("int", 0, 1024),
+}
+INVARIANTS = ((lambda s: s.coarse != "adam" or s.coarse_iterations >= 1,
+               "--option coarse_iterations must be >= 1 with --option coarse=adam"),)
+
+
+def coarsest_pooling(settings: Settings, grid: Grid) -> int:  # noqa: ARG001 - the methods' common signature
+    """The largest pooling factor of the working grid these methods use (the coarse Adam step's), for the
+    geometry check."""
+    return max(coarse_levels(settings.coarse_level)) if settings.coarse == "adam" else 1
 
 
 def availability() -> Dict[str, Any]:
@@ -126,10 +113,10 @@ def run_predict(pair: PreparedPair, options: Mapping[str, Any], reporter: Report
     settings = Settings.from_options(options)
     reporter.stage("nephi-predict", "NePhi: predicting the deformation")
     images, coarse = _inputs(pair, settings, reporter, with_features=False)  # no similarity term in predict
-    model = _load(settings.model, required=True, device=pair.device)
+    model = _load(settings.model, required=True, pair=pair, reporter=reporter)
     codes = _predict_codes(model, images)
     reporter.step(1, 1)
-    return _output(model.net, codes, pair, settings, coarse)
+    return _output(model.net, codes, pair, settings, coarse, reporter)
 
 
 def run_instance_optimisation(pair: PreparedPair, options: Mapping[str, Any], reporter: Reporter
@@ -141,7 +128,7 @@ def run_instance_optimisation(pair: PreparedPair, options: Mapping[str, Any], re
     settings = Settings.from_options({"seed": pair.seed, **options})  # the run's --seed unless an option says
     torch.manual_seed(settings.seed)
     images, coarse = _inputs(pair, settings, reporter)
-    model = _load(settings.model, required=False, device=pair.device)
+    model = _load(settings.model, required=False, pair=pair, reporter=reporter)
     if model is not None:
         reporter.stage("nephi-predict", "NePhi: initial codes from the model")
         net, codes = model.net, _predict_codes(model, images)
@@ -154,7 +141,7 @@ def run_instance_optimisation(pair: PreparedPair, options: Mapping[str, Any], re
         codes = zero_codes(config, shape, device=pair.device)
     reporter.stage("nephi-io", f"NePhi + IO: {settings.iterations} iterations")
     net, codes = optimise(net, codes, images, settings, reporter)
-    return _output(net, codes, pair, settings, coarse)
+    return _output(net, codes, pair, settings, coarse, reporter)
 
 
 def _inputs(pair: PreparedPair, settings: Settings, reporter: Reporter, with_features: bool = True):
@@ -197,7 +184,8 @@ def _coarse_step(pair: PreparedPair, settings: Settings, reporter: Reporter):
                             "regularization": settings.coarse_regularization,
                             "similarity": settings.coarse_similarity,
                             "parameterisation": settings.coarse_parameterisation}, reporter)
-    values = torch.from_numpy(evaluate_on_grid(field, pair.grid, pair.device)).to(pair.fixed)
+    values = torch.from_numpy(evaluate_on_grid(field, pair.grid, pair.device, cancel=reporter.check_cancel)
+                              ).to(pair.fixed)
     points = grid_points_mm(pair.grid, device=pair.device) + values
     flat = points.reshape(-1, 3)
     shape = pair.moving.shape
@@ -215,17 +203,40 @@ def coarse_levels(finest: int) -> Tuple[int, ...]:
     return (finest,) if finest >= 4 else tuple(f for f in (4, 2, 1) if f >= finest)
 
 
-def _load(name: Optional[str], required: bool, device: torch.device):
+def _load(name: Optional[str], required: bool, pair: PreparedPair, reporter: Reporter):
+    """The model (``name``: path or registry name; None: the preset's default when ``required``), its intended
+    use checked against the run's preset."""
     from nephireg import modelstore
 
-    path = modelstore.resolve_model(name) if (name or required) else None
+    path = modelstore.resolve_model(name, preset=pair.preset) if (name or required) else None
     if path is None:
         if required:
             raise InputError("NePhi predict needs a model: none is installed; use --method nephi-io or --model")
         return None
     from nephireg.nephi.model_io import load_model
 
-    return load_model(path, device=device)
+    model = load_model(path, device=pair.device)
+    label = name or modelstore.default_model_name(pair.preset) or path
+    use = modelstore.intended_use(path) or modelstore.valid_intended_use(model.metadata.get("intended_use"))
+    check_intended_use(label, use, pair.preset, reporter)
+    return model
+
+
+def check_intended_use(label: str, use: Optional[Mapping[str, str]], preset: Optional[str], reporter: Reporter
+                       ) -> None:
+    """Warn (``model-preset-mismatch``) when the model ``label`` was trained for another preset than ``preset``;
+    a model that states no use is only logged, a pair outside a run (``preset`` None) not checked."""
+    if preset is None:
+        return
+    if use is None:
+        reporter.log(f"NePhi model {label} states no intended use (anatomy, modality, preset); it is not checked "
+                     f"against the {preset} preset")
+        return
+    if use["preset"] != preset:
+        reporter.warn(MODEL_PRESET_MISMATCH,
+                      f"NePhi model {label} was trained for {use['anatomy']} {use['modality']} (preset "
+                      f"{use['preset']}) but this run uses the {preset} preset: expect a poor result; use a model "
+                      f"trained for {preset} (nephireg models), or --method adam")
 
 
 def _predict_codes(model, images) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -233,12 +244,20 @@ def _predict_codes(model, images) -> Tuple[torch.Tensor, torch.Tensor]:
         return model.predict_codes(images.fixed, images.moving)
 
 
-def _output(net, codes, pair: PreparedPair, settings: Settings, coarse) -> DisplacementField:
+def _output(net, codes, pair: PreparedPair, settings: Settings, coarse, reporter: Reporter) -> DisplacementField:
+    """The forward field; without a coarse step, with NePhi's backward map as its inverse, which starts the
+    pipeline's inversion (:mod:`nephireg.inverse`). The backward map is sampled on a coarse lattice
+    (:data:`BACKWARD_LATTICE`): the fixed-point iteration refines it anyway, and on the lung pair the raw map was
+    0.83 mm mean from consistent (docs/methods.md), while evaluating the MLP on the output lattice would double a
+    prediction's output cost."""
+    from nephireg.inverse import FieldWithInverse
     from nephireg.nephi.output import ComposedField, NePhiField, lattice_field
 
     field: DisplacementField = NePhiField(net, codes, pair.grid)
     if settings.output_lattice:
-        field = lattice_field(field, pair.grid, settings.output_lattice, pair.device)
+        field = lattice_field(field, pair.grid, settings.output_lattice, pair.device, cancel=reporter.check_cancel)
     if coarse is not None:
-        field = ComposedField(field, coarse)
-    return field
+        return ComposedField(field, coarse)  # no inverse of the coarse step at hand: the inversion starts afresh
+    backward = NePhiField(net, codes, pair.grid, inverse=True)
+    return FieldWithInverse(field, lattice_field(backward, pair.grid, BACKWARD_LATTICE, pair.device,
+                                                 cancel=reporter.check_cancel))
