@@ -6,6 +6,7 @@ import torch
 
 from conftest import sample_mask
 from nephireg import io
+from nephireg.errors import InputError
 from nephireg.methods.adam import Settings, features
 from nephireg.pipeline import Request, register
 from nephireg.synthetic import warp_error_mm
@@ -34,5 +35,5 @@ def test_adam_recovers_a_known_deformation_with_mind_and_intensity(small_pair, t
 
 
 def test_unknown_similarity_is_refused():
-    with pytest.raises(ValueError, match="similarity"):
+    with pytest.raises(InputError, match="similarity"):
         Settings.from_options({"similarity": "intensity"})

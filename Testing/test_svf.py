@@ -8,6 +8,7 @@ from scipy.linalg import expm
 
 from conftest import sample_mask
 from nephireg import io
+from nephireg.errors import InputError
 from nephireg.geometry import Grid
 from nephireg.jacobian import jacobian_determinant
 from nephireg.pipeline import Request, register
@@ -76,5 +77,15 @@ def test_adam_svf_recovers_a_known_smooth_deformation_without_folding(small_pair
 def test_unknown_parameterisation_is_refused():
     from nephireg.methods.adam import Settings
 
-    with pytest.raises(ValueError, match="parameterisation"):
+    with pytest.raises(InputError, match="parameterisation"):
         Settings.from_options({"parameterisation": "bspline"})
+
+
+def test_nephi_coarse_step_takes_adams_parameterisation_and_similarity():
+    from nephireg.methods.nephi import Settings as NephiSettings
+
+    settings = NephiSettings.from_options({"coarse": "adam", "coarse_parameterisation": "svf",
+                                           "coarse_similarity": "mind+intensity"})
+    assert (settings.coarse_parameterisation, settings.coarse_similarity) == ("svf", "mind+intensity")
+    with pytest.raises(InputError, match="coarse_parameterisation"):
+        NephiSettings.from_options({"coarse_parameterisation": "bspline"})

@@ -364,6 +364,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return peer_main(args.peer, Path(args.peer_out), Path(args.peer_fixed), Path(args.peer_moving))
     if args.render:  # rewrite the markdown (and, with --previous, the merged JSON) from a results JSON
         report = json.loads(Path(args.render).read_text())
+        report["label"] = args.label or report.get("label", "")
         if not args.previous:
             write_markdown(REPO / args.markdown, markdown(report))
             return 0
