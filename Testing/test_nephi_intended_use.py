@@ -187,3 +187,19 @@ def test_the_command_line_shows_the_warning_and_the_manifest_keeps_it(tmp_path, 
     assert "warning: NePhi model nephi-lung-synth-v2 was trained for lung CT (preset lung-ct)" in proc.stderr
     manifest = json.loads((out / "result.json").read_text())
     assert [w["code"] for w in manifest["warnings"]] == [MODEL_PRESET_MISMATCH]
+
+
+def test_models_listing_shows_each_models_use_and_the_presets_it_is_default_for(capsys, cache):
+    from nephireg.cli import main
+
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    registry = modelstore.load_registry()
+    for entry in registry["models"]:
+        line = next(line for line in lines if f" {entry['name']} " in line)
+        assert f" {entry['anatomy']} " in line and f" {entry['preset']} " in line
+        presets = sorted(p for p, name in registry.get("defaults", {}).items() if name == entry["name"])
+        assert line.endswith(f"(default for {', '.join(presets)})") if presets else "(default for" not in line
+    assert main(["models", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {m["name"]: m["preset"] for m in listed} == {e["name"]: e["preset"] for e in registry["models"]}
