@@ -133,6 +133,10 @@ def test_registry_names_paths_and_preset_defaults(cache, tmp_path, brain_model):
     (cache / "mine.pt").write_bytes(brain_model.read_bytes())
     assert modelstore.intended_use("mine", registry) == BRAIN_USE
     assert {m["name"]: m for m in modelstore.list_models(registry)}["mine"]["preset"] == "brain-mri"
+    # the model a run without --model uses: its preset's default, else the overall default
+    registry["defaults"]["brain-mri"] = "mine"
+    assert modelstore.resolve_model(None, registry=registry, preset="brain-mri") == str(cache / "mine.pt")
+    assert modelstore.resolve_model(None, registry=registry, preset="generic") == str(shipped)
 
 
 def test_the_shipped_registry_states_every_models_use_and_a_default_per_preset_it_has():
