@@ -25,8 +25,8 @@ from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence
 
 from nephireg.errors import InputError, NephiregError
 from nephireg.protocol import OUTPUT_FILES, RESULT_MANIFEST, write_manifest
-from nephireg.staging import make_parents, remove_created, remove_path, remove_stale, staged_name
-from nephireg.validate import check_output_file, check_output_folder
+from nephireg.staging import is_stale, make_parents, remove_created, remove_path, remove_stale, staged_name
+from nephireg.validate import check_no_unlisted_outputs, check_output_file, check_output_folder
 
 STAGING_PREFIX = ".partial-"
 _REPLACED = ".replaced"  # inside the staging folder: the previous result during the swap
@@ -49,6 +49,7 @@ class ResultFolder:
         check_output_folder(self.out, overwrite=True)  # the location; a result there is checked next
         self._refuse_a_concurrent_result()  # the run checked at its start: one now came from another run
         self._created = make_parents(self.out)
+        restore_interrupted_swap(self.out)  # before the stale staging folders (which may hold it) are removed
         remove_stale(self.out, STAGING_PREFIX)
         legacy = self.out / _LEGACY_PARTIAL_MANIFEST  # an interrupted manifest write of older versions
         if legacy.exists():
@@ -73,15 +74,18 @@ class ResultFolder:
         check_cancel()
         with _folder_lock(self.out):
             check_cancel()  # the commit point: a cancellation up to here leaves the folder as it was
-            self._refuse_a_concurrent_result()
+            self._refuse_a_concurrent_result(names)
             _swap(self.out, self.staging, names)
             self.committed = True
         return str(self.out / RESULT_MANIFEST)
 
-    def _refuse_a_concurrent_result(self) -> None:
-        if (self.out / RESULT_MANIFEST).exists() and not self.overwrite:
+    def _refuse_a_concurrent_result(self, names: Sequence[str] = ()) -> None:
+        if self.overwrite:
+            return
+        if (self.out / RESULT_MANIFEST).exists():
             raise InputError("another run wrote a result into this folder while this one ran; it was kept "
                              "(use --overwrite to replace it)", self.out)
+        check_no_unlisted_outputs(self.out, sorted(set(OUTPUT_FILES.values()) | set(names)))
 
 
 def _safe_name(name: Any) -> str:
@@ -102,20 +106,11 @@ def _check_staged_exactly(staging: Path, names: Sequence[str]) -> None:
 
 
 def _previous_names(out: Path) -> List[str]:
-    """Files of the result now in ``out``: its manifest's ``files``, plus any file named like an engine output."""
-    names = set(OUTPUT_FILES.values())
-    try:
-        listed = json.loads((out / RESULT_MANIFEST).read_text(encoding="utf-8")).get("files", {})
-        names.update(str(v) for v in listed.values())
-    except (OSError, ValueError, AttributeError):
-        pass
-    safe = []
-    for name in sorted(names):
-        try:
-            safe.append(_safe_name(name))
-        except NephiregError:
-            continue  # a hand-edited manifest: never follow a name out of the folder
-    return safe
+    """Files of the result now in ``out``: its manifest's ``files``, plus any file named like an engine output
+    (the writer only gets here with ``overwrite`` or when no such file exists, see ``_refuse_a_concurrent_result``)."""
+    safe = set(_listed_names(out / RESULT_MANIFEST))
+    safe.update(_safe_name(name) for name in OUTPUT_FILES.values())
+    return sorted(safe)
 
 
 def _swap(out: Path, staging: Path, names: Sequence[str]) -> None:
@@ -147,18 +142,76 @@ def _swap(out: Path, staging: Path, names: Sequence[str]) -> None:
         raise
 
 
+def restore_interrupted_swap(out: Path) -> List[str]:
+    """Put back the previous result that a run killed during its swap (SIGKILL, power loss: milliseconds) left
+    in its staging folder's ``.replaced``; returns the names restored.
+
+    Only while ``out`` holds no ``result.json`` (the new manifest moves last, so with one in place the swap had
+    finished and ``.replaced`` is the result the run was asked to replace) and only from the staging folders of
+    dead runs (:func:`nephireg.staging.is_stale`). The files the killed run had already moved in - those its own
+    manifest lists - are removed first: they are an incomplete result."""
+    restored: List[str] = []
+    with _folder_lock(out):
+        for staging in _stale_stagings(out):
+            replaced = staging / _REPLACED
+            if (out / RESULT_MANIFEST).exists() or not replaced.is_dir():
+                continue
+            for name in _listed_names(staging / RESULT_MANIFEST):
+                if not (staging / name).exists() and os.path.isfile(out / name):
+                    remove_path(out / name)  # moved in by the killed run: part of its incomplete result
+            kept = [p for p in sorted(replaced.rglob("*")) if not p.is_dir()]
+            kept.sort(key=lambda p: p.name == RESULT_MANIFEST)  # the manifest last, as in the swap
+            for path in kept:
+                name = path.relative_to(replaced).as_posix()
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, out / name)
+                restored.append(name)
+    return restored
+
+
+def _stale_stagings(out: Path) -> List[Path]:
+    try:
+        return sorted(p for p in out.iterdir() if p.is_dir() and is_stale(p, STAGING_PREFIX))
+    except OSError:
+        return []
+
+
+def _listed_names(manifest: Path) -> List[str]:
+    try:
+        listed = json.loads(manifest.read_text(encoding="utf-8")).get("files", {})
+        values = [str(v) for v in listed.values()]
+    except (OSError, ValueError, AttributeError):
+        return []
+    names = []
+    for value in values:
+        try:
+            names.append(_safe_name(value))
+        except NephiregError:
+            continue
+    return names
+
+
 @contextmanager
 def _folder_lock(folder: Path) -> Iterator[None]:
-    """An exclusive lock on ``folder`` itself (flock on its descriptor: no lock file is left) for the swap;
-    where there is no flock (Windows) the swap runs unlocked and the re-check above still holds."""
+    """An exclusive lock on ``folder`` itself (flock on its descriptor: no lock file is left) for the swap.
+    Where there is none - Windows, or a file system that refuses to lock a folder (NFS emulates flock with
+    byte-range locks, which need a descriptor open for writing) - the swap runs unlocked and the re-check
+    before it still holds (a race of milliseconds remains, see docs/protocol.md)."""
     try:
         import fcntl
     except ImportError:
         yield
         return
-    descriptor = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        except OSError:
+            pass  # unlocked, as above
         yield
     finally:
         os.close(descriptor)

@@ -19,7 +19,7 @@ import numpy as np
 from nephireg.errors import InputError
 from nephireg.geometry import Grid
 from nephireg.options import Rule
-from nephireg.protocol import DEVICES, METHODS, PREALIGN_MODES, PRESETS, RESULT_MANIFEST
+from nephireg.protocol import DEVICES, METHODS, OUTPUT_FILES, PREALIGN_MODES, PRESETS, RESULT_MANIFEST
 from nephireg.staging import nearest_existing
 
 # Options with their own flag are checked even by methods that ignore them (a typo should not pass silently).
@@ -27,7 +27,8 @@ COMMON_RULES = {"grid_spacing_mm": Rule("float", 0, 1000, low_open=True, optiona
 SEED_RULE = Rule("int", 0, 2**32 - 1)
 MIN_LEVEL_VOXELS = 2  # voxels along every axis of the coarsest pooled level a method uses
 SPACING_RANGE_MM = (1e-4, 1e4)  # plausible voxel spacings of a medical image (0.1 um .. 10 m)
-SPACE_MARGIN = 1.2  # free space asked for: the estimated result size times this
+TRANSFORM_BYTES_PER_VOXEL = 24  # float64 3-vectors on the fixed grid (transform.h5, uncompressed)
+IMAGE_BYTES_PER_VOXEL = 4  # float32 maps on the fixed grid (jacobian.nrrd, warped.nrrd, uncompressed)
 
 
 def check_request(request: Any) -> None:
@@ -99,7 +100,10 @@ def _short(path: Path) -> str:
 
 def check_output_folder(out: Any, overwrite: bool) -> None:
     """``--out`` can receive a result: a folder (or creatable), not a dangling link, writable, and free of a
-    result unless ``overwrite``."""
+    result - or of files a result would replace - unless ``overwrite``.
+
+    First it puts back a previous result that a killed run left half-replaced
+    (:func:`nephireg.resultdir.restore_interrupted_swap`), so the answer is about the folder as it should be."""
     if not isinstance(out, (str, os.PathLike)) or not os.fspath(out).strip():
         raise InputError("--out is empty; give the output folder")
     folder = Path(os.fspath(out))
@@ -108,9 +112,26 @@ def check_output_folder(out: Any, overwrite: bool) -> None:
         raise InputError("output path is a dangling symbolic link", folder)
     if folder.exists() and not folder.is_dir():
         raise InputError("output path exists and is not a folder", folder)
-    if (folder / RESULT_MANIFEST).exists() and not overwrite:
+    if folder.is_dir():
+        from nephireg.resultdir import restore_interrupted_swap  # resultdir imports this module
+
+        restore_interrupted_swap(folder)
+    if overwrite:
+        check_writable(folder)
+        return
+    if (folder / RESULT_MANIFEST).exists():
         raise InputError("output folder already holds a result (result.json); use --overwrite to replace it", folder)
+    check_no_unlisted_outputs(folder, OUTPUT_FILES.values())
     check_writable(folder)
+
+
+def check_no_unlisted_outputs(folder: Path, names: Iterable[str]) -> None:
+    """Without ``--overwrite`` a result only goes where it replaces nothing: refuse a folder (without a
+    ``result.json``) that holds files with the names of outputs - someone's own files, never ours to delete."""
+    present = sorted(name for name in names if os.path.lexists(folder / name))
+    if present:
+        raise InputError(f"output folder holds {', '.join(present)} but no result.json; a result would replace "
+                         "them: use --overwrite to replace them, or another folder", folder)
 
 
 def check_output_file(path: Any, overwrite: bool, inputs: Iterable[Any] = (), flag: str = "--out") -> None:
@@ -160,21 +181,23 @@ def _reason(exc: OSError) -> str:
 
 
 def check_free_space(folder: Path, needed_bytes: float) -> None:
-    """Refuse to start a run whose result cannot fit: ``needed_bytes`` (an estimate) times :data:`SPACE_MARGIN`."""
+    """Refuse to start a run whose result cannot fit: fewer bytes free than ``needed_bytes`` (a lower bound, so
+    a result that fits is never refused; a disk that fills anyway is cleaned up by the writer)."""
     existing = nearest_existing(folder.absolute())
     try:
         free = shutil.disk_usage(existing).free
     except (OSError, TypeError):
         return  # unknown: the writer still cleans up if the disk fills
-    if free < needed_bytes * SPACE_MARGIN:
-        raise InputError(f"not enough free space for the result: about {needed_bytes * SPACE_MARGIN / 1e6:.1f} MB "
-                         f"needed, {free / 1e6:.1f} MB free", folder)
+    if free < needed_bytes:
+        raise InputError(f"not enough free space for the result: at least {needed_bytes / 1e6:.1f} MB needed, "
+                         f"{free / 1e6:.1f} MB free", folder)
 
 
-def result_bytes(fixed: Grid, moving: Grid) -> float:
-    """Estimated size of a result folder: float64 vectors and float32 maps on the fixed grid (transform,
-    Jacobian, warped image), a float64 vector field on the moving grid (room for an inverse), 1 MB of rest."""
-    return 40.0 * _voxels(fixed) + 24.0 * _voxels(moving) + 1e6
+def result_bytes(fixed: Grid, write_warped: bool = True) -> float:
+    """The least a result folder takes: the uncompressed transform and Jacobian (and warped image) on the fixed
+    grid. Headers, overview.png and files other helpers add are not counted (a lower bound)."""
+    per_voxel = TRANSFORM_BYTES_PER_VOXEL + IMAGE_BYTES_PER_VOXEL * (2 if write_warped else 1)
+    return float(per_voxel) * _voxels(fixed)
 
 
 def _voxels(grid: Grid) -> float:
@@ -198,7 +221,7 @@ def check_geometry(request: Any, settings: Any, fixed: Grid, moving: Grid, worki
 
     coarsest = method_module(request.method).coarsest_pooling(settings, working)
     check_working_grid(working, coarsest, request.preset, request.method, request.fixed, fixed.extent_mm())
-    check_free_space(Path(os.fspath(request.out)), result_bytes(fixed, moving))
+    check_free_space(Path(os.fspath(request.out)), result_bytes(fixed, getattr(request, "write_warped", True)))
 
 
 def check_working_grid(working: Grid, coarsest_factor: int, preset: str, method: str, fixed_path: str,
@@ -212,8 +235,9 @@ def check_working_grid(working: Grid, coarsest_factor: int, preset: str, method:
     extent = "" if extent_mm is None else f"{_fmt(extent_mm)} mm, "
     raise InputError(f"fixed image is physically too small for the {preset} preset with {method}: its field of "
                      f"view ({extent}working grid {working.size} voxels of {spacing:.3g} mm) needs at least {needed} "
-                     f"voxels along every axis (about {needed * spacing:.3g} mm); check the header's spacing or use "
-                     "a preset with a finer working grid", fixed_path)
+                     f"voxels along every axis (about {needed * spacing:.3g} mm); check the header's spacing, use "
+                     "a preset with a finer working grid, or pool less (adam: --option levels=[2]; nephi: "
+                     "--option coarse_level=2)", fixed_path)
 
 
 def _fmt(values) -> str:
