@@ -52,6 +52,7 @@ def test_batch_reports_short_rows_per_row_accepts_a_bom_and_checks_done_results(
 
 @pytest.mark.parametrize("rows, words", [
     ("A,f.nrrd,m.nrrd\nA,m.nrrd,f.nrrd\n", "share the id 'A' but name different pairs"),
+    ("A,f.nrrd,m.nrrd\na,m.nrrd,f.nrrd\n", "share the id 'A' / 'a' but name different pairs"),  # one folder on macOS
     ("../../x,f.nrrd,m.nrrd\n", "not a plain folder name"),
     ("..,f.nrrd,m.nrrd\n", "not a plain folder name"),
 ])

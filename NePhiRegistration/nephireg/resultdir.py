@@ -149,7 +149,7 @@ def restore_interrupted_swap(out: Path) -> List[str]:
     Only while ``out`` holds no ``result.json`` (the new manifest moves last, so with one in place the swap had
     finished and ``.replaced`` is the result the run was asked to replace) and only from the staging folders of
     dead runs (:func:`nephireg.staging.is_stale`). The files the killed run had already moved in - those its own
-    manifest lists - are removed first: they are an incomplete result."""
+    manifest lists - are removed first, and the staging folder after: they are an incomplete result."""
     restored: List[str] = []
     with _folder_lock(out):
         for staging in _stale_stagings(out):
@@ -166,6 +166,7 @@ def restore_interrupted_swap(out: Path) -> List[str]:
                 (out / name).parent.mkdir(parents=True, exist_ok=True)
                 os.replace(path, out / name)
                 restored.append(name)
+            remove_path(staging)  # what is left is the killed run's incomplete result
     return restored
 
 
