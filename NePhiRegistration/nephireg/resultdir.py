@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence
 
 from nephireg.errors import InputError, NephiregError
 from nephireg.protocol import OUTPUT_FILES, RESULT_MANIFEST, write_manifest
+from nephireg.signals import held
 from nephireg.staging import is_stale, make_parents, remove_created, remove_path, remove_stale, staged_name
 from nephireg.validate import check_no_unlisted_outputs, check_output_file, check_output_folder
 
@@ -235,10 +236,12 @@ def staged_file(target: os.PathLike, overwrite: bool, inputs: Sequence[Any] = ()
         check_cancel()
         if not staged.exists():
             raise NephiregError(f"nothing was written for {target}")
-        _publish_file(staged, target, overwrite)
+        with held():  # the commit point: a signal now no longer stops the command (see docs/protocol.md)
+            _publish_file(staged, target, overwrite)
     except BaseException:
-        remove_path(staged)
-        remove_created(created)
+        with held():  # a second signal must not interrupt the clean-up
+            remove_path(staged)
+            remove_created(created)
         raise
 
 
