@@ -197,6 +197,21 @@ def test_files_named_like_outputs_are_never_replaced_without_overwrite(pair, tmp
     assert snapshot(fresh) == {"warped.nrrd": b"arrived meanwhile"}
 
 
+def test_an_input_that_the_result_replaces_is_refused_even_with_overwrite(pair, tmp_path, capsys):
+    """Refining a result (``--moving out/warped.nrrd --out out --overwrite``) would delete its own input."""
+    out = tmp_path / "out"
+    assert register(capsys, pair, out)[0] == ExitCode.SUCCESS
+    before = snapshot(out)
+    code, evs, _ = run(capsys, "register", "--fixed", pair["fixed"], "--moving", out / "warped.nrrd", "--out", out,
+                       "--overwrite", "--no-warped", *FAST)
+    assert code == ExitCode.BAD_INPUT and "--moving is a file of the result in --out" in evs[-1]["message"]
+    assert snapshot(out) == before
+    (out / "mine.nrrd").write_bytes(Path(pair["moving"]).read_bytes())  # any other file there is a fine input
+    code, _, _ = run(capsys, "register", "--fixed", pair["fixed"], "--moving", out / "mine.nrrd", "--out", out,
+                     "--overwrite", *FAST)
+    assert code == ExitCode.SUCCESS and (out / "mine.nrrd").exists()
+
+
 _KILL_DURING_SWAP = """
 import os, signal, sys
 from nephireg import resultdir

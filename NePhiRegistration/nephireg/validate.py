@@ -8,6 +8,7 @@ as soon as they are read, before anything is allocated from them. Every refusal 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import secrets
 import shutil
@@ -47,6 +48,30 @@ def check_request(request: Any) -> None:
     for name, rule in COMMON_RULES.items():
         rule.parse(name, request.options.get(name))
     check_output_folder(request.out, request.overwrite)
+    check_inputs_survive(request)
+
+
+def check_inputs_survive(request: Any) -> None:
+    """No input is a file a result in ``--out`` would replace (e.g. ``--moving out/warped.nrrd --out out
+    --overwrite``, refining a result): it would be gone after the run, whatever ``--overwrite`` says."""
+    out = os.path.realpath(os.fspath(request.out))
+    replaced = set(OUTPUT_FILES.values()) | set(_listed_files(Path(out) / RESULT_MANIFEST))
+    for flag, path in (("--fixed", request.fixed), ("--moving", request.moving),
+                       ("--fixed-mask", request.fixed_mask), ("--moving-mask", request.moving_mask)):
+        if path is None:
+            continue
+        relative = os.path.relpath(os.path.realpath(os.fspath(path)), out)
+        if Path(relative).as_posix() in replaced:
+            raise InputError(f"{flag} is a file of the result in --out, which this run replaces; copy it "
+                             "elsewhere or choose another --out", path)
+
+
+def _listed_files(manifest: Path) -> list:
+    try:
+        listed = json.loads(manifest.read_text(encoding="utf-8")).get("files", {})
+        return [str(name) for name in listed.values()]
+    except (OSError, ValueError, AttributeError):
+        return []
 
 
 def method_settings(request: Any) -> Any:
