@@ -163,6 +163,22 @@ def test_headers_that_would_overflow_or_are_physically_tiny(tmp_path, capsys):
         assert not out.exists()
 
 
+def test_a_thin_slab_is_a_valid_volume(tmp_path, capsys):
+    """5 slices of 3 mm (15 mm): too thin for adam's default coarsest level (1/4 of the 2 mm working grid), so
+    the refusal says how to pool less - and with that hint the slab registers."""
+    rng = np.random.default_rng(5)
+    base = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(
+        sitk.GetImageFromArray(rng.random((5, 48, 48)).astype(np.float32)), 2.0))
+    fixed = write(tmp_path / "f.nrrd", base, spacing=(0.8, 0.8, 3.0))
+    moving = write(tmp_path / "m.nrrd", np.roll(base, 2, axis=2), spacing=(0.8, 0.8, 3.0))
+    args = ["register", "--fixed", fixed, "--moving", moving, "--prealign", "none", "--progress", "jsonl"]
+    code, evs, _ = run(capsys, *args, "--out", tmp_path / "a")
+    assert code == ExitCode.BAD_INPUT and "--option levels=[2]" in evs[-1]["message"]
+    code, evs, _ = run(capsys, *args, "--out", tmp_path / "b", "--option", "levels=[2]", "--iterations", "5")
+    assert code == ExitCode.SUCCESS, evs[-1]
+    assert (tmp_path / "b" / "result.json").exists()
+
+
 def test_demo_with_a_bad_option_leaves_nothing(tmp_path, capsys):
     out = tmp_path / "demo"
     code, evs, _ = run(capsys, "demo", "--out", out, "--option", "levels=4", "--progress", "jsonl")

@@ -3,7 +3,8 @@
 :class:`ResultFolder` (``register``, ``demo``): outputs are written into ``OUT/.partial-<host>-<pid>-<token>/``;
 :meth:`ResultFolder.commit` checks that the staging folder holds exactly the files the manifest lists, writes the
 manifest there, then - holding a lock on ``OUT`` and after a last cancellation check (the commit point) - moves
-the previous result (its ``result.json`` first, then its files and any file named like an engine output) aside,
+the previous result (its ``result.json`` first, then its files and, with ``overwrite``, any file named like an
+engine output; without it such files refuse the run, as they are someone's own) aside,
 moves the new files in and the new ``result.json`` last. A folder therefore holds either no result or one
 complete result: ``result.json`` names exactly the files of the run that wrote it. On any failure or cancellation
 before the commit point the staging folder and the folders the run created are removed; a previous result is
@@ -12,7 +13,9 @@ untouched. A result that another run committed meanwhile is never replaced witho
 :func:`staged_file` (``warp``, ``jacobian``, ``train``): one output file written under a private name beside it
 and renamed over the target when complete.
 
-Stale staging paths of killed runs are removed by the next writer into the same folder (:mod:`nephireg.staging`).
+Stale staging paths of killed runs are removed by the next writer into the same folder (:mod:`nephireg.staging`);
+a previous result that a run killed during the swap left in its staging folder is put back first
+(:func:`restore_interrupted_swap`).
 """
 
 from __future__ import annotations
@@ -50,13 +53,18 @@ class ResultFolder:
         check_output_folder(self.out, overwrite=True)  # the location; a result there is checked next
         self._refuse_a_concurrent_result()  # the run checked at its start: one now came from another run
         self._created = make_parents(self.out)
-        restore_interrupted_swap(self.out)  # before the stale staging folders (which may hold it) are removed
-        remove_stale(self.out, STAGING_PREFIX)
-        legacy = self.out / _LEGACY_PARTIAL_MANIFEST  # an interrupted manifest write of older versions
-        if legacy.exists():
-            remove_path(legacy)
-        self.staging = self.out / staged_name(STAGING_PREFIX)
-        self.staging.mkdir()
+        try:
+            restore_interrupted_swap(self.out)  # before the stale staging folders (which may hold it) are removed
+            remove_stale(self.out, STAGING_PREFIX)
+            legacy = self.out / _LEGACY_PARTIAL_MANIFEST  # an interrupted manifest write of older versions
+            if legacy.exists():
+                remove_path(legacy)
+            self._refuse_a_concurrent_result()  # a restored result counts
+            self.staging = self.out / staged_name(STAGING_PREFIX)
+            self.staging.mkdir()
+        except BaseException:
+            remove_created(self._created)
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
