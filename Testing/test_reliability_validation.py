@@ -4,6 +4,7 @@ what is allowed, exits 2 and leaves nothing behind (in-process runs of the real 
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +197,13 @@ def test_tools_refuse_overlong_inputs_and_train_refuses_to_clobber_before_work(p
                        tmp_path / "work")
     assert code == ExitCode.BAD_INPUT and "--overwrite" in err
     assert model.read_bytes() == b"a model someone trained for a week" and not (tmp_path / "work").exists()
+
+
+def test_a_folder_without_dicom_gives_one_line_only(pair, tmp_path):
+    """ITK's own warning ("No Series were found") went to stderr before the engine's line."""
+    (tmp_path / "notes.txt").write_text("not an image")
+    proc = subprocess.run([sys.executable, "-m", "nephireg", "register", "--fixed", str(tmp_path), "--moving",
+                           pair["moving"], "--out", str(tmp_path / "out"), "--progress", "none"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == ExitCode.BAD_INPUT
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path}: fixed folder holds no DICOM series"]

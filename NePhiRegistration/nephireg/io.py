@@ -112,7 +112,7 @@ def _check_header(reader: sitk.ImageFileReader, path: PathLike, role: str) -> No
 
 
 def _read_dicom_folder(folder: Path, role: str) -> sitk.Image:
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    series = _quietly(sitk.ImageSeriesReader.GetGDCMSeriesIDs, str(folder))  # ITK warns on stderr when none
     if not series:
         raise InputError(f"{role} folder holds no DICOM series", folder)
     if len(series) > 1:
@@ -123,6 +123,16 @@ def _read_dicom_folder(folder: Path, role: str) -> sitk.Image:
         return reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"{role} DICOM series cannot be read ({str(exc).strip()[:200]})", folder) from None
+
+
+def _quietly(function, *args):
+    """``function(*args)`` without ITK's warnings on stderr (the error we raise is the one line the user gets)."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return function(*args)
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def _check_is_3d_scalar(image: sitk.Image, path: PathLike, role: str) -> None:
