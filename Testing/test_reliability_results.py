@@ -160,6 +160,38 @@ def test_a_full_disk_keeps_the_old_result_and_leaves_nothing(pair, small_disk, c
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "result"]  # the parents it made are gone
 
 
+_REGISTER_PAST_THE_SPACE_CHECK = """
+import sys
+from nephireg import validate
+validate.check_free_space = lambda folder, needed: None  # the disk fills while writing
+from nephireg.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_gives_one_line_naming_the_users_path(pair, small_disk, tmp_path):
+    """HDF5 printed its error stack (dozens of lines) and the message named the private staging path."""
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    (small_disk / "filler").write_bytes(b"\0" * (free - 40_000))
+    out = small_disk / "result"
+    proc = subprocess.run([sys.executable, "-c", _REGISTER_PAST_THE_SPACE_CHECK, "register", "--fixed",
+                           pair["fixed"], "--moving", pair["moving"], "--out", str(out), *FAST[:-2],
+                           "--progress", "none"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == ExitCode.BAD_INPUT
+    assert proc.stderr.strip().splitlines() == [f"error: {out}/transform.h5: cannot write the transform (no space "
+                                                "left on the device)"]
+    transform = tmp_path / "t.h5"
+    io.write_transform(np.zeros((16, 16, 16, 3)), Grid.of(sitk.ReadImage(pair["fixed"])), transform)
+    points = tmp_path / "points.txt"
+    points.write_text("1 2 3\n" * 20_000)
+    warp = subprocess.run([sys.executable, "-m", "nephireg", "warp", "--transform", str(transform), "--points",
+                           str(points), "--out", str(small_disk / "p.txt")], capture_output=True, text=True,
+                          timeout=300)
+    assert warp.returncode == ExitCode.BAD_INPUT
+    assert warp.stderr.strip().splitlines() == [f"error: {small_disk}/p.txt: No space left on device"]
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
 def test_a_result_that_just_fits_is_not_refused(pair, small_disk, capsys):
     """The free-space check is a lower bound (the uncompressed transform, Jacobian and warped image): a result
     that fits runs, where the former estimate (1.2 x 64 bytes a voxel + 1 MB) refused it."""

@@ -207,3 +207,20 @@ def test_a_folder_without_dicom_gives_one_line_only(pair, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == ExitCode.BAD_INPUT
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path}: fixed folder holds no DICOM series"]
+
+
+def test_a_damaged_transform_gives_one_line_only(tmp_path):
+    """HDF5 printed its error stack (two dozen lines) on stderr before the engine's line."""
+    from nephireg import io
+    from nephireg.geometry import Grid
+
+    grid = Grid((16, 16, 16), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    whole = tmp_path / "whole.h5"
+    io.write_transform(np.zeros((16, 16, 16, 3)), grid, whole)
+    damaged = tmp_path / "damaged.h5"
+    damaged.write_bytes(whole.read_bytes()[:5000])  # a copy cut short
+    proc = subprocess.run([sys.executable, "-m", "nephireg", "jacobian", "--transform", str(damaged)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == ExitCode.BAD_INPUT
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {damaged}: transform file cannot be read"), lines

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence
 
-from nephireg.errors import InputError, NephiregError
+from nephireg.errors import InputError, NephiregError, is_environment_error
 from nephireg.protocol import OUTPUT_FILES, RESULT_MANIFEST, write_manifest
 from nephireg.signals import held
 from nephireg.staging import is_stale, make_parents, remove_created, remove_path, remove_stale, staged_name
@@ -72,6 +72,9 @@ class ResultFolder:
             remove_path(self.staging)
         if not self.committed:
             remove_created(self._created)
+        renamed = _naming_the_target(exc, self.staging, self.out) if self.staging is not None else None
+        if renamed is not None:
+            raise renamed from None
 
     def commit(self, manifest: Mapping[str, Any], check_cancel: Callable[[], None] = lambda: None) -> str:
         """Swap the staged result in; returns the path of its ``result.json``. ``check_cancel`` raises to
@@ -246,11 +249,35 @@ def staged_file(target: os.PathLike, overwrite: bool, inputs: Sequence[Any] = ()
             raise NephiregError(f"nothing was written for {target}")
         with held():  # the commit point: a signal now no longer stops the command (see docs/protocol.md)
             _publish_file(staged, target, overwrite)
-    except BaseException:
+    except BaseException as exc:
         with held():  # a second signal must not interrupt the clean-up
             remove_path(staged)
             remove_created(created)
+        renamed = _naming_the_target(exc, staged, target)
+        if renamed is not None:
+            raise renamed from None
         raise
+
+
+def _naming_the_target(exc: Optional[BaseException], staged: Path, target: Path) -> Optional[InputError]:
+    """The failure of writing under the private path ``staged`` as an InputError naming the user's ``target``
+    (the private name is gone by the time the user reads the message); None to keep ``exc`` as it is."""
+    if isinstance(exc, InputError) and exc.path is not None:
+        where = _as_target(exc.path, staged, target)
+        return None if where is None else InputError(exc.problem, where)
+    if is_environment_error(exc):
+        filename = getattr(exc, "filename", None)
+        where = target if filename is None else _as_target(filename, staged, target)
+        return None if where is None else InputError(exc.strerror or str(exc), where)
+    return None
+
+
+def _as_target(path: Any, staged: Path, target: Path) -> Optional[Path]:
+    try:
+        relative = Path(os.path.abspath(os.fspath(path))).relative_to(staged)
+    except (TypeError, ValueError):
+        return None
+    return target if str(relative) == "." else target / relative
 
 
 def _publish_file(staged: Path, target: Path, overwrite: bool) -> None:
