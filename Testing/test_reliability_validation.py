@@ -119,6 +119,7 @@ def test_read_only_output_is_refused_before_work(pair, read_only_folder, capsys)
     code, _, err = run(capsys, "warp", "--transform", pair["fixed"], "--points", pair["fixed"],
                        "--out", read_only_folder / "q.txt")
     assert code == ExitCode.BAD_INPUT and "not writable" in err and "Traceback" not in err
+    assert f"error: {read_only_folder / 'q.txt'}: output location" in err  # the file, not only its folder
 
 
 @pytest.mark.parametrize("settings_class, rules", [(adam.Settings, adam.OPTION_RULES),

@@ -175,7 +175,7 @@ def check_output_file(path: Any, overwrite: bool, inputs: Iterable[Any] = (), fl
             raise InputError(f"{flag} is one of the command's inputs ({given}); choose another output file", target)
     if target.exists() and not overwrite:
         raise InputError("output file exists; use --overwrite to replace it", target)
-    check_writable(target.parent)
+    check_writable(target.parent, named=target)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -187,18 +187,20 @@ def _same_file(a: Path, b: Path) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def check_writable(folder: Path) -> None:
+def check_writable(folder: Path, named: Optional[Path] = None) -> None:
     """Create and remove a probe in ``folder``'s closest existing ancestor: the real test (permission bits say
-    nothing to root, a read-only mount or a full inode table does)."""
+    nothing to root, a read-only mount or a full inode table does). ``named``: the path the message names
+    (default ``folder``; the output file for single-file commands)."""
     existing = nearest_existing(folder.absolute())
     if existing is None or not existing.is_dir():
-        raise InputError(f"cannot create the output: {existing} is not a folder", folder)
+        raise InputError(f"cannot create the output: {existing} is not a folder", named or folder)
     probe = existing / f".nephireg-probe-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         probe.mkdir()
         probe.rmdir()
     except OSError as exc:
-        raise InputError(f"output location is not writable ({_reason(exc)} in {existing})", folder) from None
+        raise InputError(f"output location is not writable ({_reason(exc)} in {existing})",
+                         named or folder) from None
 
 
 def _reason(exc: OSError) -> str:
