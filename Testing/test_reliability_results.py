@@ -61,6 +61,24 @@ def test_overwrite_with_fewer_outputs_leaves_exactly_the_new_files(pair, tmp_pat
     assert "warped" not in manifest["files"]
 
 
+def test_overwrite_removes_every_file_the_previous_manifest_listed(tmp_path):
+    """The demo's ``inputs/*.nrrd`` (and any file another step adds to a manifest) stayed beside the new result:
+    the previous manifest was read after it had been moved aside."""
+    out = tmp_path / "out"
+    with ResultFolder(out, overwrite=False) as first:
+        (first.staging / "inputs").mkdir()
+        for name in ("transform.h5", "inputs/fixed.nrrd", "extra.txt"):
+            (first.staging / name).write_text("old")
+        first.commit({"files": {"transform": "transform.h5", "demo_fixed": "inputs/fixed.nrrd",
+                                "extra": "extra.txt"}})
+    (out / "notes.txt").write_text("mine")  # not listed, not an engine name: kept
+    with ResultFolder(out, overwrite=True) as second:
+        (second.staging / "transform.h5").write_text("new")
+        second.commit({"files": {"transform": "transform.h5"}})
+    assert snapshot(out).keys() == {"transform.h5", "result.json", "notes.txt"}
+    assert not (out / "inputs").exists() and (out / "transform.h5").read_text() == "new"
+
+
 def test_a_result_committed_meanwhile_is_kept_without_overwrite(tmp_path):
     out = tmp_path / "out"
     with ResultFolder(out, overwrite=False) as slow, ResultFolder(out, overwrite=False) as fast:

@@ -136,10 +136,11 @@ def _swap(out: Path, staging: Path, names: Sequence[str]) -> None:
         os.replace(source, destination)
         moves.append((source, destination))
 
+    previous = _previous_names(out)  # read before its manifest moves aside
     try:
         if (out / RESULT_MANIFEST).exists():
             move(out / RESULT_MANIFEST, replaced / RESULT_MANIFEST)
-        for name in _previous_names(out):
+        for name in previous:
             if os.path.lexists(out / name) and not (out / name).is_dir():
                 move(out / name, replaced / name)
         for name in names:
@@ -152,6 +153,19 @@ def _swap(out: Path, staging: Path, names: Sequence[str]) -> None:
             except OSError:
                 pass
         raise
+    _remove_emptied_folders(out, previous)
+
+
+def _remove_emptied_folders(out: Path, names: Sequence[str]) -> None:
+    """Sub-folders of ``out`` that held only the previous result's files (e.g. the demo's ``inputs/``)."""
+    for name in names:
+        folder = (out / name).parent
+        while folder != out:
+            try:
+                folder.rmdir()  # only while empty
+            except OSError:
+                break
+            folder = folder.parent
 
 
 def restore_interrupted_swap(out: Path) -> List[str]:
