@@ -20,7 +20,6 @@ a previous result that a run killed during the swap left in its staging folder i
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -30,7 +29,7 @@ from nephireg.errors import InputError, NephiregError, is_environment_error
 from nephireg.protocol import OUTPUT_FILES, RESULT_MANIFEST, write_manifest
 from nephireg.signals import held
 from nephireg.staging import is_stale, make_parents, remove_created, remove_path, remove_stale, staged_name
-from nephireg.validate import check_no_unlisted_outputs, check_output_file, check_output_folder
+from nephireg.validate import check_no_unlisted_outputs, check_output_file, check_output_folder, listed_files
 
 STAGING_PREFIX = ".partial-"
 _REPLACED = ".replaced"  # inside the staging folder: the previous result during the swap
@@ -204,13 +203,9 @@ def _stale_stagings(out: Path) -> List[Path]:
 
 
 def _listed_names(manifest: Path) -> List[str]:
-    try:
-        listed = json.loads(manifest.read_text(encoding="utf-8")).get("files", {})
-        values = [str(v) for v in listed.values()]
-    except (OSError, ValueError, AttributeError):
-        return []
+    """The safe file names a manifest lists (a hand-edited one never leads out of the folder)."""
     names = []
-    for value in values:
+    for value in listed_files(manifest):
         try:
             names.append(_safe_name(value))
         except NephiregError:

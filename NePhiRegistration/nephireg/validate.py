@@ -13,7 +13,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, List, Optional
 
 import numpy as np
 
@@ -55,7 +55,7 @@ def check_inputs_survive(request: Any) -> None:
     """No input is a file a result in ``--out`` would replace (e.g. ``--moving out/warped.nrrd --out out
     --overwrite``, refining a result): it would be gone after the run, whatever ``--overwrite`` says."""
     out = os.path.realpath(os.fspath(request.out))
-    replaced = set(OUTPUT_FILES.values()) | set(_listed_files(Path(out) / RESULT_MANIFEST))
+    replaced = set(OUTPUT_FILES.values()) | set(listed_files(Path(out) / RESULT_MANIFEST))
     for flag, path in (("--fixed", request.fixed), ("--moving", request.moving),
                        ("--fixed-mask", request.fixed_mask), ("--moving-mask", request.moving_mask)):
         if path is None:
@@ -66,7 +66,8 @@ def check_inputs_survive(request: Any) -> None:
                              "elsewhere or choose another --out", path)
 
 
-def _listed_files(manifest: Path) -> list:
+def listed_files(manifest: Path) -> List[str]:
+    """The file names a result manifest lists (as written; empty when it cannot be read)."""
     try:
         listed = json.loads(manifest.read_text(encoding="utf-8")).get("files", {})
         return [str(name) for name in listed.values()]
@@ -248,7 +249,7 @@ def check_geometry(request: Any, settings: Any, fixed: Grid, moving: Grid, worki
 
     coarsest = method_module(request.method).coarsest_pooling(settings, working)
     check_working_grid(working, coarsest, request.preset, request.method, request.fixed, fixed.extent_mm())
-    check_free_space(Path(os.fspath(request.out)), result_bytes(fixed, getattr(request, "write_warped", True)))
+    check_free_space(Path(os.fspath(request.out)), result_bytes(fixed, request.write_warped))
 
 
 def check_working_grid(working: Grid, coarsest_factor: int, preset: str, method: str, fixed_path: str,
