@@ -55,6 +55,12 @@ _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, err
 OUT_OF_MEMORY_HINT = "try a coarser --grid-spacing-mm, smaller images or another device"
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure: MemoryError, ENOMEM, or a native library's (torch, ITK) RuntimeError saying so."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM) or (
+        isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OUT_OF_MEMORY_MARKERS))
+
+
 def is_environment_error(exc: BaseException) -> bool:
     """An OSError of the user's environment (a full disk, a permission, a name): bad input, not a bug."""
     return isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS
@@ -68,8 +74,7 @@ def describe_failure(exc: BaseException) -> Tuple[ExitCode, str, str]:
         return exc.exit_code, exc.kind, _one_line(str(exc))
     if isinstance(exc, KeyboardInterrupt):
         return ExitCode.CANCELLED, Cancelled.kind, "cancelled"
-    if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM) or (
-            isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OUT_OF_MEMORY_MARKERS)):
+    if is_out_of_memory(exc):
         return ExitCode.OUT_OF_MEMORY, OutOfMemory.kind, f"out of memory; {OUT_OF_MEMORY_HINT}"
     if is_environment_error(exc):
         where = exc.filename if exc.filename is not None else "output"

@@ -16,7 +16,7 @@ from typing import Iterator, Optional, Union
 import numpy as np
 import SimpleITK as sitk
 
-from nephireg.errors import InputError
+from nephireg.errors import OUT_OF_MEMORY_HINT, InputError, OutOfMemory, is_out_of_memory
 from nephireg.geometry import Grid
 
 PathLike = Union[str, os.PathLike]
@@ -92,7 +92,14 @@ def _read_any(path: PathLike, role: str) -> sitk.Image:
         _check_header(reader, path, role)
         return reader.Execute()
     except RuntimeError as exc:
+        _refuse_out_of_memory(exc, path)
         raise InputError(f"{role} file cannot be read as an image ({_itk_reason(exc)})", path) from None
+
+
+def _refuse_out_of_memory(exc: RuntimeError, path: PathLike, doing: str = "reading") -> None:
+    """An allocation that failed inside ITK is out of memory (exit 4), not a file that cannot be read."""
+    if is_out_of_memory(exc):
+        raise OutOfMemory(f"{path}: out of memory {doing} this file; {OUT_OF_MEMORY_HINT}") from None
 
 
 FULL_DISK_BYTES = 1 << 20  # a failed write with less free than this: the disk is full (ITK rarely says so)
@@ -139,6 +146,7 @@ def _read_dicom_folder(folder: Path, role: str) -> sitk.Image:
     try:
         return reader.Execute()
     except RuntimeError as exc:
+        _refuse_out_of_memory(exc, folder)
         raise InputError(f"{role} DICOM series cannot be read ({str(exc).strip()[:200]})", folder) from None
 
 
@@ -213,6 +221,7 @@ def write_image(image: sitk.Image, path: PathLike, compress: bool = False) -> No
     try:
         sitk.WriteImage(image, str(path), compress)
     except RuntimeError as exc:  # ITK reports a failed write (full disk, no permission) as a RuntimeError
+        _refuse_out_of_memory(exc, path, "writing")
         raise InputError(f"cannot write the image ({_write_reason(exc, path)})", path) from None
 
 
@@ -236,6 +245,7 @@ def save_transform(transform: sitk.Transform, path: PathLike) -> None:
         with _native_stderr_dropped_on_failure():
             sitk.WriteTransform(transform, str(path))
     except RuntimeError as exc:
+        _refuse_out_of_memory(exc, path, "writing")
         raise InputError(f"cannot write the transform ({_write_reason(exc, path)})", path) from None
 
 
@@ -247,6 +257,7 @@ def read_transform(path: PathLike, role: str = "transform") -> sitk.Transform:
         with _native_stderr_dropped_on_failure():
             return sitk.ReadTransform(str(p))
     except RuntimeError as exc:
+        _refuse_out_of_memory(exc, path)
         raise InputError(f"{role} file cannot be read as an ITK transform ({str(exc).strip()[-200:]})", path) from None
 
 
