@@ -211,11 +211,11 @@ def test_a_full_disk_gives_one_line_naming_the_users_path(pair, small_disk, tmp_
 
 
 def test_a_result_that_just_fits_is_not_refused(pair, small_disk, capsys):
-    """The free-space check is a lower bound (the uncompressed transform, Jacobian and warped image): a result
+    """The free-space check is a lower bound (the uncompressed transform, Jacobian, warped image, inverse): a result
     that fits runs, where the former estimate (1.2 x 64 bytes a voxel + 1 MB) refused it."""
     grid = Grid.of(sitk.ReadImage(pair["fixed"]))
-    needed = validate.result_bytes(grid)
-    assert needed == 32 * 16 ** 3
+    needed = validate.result_bytes(grid, grid)
+    assert needed == (32 + 24) * 16 ** 3  # transform, Jacobian, warped image; the inverse
     free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
     (small_disk / "filler").write_bytes(b"\0" * (free - int(needed) - 120_000))  # the result + headers, png
     code, evs, _ = register(capsys, pair, small_disk / "result", "--no-overview")

@@ -28,7 +28,7 @@ COMMON_RULES = {"grid_spacing_mm": Rule("float", 0, 1000, low_open=True, optiona
 SEED_RULE = Rule("int", 0, 2**32 - 1)
 MIN_LEVEL_VOXELS = 2  # voxels along every axis of the coarsest pooled level a method uses
 SPACING_RANGE_MM = (1e-4, 1e4)  # plausible voxel spacings of a medical image (0.1 um .. 10 m)
-TRANSFORM_BYTES_PER_VOXEL = 24  # float64 3-vectors on the fixed grid (transform.h5, uncompressed)
+TRANSFORM_BYTES_PER_VOXEL = 24  # float64 3-vectors (transform.h5 on the fixed grid, inverse.h5 on the moving)
 IMAGE_BYTES_PER_VOXEL = 4  # float32 maps on the fixed grid (jacobian.nrrd, warped.nrrd, uncompressed)
 
 
@@ -221,11 +221,12 @@ def check_free_space(folder: Path, needed_bytes: float) -> None:
                          f"{free / 1e6:.1f} MB free", folder)
 
 
-def result_bytes(fixed: Grid, write_warped: bool = True) -> float:
+def result_bytes(fixed: Grid, moving: Grid, write_warped: bool = True) -> float:
     """The least a result folder takes: the uncompressed transform and Jacobian (and warped image) on the fixed
-    grid. Headers, overview.png and files other helpers add are not counted (a lower bound)."""
-    per_voxel = TRANSFORM_BYTES_PER_VOXEL + IMAGE_BYTES_PER_VOXEL * (2 if write_warped else 1)
-    return float(per_voxel) * _voxels(fixed)
+    grid and the inverse on the moving grid. Headers, overview.png and files other steps add are not counted (a
+    lower bound)."""
+    per_fixed_voxel = TRANSFORM_BYTES_PER_VOXEL + IMAGE_BYTES_PER_VOXEL * (2 if write_warped else 1)
+    return float(per_fixed_voxel) * _voxels(fixed) + float(TRANSFORM_BYTES_PER_VOXEL) * _voxels(moving)
 
 
 def _voxels(grid: Grid) -> float:
@@ -249,7 +250,7 @@ def check_geometry(request: Any, settings: Any, fixed: Grid, moving: Grid, worki
 
     coarsest = method_module(request.method).coarsest_pooling(settings, working)
     check_working_grid(working, coarsest, request.preset, request.method, request.fixed, fixed.extent_mm())
-    check_free_space(Path(os.fspath(request.out)), result_bytes(fixed, request.write_warped))
+    check_free_space(Path(os.fspath(request.out)), result_bytes(fixed, moving, request.write_warped))
 
 
 def check_working_grid(working: Grid, coarsest_factor: int, preset: str, method: str, fixed_path: str,
