@@ -114,9 +114,11 @@ def coarsest_pooling(settings: Settings, grid: Grid) -> int:
 def run(pair: PreparedPair, options: Mapping[str, Any], reporter: Reporter) -> DenseField:
     """Register ``pair`` by continuous Adam; see the module docstring."""
     settings = Settings.from_options(options)
-    reporter.stage("features", "MIND-SSC features" if "mind" in settings.similarity else "Intensity features")
+    reporter.stage("features", "MIND-SSC features")
     with torch.no_grad():
-        fixed_features, moving_features = (features(image, settings) for image in (pair.fixed, pair.moving))
+        fixed_features = features(pair.fixed, settings)
+        reporter.check_cancel()  # each takes a second on a big working grid
+        moving_features = features(pair.moving, settings)
     factors = level_factors(settings, pair.grid)
     field: Optional[DenseField] = None
     for number, factor in enumerate(factors, start=1):
