@@ -11,10 +11,12 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import SimpleITK as sitk
 
 from nephireg import io
 from nephireg.errors import InputError
+from nephireg.initial import read_initial_transform
 from nephireg.preprocess import dilate, normalise_intensities
 from nephireg.presets import Preset, get_preset
 from nephireg.progress import Reporter
@@ -38,6 +40,7 @@ class Request:
     overwrite: bool = False
     write_warped: bool = True
     write_overview: bool = True
+    initial_transform: Optional[str] = None  # ITK linear transform file, fixed -> moving (LPS), before the method
 
 
 @dataclass
@@ -53,6 +56,7 @@ class Inputs:
     masks_derived: bool
     fixed_region: Optional[sitk.Image]  # the mask dilated by the preset's margin: where similarity counts
     moving_region: Optional[sitk.Image]
+    initial: Optional[np.ndarray] = None  # 4x4 fixed -> moving (LPS mm) of request.initial_transform
 
 
 StageCallback = Callable[[str, str], None]
@@ -73,6 +77,7 @@ def _read(request: Request, preset: Preset, stage: StageCallback) -> Inputs:
     moving = io.read_image(request.moving, "moving")
     fixed_mask = io.read_mask(request.fixed_mask, fixed, "fixed mask") if request.fixed_mask else None
     moving_mask = io.read_mask(request.moving_mask, moving, "moving mask") if request.moving_mask else None
+    initial = read_initial_transform(request.initial_transform) if request.initial_transform else None
     derived = False
     if preset.derive_lung_masks and fixed_mask is None and moving_mask is None:
         from nephireg.lungmask import lung_mask
@@ -83,7 +88,8 @@ def _read(request: Request, preset: Preset, stage: StageCallback) -> Inputs:
     stage("preprocess", f"Normalising intensities ({preset.name})")
     regions = [None if m is None else dilate(m, preset.mask_dilation_mm) for m in (fixed_mask, moving_mask)]
     return Inputs(fixed, moving, normalise_intensities(fixed, preset, fixed_mask),
-                  normalise_intensities(moving, preset, moving_mask), fixed_mask, moving_mask, derived, *regions)
+                  normalise_intensities(moving, preset, moving_mask), fixed_mask, moving_mask, derived, *regions,
+                  initial=initial)
 
 
 def _derive(make_mask, image: sitk.Image, path: str) -> sitk.Image:

@@ -24,6 +24,7 @@ from nephireg.compose import affine_matrix, compose_prealignment
 from nephireg.errors import InputError, OutOfMemory
 from nephireg.fields import evaluate_on_grid
 from nephireg.geometry import Grid, overlap_fraction
+from nephireg.initial import INITIAL_MODE
 from nephireg.inputs import Inputs, PrefetchedInputs, Request, read_inputs
 from nephireg.jacobian import jacobian_determinant, jacobian_summary
 from nephireg.methods import get_method
@@ -46,7 +47,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def prealign_matrix(request: Request, preset: Preset, inputs: Inputs, reporter: Reporter) -> Tuple[str, np.ndarray]:
-    """The pre-alignment mode used and its 4x4 matrix (fixed -> moving, LPS mm)."""
+    """The pre-alignment mode used and its 4x4 matrix (fixed -> moving, LPS mm). An initial transform file
+    replaces the automatic pre-alignment (``--prealign`` must then be ``preset`` or ``none``)."""
+    if inputs.initial is not None:
+        if request.prealign not in ("preset", "none"):
+            raise InputError(f"--initial-transform replaces the pre-alignment; drop --prealign {request.prealign} "
+                             "(or the initial transform)", request.initial_transform)
+        return INITIAL_MODE, inputs.initial
     mode = preset.prealign if request.prealign == "preset" else request.prealign
     if mode not in PREALIGN_MODES or mode == "preset":
         raise InputError(f"unknown pre-alignment {mode!r}; choose one of {', '.join(PREALIGN_MODES)}")
