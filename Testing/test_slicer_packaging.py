@@ -251,7 +251,7 @@ def test_no_torch_anywhere_and_nothing_runs_at_file_scope():
             assert isinstance(stmt, allowed) or is_docstring or is_main, f"{path.name}:{stmt.lineno} runs at import"
             if isinstance(stmt, (ast.Assign, ast.AnnAssign)) and isinstance(stmt.value, ast.Call):
                 callee = ast.unparse(stmt.value.func)
-                allowed_calls = ("Grid", "object", "os.path.join", "os.path.dirname")
+                allowed_calls = ("Grid", "object", "os.path.join", "os.path.dirname", "_")  # _: a translation lookup
                 assert callee in allowed_calls, f"{path.name}:{stmt.lineno} calls {callee}"
 
 
