@@ -62,6 +62,9 @@ def new_app(color_files: bool = False) -> SimpleNamespace:
         colors.SetMRMLApplicationLogic(app.app_logic)
         colors.SetMRMLScene(app.scene)
         colors.AddDefaultColorNodes()
+        # kept alive with the app: a colour logic that is destroyed removes its default colour nodes again
+        app.app_logic.SetModuleLogic("Colors", colors)
+        app.file_color_logic = colors
     logics = sceneio.SceneLogics(app.scene, transforms, app.volumes_logic, app.segmentations_logic)
     return SimpleNamespace(app=app, scene=app.scene, logics=logics, sceneio=sceneio)
 
