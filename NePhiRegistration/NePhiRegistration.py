@@ -183,6 +183,8 @@ class NePhiRegistrationTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_importSyntheticField()
         self.setUp()
+        self.test_linearParentIsTheInitialTransformAndIsReplaced()
+        self.setUp()
         self.test_failedRunLeavesSceneUnchanged()
         self.setUp()
         self.test_failedMaskedRunLeavesSceneUnchanged()
@@ -248,7 +250,36 @@ class NePhiRegistrationTest(ScriptedLoadableModuleTest):
             self.assertEqual(composite.GetForegroundVolumeID(), jacobian.GetID())
             self.assertEqual(composite.GetBackgroundVolumeID(), fixed.GetID())
         sceneio.showTransformGrid(transformNode, fixed)
+        self.assertEqual(jacobian.GetName(), "moving Jacobian determinant")  # named once, no "_1"
         self.delayDisplay("Synthetic field imported")
+
+    def test_linearParentIsTheInitialTransformAndIsReplaced(self):
+        import numpy as np
+        import SimpleITK as sitk
+
+        from NePhiRegistrationLib import selftest
+
+        self.delayDisplay("A moving volume under a linear transform: the run starts from it, the result replaces it")
+        fixed, moving = self._volumes()
+        manual = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "manual alignment")
+        shift = vtk.vtkMatrix4x4()
+        shift.SetElement(0, 3, 5.0)  # RAS mm, moving -> world
+        manual.SetMatrixTransformToParent(shift)
+        moving.SetAndObserveTransformNodeID(manual.GetID())
+        logics = sceneio.slicerLogics()
+        folder = tempfile.mkdtemp(prefix="NePhi test ")
+        try:
+            paths = sceneio.writeInputs(logics, folder, fixed, moving)
+            initial = sitk.ReadTransform(paths["initialTransform"])  # fixed -> moving in LPS: x_LPS + 5
+            np.testing.assert_allclose(initial.TransformPoint((0.0, 0.0, 0.0)), (5.0, 0.0, 0.0), atol=1e-9)
+            manifest, _ = selftest.writeSyntheticResult(os.path.join(folder, "out"))
+            nodes = sceneio.importResult(logics, manifest, fixed, moving)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.assertEqual(moving.GetTransformNodeID(), nodes.transform.GetID())
+        self.assertIsNone(nodes.transform.GetParentTransformNode())
+        self.assertEqual(nodes.transform.GetNodeReferenceID(sceneio.INITIAL_TRANSFORM_ROLE), manual.GetID())
+        self.delayDisplay("Linear parent handled")
 
     def _sceneNodeIDs(self):
         return {slicer.mrmlScene.GetNthNode(i).GetID() for i in range(slicer.mrmlScene.GetNumberOfNodes())}
