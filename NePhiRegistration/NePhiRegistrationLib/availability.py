@@ -67,7 +67,7 @@ def methodAvailability(modelPath: str = "") -> Dict[str, Availability]:
     result = {method: Availability(True) for method in protocol.METHODS}
     if modelPath:
         if not os.path.isfile(modelPath):
-            result["nephi"] = Availability(False, f"the model file {modelPath} does not exist")
+            result["nephi"] = Availability(False, _("the model file {path} does not exist").format(path=modelPath))
     elif defaultModelPath() is None:
         result["nephi"] = _defaultModelState()
     return result
@@ -78,11 +78,12 @@ def _defaultModelState() -> Availability:
     try:
         from nephireg import modelstore  # noqa: F401
     except ImportError:
-        return Availability(False, "this build has no model store (nephireg.modelstore is missing)")
+        return Availability(False, _("this build has no model store (nephireg.modelstore is missing)"))
     default = next((m for m in listModels() if m.get("default")), None)
     if default is not None and default.get("url"):
-        return Availability(True, f"the default model {default['name']} is downloaded on first use")
-    return Availability(False, "no trained NePhi model is installed (pick a model file in Expert settings)")
+        return Availability(True, _("the default model {name} is downloaded on first use").format(
+            name=default["name"]))
+    return Availability(False, _("no trained NePhi model is installed (pick a model file in Expert settings)"))
 
 
 def intendedUse(modelPath: str = "") -> Optional[dict]:
