@@ -94,7 +94,7 @@ def prepare(request: Request, inputs: Inputs, preset: Preset, prealign: np.ndarr
     if preset.mask_images:
         fixed = fixed * fixed_mask if fixed_mask is not None else fixed
         moving = moving * moving_mask if moving_mask is not None else moving
-    return PreparedPair(grid, fixed, moving, fixed_mask, moving_mask, seed=request.seed)
+    return PreparedPair(grid, fixed, moving, fixed_mask, moving_mask, seed=request.seed, preset=preset.name)
 
 
 def to_tensor(image: sitk.Image, grid: Grid, transform: Optional[sitk.Transform], device: torch.device,
