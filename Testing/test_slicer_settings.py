@@ -112,15 +112,15 @@ def test_model_preset_mismatch_is_named_only_when_a_model_is_used_for_another_pr
     assert mismatch("nephi", "brain-mri", use={"anatomy": "lung"}) == ""  # intended preset unknown: nothing to say
 
 
-def test_intended_use_from_the_registry_when_the_store_has_no_intended_use(tmp_path):
-    registry = {"default": "lung-v1", "models": [
-        {"name": "lung-v1", "file": "lung-v1.pt", "anatomy": "lung", "modality": "CT", "preset": "lung-ct"},
-        {"name": "brain-v1", "file": "brain-v1.pt", "anatomy": "brain", "modality": "MRI", "preset": "brain-mri"},
-        {"name": "old", "file": "old.pt"}]}
-    use = availability._registryIntendedUse
-    assert use(registry, "") == LUNG  # the default model
-    assert use(registry, str(tmp_path / "brain-v1.pt"))["preset"] == "brain-mri"  # by file name
-    assert use(registry, "old.pt") is None and use(registry, "unknown.pt") is None
+def test_intended_use_of_the_default_model_follows_the_preset_as_the_engine_picks_it():
+    from nephireg import modelstore
+
+    default = modelstore.intended_use(modelstore.default_model_name("lung-ct"))
+    assert availability.intendedUse("", "lung-ct") == default and default["preset"] == "lung-ct"
+    path = modelstore.default_model_path(preset="lung-ct")
+    assert availability.intendedUse(path, "brain-mri") == default  # a file: what it is, whatever the preset
+    assert availability.modelPresetMismatch("nephi", "lung-ct", path) == ""
+    assert "meant for lung CT" in availability.modelPresetMismatch("nephi-io", "brain-mri", path)
 
 
 def test_clear_model_cache_deletes_only_model_files_and_partial_downloads(tmp_path):

@@ -192,7 +192,7 @@ def test_register_is_disabled_with_the_reason_when_a_transform_around_the_run_bl
 def test_a_model_meant_for_another_preset_is_shown_with_the_reason(panel_env, monkeypatch):
     panel, node, ui = panel_env.panel, panel_env.node, panel_env.ui
     lung = {"anatomy": "lung", "modality": "CT", "preset": "lung-ct"}
-    monkeypatch.setattr(panel_env.widget.availability, "intendedUse", lambda modelPath="": lung)
+    monkeypatch.setattr(panel_env.widget.availability, "intendedUse", lambda modelPath="", preset=None: lung)
     node.method, node.preset = "nephi", "brain-mri"
     panel.updateState()
     index = panel_env.widget.protocol.METHODS.index("nephi")

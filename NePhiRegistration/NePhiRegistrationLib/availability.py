@@ -86,30 +86,17 @@ def _defaultModelState() -> Availability:
     return Availability(False, _("no trained NePhi model is installed (pick a model file in Expert settings)"))
 
 
-def intendedUse(modelPath: str = "") -> Optional[dict]:
-    """``{"anatomy", "modality", "preset"}`` the model is meant for (``""`` = the store's default), or None when
-    unknown: ``nephireg.modelstore.intended_use`` where the store has it, else the registry entry's keys."""
+def intendedUse(modelPath: str = "", preset: Optional[str] = None) -> Optional[dict]:
+    """``{"anatomy", "modality", "preset"}`` the model is meant for, or None when unknown
+    (``nephireg.modelstore.intended_use``). ``""`` = the default model of ``preset``, as the engine picks it."""
     try:
         from nephireg import modelstore
     except ImportError:
         return None
     try:
-        if hasattr(modelstore, "intended_use"):
-            return modelstore.intended_use(modelPath or modelstore.load_registry().get("default"))
-        return _registryIntendedUse(modelstore.load_registry(), modelPath)
+        return modelstore.intended_use(modelPath or modelstore.default_model_name(preset))
     except Exception:  # an unreadable registry or model file: unknown, the run itself reports the problem
         return None
-
-
-def _registryIntendedUse(registry: dict, modelPath: str) -> Optional[dict]:
-    """The registry entry of ``modelPath`` (by file name or name; ``""`` = the default): its intended use."""
-    stem = os.path.splitext(os.path.basename(modelPath))[0]
-    for entry in registry.get("models", []):
-        chosen = (entry.get("name") == registry.get("default")) if not modelPath else (
-            entry.get("name") == stem or entry.get("file") == os.path.basename(modelPath))
-        if chosen and entry.get("preset"):
-            return {key: entry.get(key, "") for key in ("anatomy", "modality", "preset")}
-    return None
 
 
 def modelPresetMismatch(method: str, preset: str, modelPath: str = "", use: Optional[dict] = None) -> str:
@@ -118,7 +105,7 @@ def modelPresetMismatch(method: str, preset: str, modelPath: str = "", use: Opti
     ``nephi`` uses the default model when none is chosen; ``nephi-io`` uses one only when chosen."""
     if method not in ("nephi", "nephi-io") or (method == "nephi-io" and not modelPath):
         return ""
-    use = use if use is not None else intendedUse(modelPath)
+    use = use if use is not None else intendedUse(modelPath, preset)
     if not use or not use.get("preset") or use["preset"] == preset:
         return ""
     what = " ".join(str(use.get(key) or "") for key in ("anatomy", "modality")).strip() or use["preset"]
