@@ -11,6 +11,7 @@ dataclass. Modules are imported on demand: importing this package is cheap.
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 from typing import Any, Callable, Mapping
 
 from nephireg.protocol import METHODS
@@ -24,10 +25,15 @@ MethodFunction = Callable[..., Any]
 
 def get_method(name: str) -> MethodFunction:
     """The ``run`` function of method ``name`` (one of :data:`nephireg.protocol.METHODS`)."""
+    return getattr(method_module(name), _FUNCTIONS[name])
+
+
+def method_module(name: str) -> ModuleType:
+    """The module of method ``name``: its ``run`` function, ``Settings``, ``OPTION_RULES`` and
+    ``coarsest_pooling(settings, grid)``."""
     if name not in _MODULES:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    module = importlib.import_module(_MODULES[name])
-    return getattr(module, _FUNCTIONS[name])
+    return importlib.import_module(_MODULES[name])
 
 
 def method_availability(name: str) -> Mapping[str, Any]:
