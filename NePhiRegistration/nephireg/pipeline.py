@@ -47,11 +47,8 @@ def resolve_device(name: str) -> torch.device:
 
 def prealign_matrix(request: Request, preset: Preset, inputs: Inputs, reporter: Reporter) -> Tuple[str, np.ndarray]:
     """The pre-alignment mode used and its 4x4 matrix (fixed -> moving, LPS mm). An initial transform file
-    replaces the automatic pre-alignment (``--prealign`` must then be ``preset`` or ``none``)."""
-    if inputs.initial is not None:
-        if request.prealign not in ("preset", "none"):
-            raise InputError(f"--initial-transform replaces the pre-alignment; drop --prealign {request.prealign} "
-                             "(or the initial transform)", request.initial_transform)
+    replaces the automatic pre-alignment."""
+    if inputs.initial is not None:  # checked with the request (validate.check_initial_transform)
         return INITIAL_MODE, inputs.initial
     mode = preset.prealign if request.prealign == "preset" else request.prealign
     if mode not in PREALIGN_MODES or mode == "preset":
