@@ -24,6 +24,7 @@ from nephireg.fields import evaluate_on_grid
 from nephireg.geometry import Grid, overlap_fraction
 from nephireg.initial import INITIAL_MODE
 from nephireg.inputs import Inputs, PrefetchedInputs, Request, read_inputs
+from nephireg.inverse import InverseMap, invert, lattice_mm, write_inverse
 from nephireg.jacobian import jacobian_determinant, jacobian_summary
 from nephireg.methods import get_method
 from nephireg.overview import overview
@@ -58,7 +59,7 @@ def prealign_matrix(request: Request, preset: Preset, inputs: Inputs, reporter: 
     from nephireg.prealign import prealign
 
     reporter.stage("prealign", f"Pre-alignment ({mode})")
-    transform = prealign(inputs.fixed_norm, inputs.moving_norm, mode, inputs.fixed_mask, inputs.moving_mask,
+    transform = prealign(inputs.fixed_norm, inputs.moving_norm, mode, *inputs.prealignment_masks(),
                          cancelled=lambda: reporter.cancel_requested)
     reporter.check_cancel()
     return mode, affine_matrix(transform)
@@ -164,21 +165,24 @@ def register(request: Request, reporter: Optional[Reporter] = None,
         field_ = method(pair, options, reporter)
         reporter.stage("field", "Evaluating the displacement on the fixed grid")
         displacement = evaluate_on_grid(field_, fixed_grid, device, cancel=reporter.check_cancel)
+        reporter.stage("inverse", "Inverting the transform (moving -> fixed)")
+        inverse = invert(field_, displacement, fixed_grid, Grid.of(inputs.moving), prealign, device,
+                         lattice_mm(pair.grid), cancel=reporter.check_cancel)
     except torch.cuda.OutOfMemoryError as exc:
         raise OutOfMemory(f"the GPU ran out of memory ({exc}); run again with --device cpu") from None
     displacement = compose_prealignment(fixed_grid, displacement, prealign)
-    return _write_result(request, preset, mode, inputs, fixed_grid, displacement, options, device, reporter, started,
-                         before_commit)
+    return _write_result(request, preset, mode, inputs, fixed_grid, displacement, inverse, options, device, reporter,
+                         started, before_commit)
 
 
 def _write_result(request: Request, preset: Preset, mode: str, inputs: Inputs, grid: Grid, displacement: np.ndarray,
-                  options: Dict[str, Any], device: torch.device, reporter: Reporter, started: float,
-                  before_commit: Optional[BeforeCommit] = None) -> Dict[str, Any]:
+                  inverse: InverseMap, options: Dict[str, Any], device: torch.device, reporter: Reporter,
+                  started: float, before_commit: Optional[BeforeCommit] = None) -> Dict[str, Any]:
     """The outputs written through the one result writer (:class:`nephireg.resultdir.ResultFolder`)."""
     reporter.stage("write", "Writing the transform, Jacobian and warped image")
     with ResultFolder(request.out, request.overwrite) as result:
-        manifest = _write_files(request, preset, mode, inputs, grid, displacement, options, device, result.staging,
-                                reporter)
+        manifest = _write_files(request, preset, mode, inputs, grid, displacement, inverse, options, device,
+                                result.staging, reporter)
         if before_commit is not None:
             before_commit(manifest, result.staging)
         reporter.check_cancel()
@@ -190,7 +194,8 @@ def _write_result(request: Request, preset: Preset, mode: str, inputs: Inputs, g
 
 
 def _write_files(request: Request, preset: Preset, mode: str, inputs: Inputs, grid: Grid, displacement: np.ndarray,
-                 options: Dict[str, Any], device: torch.device, folder: Path, reporter: Reporter) -> Dict[str, Any]:
+                 inverse: InverseMap, options: Dict[str, Any], device: torch.device, folder: Path,
+                 reporter: Reporter) -> Dict[str, Any]:
     files = {"transform": OUTPUT_FILES["transform"], "jacobian": OUTPUT_FILES["jacobian"]}
     transform = io.displacement_transform(displacement, grid)
     io.save_transform(transform, folder / files["transform"])
@@ -218,14 +223,16 @@ def _write_files(request: Request, preset: Preset, mode: str, inputs: Inputs, gr
         "similarity_region": "fixed mask" if mask is not None else "whole fixed image",
         "displacement_max_mm": float(np.linalg.norm(displacement, axis=-1).max()),
     })
+    files["inverse"] = OUTPUT_FILES["inverse"]
+    metrics.update(write_inverse(inverse, displacement, grid, mask, folder / files["inverse"]))
+    reporter.check_cancel()
     return {
         "files": files,
         "metrics": metrics,
         "method": request.method,
         "preset": preset.name,
         "parameters": {"options": options, "prealign": mode, "seed": request.seed,
-                       "masks": "derived (lung)" if inputs.masks_derived else
-                       ("given" if request.fixed_mask or request.moving_mask else "none"),
+                       "masks": inputs.describe_masks(),
                        "request": asdict(request)},
         "inputs": {"fixed": os.path.abspath(request.fixed), "moving": os.path.abspath(request.moving),
                    "fixed_grid": _grid_dict(grid)},
