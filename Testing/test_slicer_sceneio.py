@@ -273,8 +273,11 @@ def test_oblique_anisotropic_volume_registered_and_loaded_maps_world_points_as_i
     register(Request(fixedPath, movingPath, str(out), method="adam", preset="generic", prealign="none",
                      options={"iterations": 30, "levels": [4], "coarse_iterations": 0}, write_overview=False))
     manifest = protocol.read_manifest(str(out))
-    result = env.sceneio.importResult(env.logics, manifest, env.fixed, env.moving)
+    options = env.sceneio.ImportOptions(importInverse=True)  # the engine's inverse.h5 as a second node
+    result = env.sceneio.importResult(env.logics, manifest, env.fixed, env.moving, options=options)
     itk = sitk.ReadTransform(manifest["files"]["transform"])
+    itkInverse = sitk.ReadTransform(manifest["files"]["inverse"])
+    inverse = result.inverseTransform.GetTransformFromParent()
     node = result.transform.GetTransformFromParent()
     rng = np.random.default_rng(0)
     centres = rng.integers(1, np.array(GRID.size) - 1, size=(40, 3)).astype(float)
@@ -286,6 +289,11 @@ def test_oblique_anisotropic_volume_registered_and_loaded_maps_world_points_as_i
         got = np.array(node.TransformPoint(tuple(LPS_TO_RAS @ lps)))  # FromParent: fixed RAS -> moving RAS
         np.testing.assert_allclose(got, expected, atol=1e-4)
         moved = max(moved, float(np.linalg.norm(expected - LPS_TO_RAS @ lps)))
+        # the inverse node (moving -> fixed) maps as SimpleITK maps inverse.h5, and brings phi(x) back near x
+        back = np.array(inverse.TransformPoint(tuple(got)))
+        np.testing.assert_allclose(back, LPS_TO_RAS @ np.array(itkInverse.TransformPoint(tuple(LPS_TO_RAS @ got))),
+                                   atol=1e-4)
+        assert np.linalg.norm(back - LPS_TO_RAS @ lps) < 0.25  # mm (voxels 1.5-3 mm)
     assert moved > 0.5  # mm: a real displacement was compared, not the identity
 
 
