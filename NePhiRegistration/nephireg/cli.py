@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--moving", required=True, help="moving image")
     reg.add_argument("--fixed-mask", help="fixed mask (label map; nonzero = inside)")
     reg.add_argument("--moving-mask", help="moving mask")
+    reg.add_argument("--initial-transform", metavar="FILE",
+                     help="ITK linear transform (fixed -> moving, LPS) to start from; replaces the pre-alignment")
     reg.add_argument("--out", required=True, help="output folder (result.json, transform.h5, jacobian.nrrd, ...)")
     reg.add_argument("--overwrite", action="store_true", help="replace a result already in --out")
     reg.add_argument("--no-warped", action="store_true", help="do not write the warped moving image")
@@ -135,7 +137,8 @@ def _request_from(args: argparse.Namespace, fixed: str, moving: str, fixed_mask:
                    fixed_mask=fixed_mask, moving_mask=moving_mask, device=args.device, prealign=args.prealign,
                    options=_parse_options(args), seed=args.seed, overwrite=args.overwrite,
                    write_warped=not getattr(args, "no_warped", False),
-                   write_overview=not getattr(args, "no_overview", False))
+                   write_overview=not getattr(args, "no_overview", False),
+                   initial_transform=getattr(args, "initial_transform", None))
 
 
 def _register_command(args: argparse.Namespace) -> int:
