@@ -37,3 +37,34 @@ def test_adam_recovers_a_known_deformation_with_mind_and_intensity(small_pair, t
 def test_unknown_similarity_is_refused():
     with pytest.raises(InputError, match="similarity"):
         Settings.from_options({"similarity": "intensity"})
+
+
+def test_local_ncc_is_one_for_an_affine_intensity_change_and_lower_for_noise():
+    from nephireg.lncc import local_ncc
+
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 1, 20, 20, 20, generator=generator)  # local variances ~0.08 >> lncc.EPSILON
+    assert torch.allclose(local_ncc(image, 2.0 - 3.0 * image, 2)[..., 3:-3, 3:-3, 3:-3], torch.ones(1), atol=1e-2)
+    noise = torch.rand(1, 1, 20, 20, 20, generator=generator)
+    assert local_ncc(image, noise, 2).mean() < 0.2
+
+
+@pytest.mark.parametrize("similarity", ["lncc", "mind+lncc"])
+def test_adam_recovers_a_known_deformation_with_lncc(similarity, small_pair, tmp_path, one_torch_thread):
+    out = tmp_path / similarity
+    manifest = register(Request(small_pair["fixed"], small_pair["moving"], str(out), method="adam", preset="generic",
+                                prealign="none", fixed_mask=small_pair["fixed_mask"], write_overview=False,
+                                options={"iterations": 60, "coarse_iterations": 40, "similarity": similarity,
+                                         "lncc_radius": 2, "regularization": 1.0}))
+    points = sample_mask(small_pair["mask"], 600)
+    before = warp_error_mm(sitk.Transform(3, sitk.sitkIdentity), small_pair["truth"], small_pair["grid"], points)
+    after = warp_error_mm(io.read_transform(out / "transform.h5"), small_pair["truth"], small_pair["grid"], points)
+    assert after.mean() < 0.6 * before.mean(), (before.mean(), after.mean())
+    assert manifest["metrics"]["folding_percent"] == 0.0
+
+
+@pytest.mark.parametrize("option, value", [("lncc_radius", 0), ("lncc_radius", 2.5), ("lncc_weight", 0.0),
+                                           ("lncc_weight", -1.0)])
+def test_bad_lncc_options_are_refused(option, value):
+    with pytest.raises(InputError, match=option):
+        Settings.from_options({"similarity": "lncc", option: value})

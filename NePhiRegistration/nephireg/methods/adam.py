@@ -20,7 +20,7 @@ The coarse level's result (displacement or velocity) initialises the next one. R
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from nephireg.features import mind_ssc
 from nephireg.fields import DenseField
 from nephireg.geometry import Grid
+from nephireg.lncc import local_ncc
 from nephireg.optim import Adam
 from nephireg.options import Rule, check_settings, settings_from
 from nephireg.pair import PreparedPair
@@ -45,7 +46,9 @@ from nephireg.schedule import ConstantCosineLinear
 from nephireg.svf import exp_velocity
 
 PARAMETERISATIONS = ("displacement", "svf")
-SIMILARITIES = ("mind", "mind+intensity")  # squared differences of these features
+# "mind", "mind+intensity": squared differences of these features; "lncc": 1 - local squared correlation of the
+# intensities (nephireg.lncc); "mind+lncc": the MIND term plus lncc_weight times the LNCC term
+SIMILARITIES = ("mind", "mind+intensity", "lncc", "mind+lncc")
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,9 @@ class Settings:
     grid_spacing_mm: Optional[float] = None  # if set, the finest level's spacing (overrides the last level)
     parameterisation: str = "displacement"  # or "svf": a stationary velocity field, exp by scaling and squaring
     svf_steps: int = 5  # squarings of the svf parameterisation (2^5 = 32 sub-steps; measured on brain MRI)
-    similarity: str = "mind"  # features compared by squared differences: SIMILARITIES
+    similarity: str = "mind"  # SIMILARITIES
+    lncc_radius: int = 4  # LNCC box radius in working-grid voxels (divided by each level's pooling, at least 1)
+    lncc_weight: float = 1.0  # weight of the LNCC term (1 - mean local squared correlation) against the rest
 
     def __post_init__(self) -> None:
         check_settings(self, OPTION_RULES, INVARIANTS)
@@ -99,6 +104,8 @@ OPTION_RULES = {
     "parameterisation": Rule("choice", choices=PARAMETERISATIONS),
     "svf_steps": Rule("int", 0, 12),
     "similarity": Rule("choice", choices=SIMILARITIES),
+    "lncc_radius": Rule("int", 1, 20),
+    "lncc_weight": Rule("float", 0, 1e6, low_open=True),
 }
 INVARIANTS = ((lambda s: s.constant_until <= s.cosine_until,
                "--option constant_until must not exceed --option cosine_until (schedule breakpoints of 270 steps)"),
@@ -135,9 +142,12 @@ def run(pair: PreparedPair, options: Mapping[str, Any], reporter: Reporter) -> D
 
 
 def features(image: torch.Tensor, settings: Settings) -> torch.Tensor:
-    """The compared features of a (1, 1, Z, Y, X) image: (1, C, Z, Y, X), C = 12 (MIND-SSC) or 13."""
+    """The features compared by squared differences, of a (1, 1, Z, Y, X) image: (1, C, Z, Y, X), C = 12 (MIND-SSC)
+    or 13 (with intensities); C = 0 for ``lncc`` alone (the LNCC term uses the images themselves)."""
+    if settings.similarity == "lncc":
+        return image[:, :0]
     mind = mind_ssc(image, settings.mind_radius, settings.mind_dilation)
-    if settings.similarity == "mind":
+    if settings.similarity in ("mind", "mind+lncc"):
         return mind
     # sqrt(C): the squared difference of the intensity channel weighs as much as those of all MIND channels
     return torch.cat([mind, image * float(mind.shape[1]) ** 0.5], dim=1)
@@ -155,7 +165,7 @@ def level_factors(settings: Settings, grid: Grid) -> Tuple[int, ...]:
 def _optimise_level(pair: PreparedPair, fixed_features: torch.Tensor, moving_features: torch.Tensor, factor: int,
                     steps: int, init: Optional[DenseField], settings: Settings, reporter: Reporter) -> DenseField:
     grid = pooled_grid(pair.grid, factor)
-    data_term = MindDataTerm(pool(fixed_features, factor), pool(moving_features, factor), grid, _weights(pair, factor))
+    data_term = _data_term(pair, fixed_features, moving_features, factor, grid, settings)
     start = torch.zeros((1, 3) + grid.shape_zyx, dtype=pair.fixed.dtype, device=pair.device)
     if init is not None:
         start = resample_volume(init.values_mm, init.grid, grid, padding="border")
@@ -174,6 +184,20 @@ def _optimise_level(pair: PreparedPair, fixed_features: torch.Tensor, moving_fea
         reporter.step(step, steps, float(loss.detach()))
     with torch.no_grad():
         return DenseField(grid, smooth(params, settings.smoothing_passes).detach())
+
+
+def _data_term(pair: PreparedPair, fixed_features: torch.Tensor, moving_features: torch.Tensor, factor: int,
+               grid: Grid, settings: Settings) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The similarity term of ``settings.similarity`` on the level grid of pooling ``factor``: u (mm) -> loss."""
+    weights = _weights(pair, factor)
+    terms = []
+    if settings.similarity != "lncc":
+        terms.append(MindDataTerm(pool(fixed_features, factor), pool(moving_features, factor), grid, weights))
+    if settings.similarity in ("lncc", "mind+lncc"):
+        radius = max(1, round(settings.lncc_radius / factor))
+        lncc = LnccDataTerm(pool(pair.fixed, factor), pool(pair.moving, factor), grid, weights, radius)
+        terms.append(lambda u: settings.lncc_weight * lncc(u))
+    return lambda u: sum(term(u) for term in terms)
 
 
 def _weights(pair: PreparedPair, factor: int) -> Optional[torch.Tensor]:
@@ -209,6 +233,31 @@ class MindDataTerm:
         points = self.identity + flat.T @ self.to_normalised.T  # (P, 3)
         warped = sample_flat(self.source, points, padding="border")  # (C, P)
         return ((warped - self.target) ** 2).mean()
+
+
+class LnccDataTerm:
+    """1 - the mean local squared correlation (:func:`nephireg.lncc.local_ncc`) of the fixed image and the moving
+    image warped by ``u`` over the voxels of a level grid inside the mask (all voxels without one).
+
+    The boxes need the warped image on the whole level grid, so every voxel is sampled each step.
+    ``fixed``, ``moving``: (1, 1, Z, Y, X) on ``grid``; ``mask``: (1, 1, Z, Y, X) bool or None; ``radius`` in voxels
+    of ``grid``.
+    """
+
+    def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, mask: Optional[torch.Tensor],
+                 radius: int):
+        self.fixed, self.source, self.radius = fixed, moving, radius
+        self.shape = fixed.shape
+        self.identity = identity_normalised(grid.shape_zyx, dtype=fixed.dtype, device=fixed.device).reshape(-1, 3)
+        self.mask = mask
+        self.to_normalised = matrix_tensor(grid.physical_to_normalised(), fixed)[:3, :3]  # mm vector -> normalised
+
+    def __call__(self, u_mm: torch.Tensor) -> torch.Tensor:
+        """``u_mm``: (1, 3, Z, Y, X) LPS mm on the level grid -> scalar loss."""
+        points = self.identity + u_mm.reshape(3, -1).T @ self.to_normalised.T  # (N, 3)
+        warped = sample_flat(self.source, points, padding="border").reshape(self.shape)
+        cc = local_ncc(self.fixed, warped, self.radius)
+        return 1.0 - (cc.mean() if self.mask is None else cc[self.mask].mean())
 
 
 def smooth(u: torch.Tensor, passes: int) -> torch.Tensor:
