@@ -1,4 +1,5 @@
-"""Continuous Adam's similarity option: MIND-SSC, or MIND-SSC and intensities, as squared feature differences."""
+"""Continuous Adam's similarity option: MIND-SSC, or MIND-SSC and intensities, as squared feature differences, and
+the local normalised cross-correlation (LNCC) alone or added to them."""
 
 import pytest
 import SimpleITK as sitk
@@ -19,6 +20,9 @@ def test_features_have_the_channels_each_similarity_names():
     assert mind.shape == (1, 12, 12, 11, 10) and both.shape == (1, 13, 12, 11, 10)
     assert torch.equal(both[:, :12], mind)
     assert torch.allclose(both[:, 12:], image * 12 ** 0.5)  # as much weight as the 12 MIND channels together
+    assert features(image, Settings(similarity="lncc")).shape[1] == 0  # LNCC compares the images themselves
+    assert torch.equal(features(image, Settings(similarity="mind+lncc")), mind)
+    assert torch.equal(features(image, Settings(similarity="mind+intensity+lncc")), both)
 
 
 def test_adam_recovers_a_known_deformation_with_mind_and_intensity(small_pair, tmp_path, one_torch_thread):
@@ -49,7 +53,7 @@ def test_local_ncc_is_one_for_an_affine_intensity_change_and_lower_for_noise():
     assert local_ncc(image, noise, 2).mean() < 0.2
 
 
-@pytest.mark.parametrize("similarity", ["lncc", "mind+lncc"])
+@pytest.mark.parametrize("similarity", ["lncc", "mind+lncc", "mind+intensity+lncc"])
 def test_adam_recovers_a_known_deformation_with_lncc(similarity, small_pair, tmp_path, one_torch_thread):
     out = tmp_path / similarity
     manifest = register(Request(small_pair["fixed"], small_pair["moving"], str(out), method="adam", preset="generic",

@@ -47,8 +47,9 @@ from nephireg.svf import exp_velocity
 
 PARAMETERISATIONS = ("displacement", "svf")
 # "mind", "mind+intensity": squared differences of these features; "lncc": 1 - local squared correlation of the
-# intensities (nephireg.lncc); "mind+lncc": the MIND term plus lncc_weight times the LNCC term
-SIMILARITIES = ("mind", "mind+intensity", "lncc", "mind+lncc")
+# intensities (nephireg.lncc); "mind+lncc", "mind+intensity+lncc": those squared differences plus lncc_weight times
+# the LNCC term
+SIMILARITIES = ("mind", "mind+intensity", "lncc", "mind+lncc", "mind+intensity+lncc")
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,7 @@ def _data_term(pair: PreparedPair, fixed_features: torch.Tensor, moving_features
     terms = []
     if settings.similarity != "lncc":
         terms.append(MindDataTerm(pool(fixed_features, factor), pool(moving_features, factor), grid, weights))
-    if settings.similarity in ("lncc", "mind+lncc"):
+    if settings.similarity.endswith("lncc"):
         radius = max(1, round(settings.lncc_radius / factor))
         lncc = LnccDataTerm(pool(pair.fixed, factor), pool(pair.moving, factor), grid, weights, radius)
         terms.append(lambda u: settings.lncc_weight * lncc(u))
