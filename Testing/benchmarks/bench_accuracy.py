@@ -43,7 +43,10 @@ REPO = bench_lung.REPO
 sys.path.insert(0, str(REPO / "NePhiRegistration"))
 
 # ours: name -> (engine method, preset or None for the case's preset)
-OURS = {"adam": ("adam", None), "nephi-io": ("nephi-io", None), "adam-generic": ("adam", "generic")}
+OURS = {"adam": ("adam", None), "nephi-io": ("nephi-io", None), "adam-generic": ("adam", "generic"),
+        "adam-mind-intensity": ("adam", None)}
+# expert options on top of the preset's (JSON values): brain-mri's adam before the LNCC term (docs/adam-tuning.md)
+OUR_OPTIONS = {"adam-mind-intensity": {"similarity": "mind+intensity"}}
 PEERS = ("ants", "elastix", "convexadam")
 ALL_METHODS = tuple(OURS) + PEERS
 CASE_NAMES = ["lung", "brain-template-to-subject", "brain-subject-to-template", "synthetic-thorax", "synthetic-brain"]
@@ -217,7 +220,8 @@ def command_for(method: str, case: Case, out: Path) -> List[str]:
         engine_method, preset = OURS[method]
         return [sys.executable, "-m", "nephireg", "register", "--fixed", str(case.fixed), "--moving", str(case.moving),
                 "--method", engine_method, "--preset", preset or case.preset, "--device", "cpu", "--out", str(out),
-                "--overwrite", "--progress", "none", "--no-overview"]
+                "--overwrite", "--progress", "none", "--no-overview",
+                *[f"--option={key}={json.dumps(value)}" for key, value in OUR_OPTIONS.get(method, {}).items()]]
     return [sys.executable, str(Path(__file__).resolve()), "--peer", method, "--peer-out", str(out),
             "--peer-fixed", str(case.fixed), "--peer-moving", str(case.moving)]
 
@@ -267,7 +271,8 @@ def _columns(case: str) -> List[str]:
 def _label(method: str, case_preset: str) -> str:
     if method in OURS:
         engine_method, preset = OURS[method]
-        return f"`{engine_method}`, {preset or case_preset} preset"
+        options = "".join(f", {key}={value}" for key, value in OUR_OPTIONS.get(method, {}).items())
+        return f"`{engine_method}`, {preset or case_preset} preset{options}"
     return {"ants": "ANTs SyN (antspyx defaults)", "elastix": "elastix affine + B-spline (defaults)",
             "convexadam": "convexAdam (defaults)"}[method]
 
