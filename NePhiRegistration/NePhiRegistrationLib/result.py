@@ -96,9 +96,14 @@ _LABELS = (
 
 
 def summaryLines(metrics: Mapping[str, Any], seconds: Optional[float] = None) -> list:
-    """Human-readable result summary: folding %, det J range, runtime, similarity before/after."""
-    lines = []
-    shown = set()
+    """Human-readable result summary: the run's warnings first, then folding %, det J range, similarity after each
+    step (before -> pre-aligned -> after), the model used, runtime and any other metric.
+
+    ``metrics``: flat metrics (:func:`manifestMetrics`), which also carry the manifest's ``warnings`` (a list of
+    ``{code, message}``) and ``model`` (a dict or None), neither of them flattened.
+    """
+    lines = [f"Warning: {w.get('message', '')} [{w.get('code', '')}]" for w in metrics.get("warnings") or ()]
+    shown = {"warnings", "model"}
     for key, label, unit in _LABELS:
         if key in metrics:
             lines.append(f"{label}: {_fmt(metrics[key])}{unit}")
@@ -107,8 +112,17 @@ def summaryLines(metrics: Mapping[str, Any], seconds: Optional[float] = None) ->
     for name, value in sorted(before.items()):
         after = metrics.get(name + "_after")
         if after is not None:
-            lines.append(f"{name.replace('_', ' ')}: {_fmt(value)} before -> {_fmt(after)} after")
-            shown.update({name + "_before", name + "_after"})
+            steps = [f"{_fmt(value)} before"]
+            if metrics.get(name + "_prealigned") is not None:
+                steps.append(f"{_fmt(metrics[name + '_prealigned'])} pre-aligned")
+            steps.append(f"{_fmt(after)} after")
+            lines.append(f"{name.replace('_', ' ')}: {' -> '.join(steps)}")
+            shown.update({name + "_before", name + "_prealigned", name + "_after"})
+    model = metrics.get("model")
+    if isinstance(model, Mapping):
+        use = ", ".join(str(model[k]) for k in ("anatomy", "modality") if model.get(k))
+        preset = f", preset {model['preset']}" if model.get("preset") else ""
+        lines.append(f"Model: {model.get('name', '')}" + (f" ({use}{preset})" if use or preset else ""))
     runtime = metrics.get("runtime_s", metrics.get("seconds", seconds))
     shown.update({"runtime_s", "seconds"})
     if runtime is not None:
@@ -119,7 +133,8 @@ def summaryLines(metrics: Mapping[str, Any], seconds: Optional[float] = None) ->
 
 
 def manifestMetrics(manifest: Mapping[str, Any]) -> Dict[str, Any]:
-    """The flat metrics of a result manifest (nested dicts flattened with ``_``)."""
+    """The flat metrics of a result manifest (nested dicts flattened with ``_``), plus the manifest's ``warnings``
+    and ``model`` as they are, when it has them (what :func:`summaryLines` shows besides the numbers)."""
     flat: Dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -130,4 +145,7 @@ def manifestMetrics(manifest: Mapping[str, Any]) -> Dict[str, Any]:
             flat[prefix] = value
 
     walk("", manifest.get("metrics", {}))
+    for key in ("warnings", "model"):
+        if manifest.get(key):
+            flat[key] = manifest[key]
     return flat

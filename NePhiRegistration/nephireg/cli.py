@@ -183,8 +183,16 @@ def _jsonl_type():
 def _print_summary(manifest: Dict[str, Any]) -> None:
     m = manifest["metrics"]
     print(f"folding {m['folding_percent']:.4f} %  det J [{m['jacobian_min']:.3f}, {m['jacobian_max']:.3f}]  "
-          f"SDlogJ {m['std_log_jacobian']:.4f}  NCC {m['ncc_before']:.3f} -> {m['ncc_after']:.3f}  "
-          f"time {manifest['timings_s']['total']:.1f} s  ({manifest['device']})")
+          f"SDlogJ {m['std_log_jacobian']:.4f}  time {manifest['timings_s']['total']:.1f} s  ({manifest['device']})")
+    prealigned = f" -> {m['ncc_prealigned']:.3f} pre-aligned" if "ncc_prealigned" in m else ""
+    print(f"NCC {m['ncc_before']:.3f} before{prealigned} -> {m['ncc_after']:.3f} after the deformable step "
+          f"({m.get('similarity_region', '')})")
+    if manifest.get("model"):
+        model = manifest["model"]
+        print(f"model {model['name']} ({model.get('anatomy') or '?'} {model.get('modality') or '?'}, preset "
+              f"{model.get('preset') or '?'}; sha256 {str(model.get('sha256'))[:12]}...)")
+    for warning in manifest.get("warnings", []):
+        print(f"warning [{warning['code']}]: {warning['message']}")
     if "demo_error_mm" in manifest:
         e = manifest["demo_error_mm"]
         print(f"demo: error inside the lungs {e['before_mean']:.2f} mm before -> mean {e['mean']:.2f} mm, "

@@ -19,14 +19,14 @@ import SimpleITK as sitk
 import torch
 
 import nephireg
-from nephireg import io
-from nephireg.compose import affine_matrix, compose_prealignment
+from nephireg import io, quality
+from nephireg.compose import affine_matrix, affine_transform, compose_prealignment
 from nephireg.errors import InputError, OutOfMemory
 from nephireg.fields import evaluate_on_grid
 from nephireg.geometry import Grid, overlap_fraction
 from nephireg.inputs import Inputs, PrefetchedInputs, Request, read_inputs
 from nephireg.jacobian import jacobian_determinant, jacobian_summary
-from nephireg.methods import get_method
+from nephireg.methods import get_method, model_record, resolved_settings
 from nephireg.overview import overview
 from nephireg.pair import PreparedPair
 from nephireg.preprocess import crop_to_mask, working_grid
@@ -73,9 +73,7 @@ def prepare(request: Request, inputs: Inputs, preset: Preset, prealign: np.ndarr
     if preset.crop_margin_mm is not None and inputs.fixed_mask is not None:
         region = crop_to_mask(region, inputs.fixed_mask, preset.crop_margin_mm)
     grid = working_grid(region, preset.working_spacing_mm)
-    transform = sitk.AffineTransform(3)
-    transform.SetMatrix(tuple(prealign[:3, :3].ravel()))
-    transform.SetTranslation(tuple(prealign[:3, 3]))
+    transform = affine_transform(prealign)
     fixed = to_tensor(inputs.fixed_norm, grid, None, device)
     moving = to_tensor(inputs.moving_norm, grid, transform, device)
     fixed_mask = moving_mask = None
@@ -102,15 +100,6 @@ def to_tensor(image: sitk.Image, grid: Grid, transform: Optional[sitk.Transform]
     if is_mask:
         array = (array >= 0.5).astype(np.float32)
     return torch.from_numpy(array)[None, None].to(device)
-
-
-def ncc(a: np.ndarray, b: np.ndarray, mask: Optional[np.ndarray] = None) -> float:
-    """Global normalised cross-correlation of two arrays (inside ``mask`` if given), in [-1, 1]."""
-    if mask is not None:
-        a, b = a[mask], b[mask]
-    a = a - a.mean()
-    b = b - b.mean()
-    return float((a * b).sum() / max(np.sqrt((a * a).sum() * (b * b).sum()), 1e-12))
 
 
 def register(request: Request, reporter: Optional[Reporter] = None,
@@ -147,7 +136,8 @@ def register(request: Request, reporter: Optional[Reporter] = None,
     except torch.cuda.OutOfMemoryError as exc:
         raise OutOfMemory(f"the GPU ran out of memory ({exc}); run again with --device cpu") from None
     displacement = compose_prealignment(fixed_grid, displacement, prealign)
-    return _write_result(request, preset, mode, inputs, fixed_grid, displacement, options, device, reporter, started)
+    return _write_result(request, preset, mode, prealign, inputs, fixed_grid, displacement, options, device, reporter,
+                         started)
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> None:
@@ -157,7 +147,8 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
         raise InputError("output folder already holds a result (result.json); use --overwrite to replace it", out)
 
 
-def _write_result(request: Request, preset: Preset, mode: str, inputs: Inputs, grid: Grid, displacement: np.ndarray,
+def _write_result(request: Request, preset: Preset, mode: str, prealign: np.ndarray, inputs: Inputs, grid: Grid,
+                  displacement: np.ndarray,
                   options: Dict[str, Any], device: torch.device, reporter: Reporter, started: float) -> Dict[str, Any]:
     reporter.stage("write", "Writing the transform, Jacobian and warped image")
     out = Path(request.out)
@@ -165,7 +156,8 @@ def _write_result(request: Request, preset: Preset, mode: str, inputs: Inputs, g
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
     try:
-        manifest = _write_files(request, preset, mode, inputs, grid, displacement, options, device, staging, reporter)
+        manifest = _write_files(request, preset, mode, prealign, inputs, grid, displacement, options, device, staging,
+                                reporter)
         if request.overwrite:
             (out / RESULT_MANIFEST).unlink(missing_ok=True)
         for name in manifest["files"].values():
@@ -183,7 +175,8 @@ def _write_result(request: Request, preset: Preset, mode: str, inputs: Inputs, g
     return manifest
 
 
-def _write_files(request: Request, preset: Preset, mode: str, inputs: Inputs, grid: Grid, displacement: np.ndarray,
+def _write_files(request: Request, preset: Preset, mode: str, prealign: np.ndarray, inputs: Inputs, grid: Grid,
+                 displacement: np.ndarray,
                  options: Dict[str, Any], device: torch.device, folder: Path, reporter: Reporter) -> Dict[str, Any]:
     files = {"transform": OUTPUT_FILES["transform"], "jacobian": OUTPUT_FILES["jacobian"]}
     transform = io.displacement_transform(displacement, grid)
@@ -193,8 +186,6 @@ def _write_files(request: Request, preset: Preset, mode: str, inputs: Inputs, gr
     io.write_image(io.image_from_array(det, grid), folder / files["jacobian"])
     fixed_norm = sitk.GetArrayViewFromImage(inputs.fixed_norm)
     warped_norm = sitk.GetArrayFromImage(io.resample_to(inputs.moving_norm, grid, transform))
-    mask = sitk.GetArrayViewFromImage(inputs.fixed_mask) > 0 if inputs.fixed_mask is not None else None
-    identity_norm = sitk.GetArrayFromImage(io.resample_to(inputs.moving_norm, grid))
     if request.write_warped:
         files["warped"] = OUTPUT_FILES["warped"]
         background = float(sitk.GetArrayViewFromImage(inputs.moving).min())  # e.g. air in CT, not 0 HU
@@ -203,18 +194,16 @@ def _write_files(request: Request, preset: Preset, mode: str, inputs: Inputs, gr
         files["overview"] = OUTPUT_FILES["overview"]
         overview(fixed_norm, warped_norm, det, grid.spacing, folder / files["overview"])
     metrics = jacobian_summary(det)
-    metrics.update({
-        "ncc_before": ncc(fixed_norm, identity_norm, mask),
-        "ncc_after": ncc(fixed_norm, warped_norm, mask),
-        "similarity_region": "fixed mask" if mask is not None else "whole fixed image",
-        "displacement_max_mm": float(np.linalg.norm(displacement, axis=-1).max()),
-    })
+    metrics.update(quality.assess(inputs, grid, prealign, warped_norm, metrics["folding_percent"], reporter))
+    metrics["displacement_max_mm"] = float(np.linalg.norm(displacement, axis=-1).max())
     return {
         "files": files,
         "metrics": metrics,
         "method": request.method,
         "preset": preset.name,
-        "parameters": {"options": options, "prealign": mode, "seed": request.seed,
+        "model": model_record(request.method, options),
+        "parameters": {"options": options, "prealign": mode, "seed": request.seed, "preset_values": asdict(preset),
+                       "settings": resolved_settings(request.method, options, request.seed),
                        "masks": "derived (lung)" if inputs.masks_derived else
                        ("given" if request.fixed_mask or request.moving_mask else "none"),
                        "request": asdict(request)},

@@ -11,7 +11,7 @@ dataclass. Modules are imported on demand: importing this package is cheap.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Dict, Mapping, Optional
 
 from nephireg.protocol import METHODS
 
@@ -35,3 +35,15 @@ def method_availability(name: str) -> Mapping[str, Any]:
     module = importlib.import_module(_MODULES[name])
     check = getattr(module, "availability", None)
     return check() if check else {"available": True, "reason": ""}
+
+
+def resolved_settings(name: str, options: Mapping[str, Any], seed: int) -> Dict[str, Any]:
+    """The values method ``name`` runs with: its ``Settings`` resolved from ``options`` and the run's ``seed``."""
+    return importlib.import_module(_MODULES[name]).resolved_settings(name, options, seed)
+
+
+def model_record(name: str, options: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """Provenance of the trained model a run of method ``name`` uses (``{name, file, sha256, card, anatomy,
+    modality, preset}``), or None when it uses none."""
+    record = getattr(importlib.import_module(_MODULES[name]), "model_record", None)
+    return record(name, options) if record else None

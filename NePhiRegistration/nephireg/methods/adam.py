@@ -15,8 +15,8 @@ level grid (trilinear interpolation upsamples it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any, Mapping, Optional, Tuple
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +75,11 @@ class Settings:
         base = ConstantCosineLinear(self.lr, self.constant_until, self.cosine_until, 270,
                                     self.cosine_floor, self.final_fraction)
         return base.scaled_to(steps)
+
+
+def resolved_settings(method: str, options: Mapping[str, Any], seed: int) -> Dict[str, Any]:
+    """The :class:`Settings` a run with ``options`` uses, as a dict (continuous Adam uses no seed)."""
+    return asdict(Settings.from_options(options))
 
 
 def run(pair: PreparedPair, options: Mapping[str, Any], reporter: Reporter) -> DenseField:

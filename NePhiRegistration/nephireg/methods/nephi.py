@@ -9,11 +9,14 @@ layer, zero codes), so it works with no weights at all.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+import os
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 
+from nephireg import quality
 from nephireg.errors import InputError
 from nephireg.fields import DisplacementField, evaluate_on_grid
 from nephireg.pair import PreparedPair
@@ -110,15 +113,64 @@ def availability() -> Dict[str, Any]:
     return {"available": True, "reason": ""}
 
 
+def resolved_settings(method: str, options: Mapping[str, Any], seed: int) -> Dict[str, Any]:
+    """The :class:`Settings` a run of ``method`` with ``options`` uses, as a dict."""
+    return asdict(_settings(method, options, seed))
+
+
+def _settings(method: str, options: Mapping[str, Any], seed: int) -> Settings:
+    if method == "nephi-io":
+        return Settings.from_options({"seed": seed, **options})  # the run's --seed unless an option says
+    return Settings.from_options(options)
+
+
+def model_record(method: str, options: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """Provenance of the model file a run of ``method`` with ``options`` loads, or None (nephi-io from identity):
+    registry name (the file's stem outside the registry), absolute path, SHA-256, model card and intended use."""
+    from nephireg import modelstore
+
+    path = _model_path(Settings.from_options(options).model, required=method == "nephi")
+    if path is None:
+        return None
+    path = os.path.abspath(path)
+    listed = [m["name"] for m in modelstore.list_models() if m["path"] and os.path.abspath(m["path"]) == path]
+    name = listed[0] if listed else os.path.splitext(os.path.basename(path))[0]
+    entry = next((e for e in modelstore.load_registry()["models"] if listed and e["name"] == name), {})
+    use = {key: entry.get(key) for key in ("anatomy", "modality", "preset")}
+    return {"name": name, "file": path, "sha256": modelstore.sha256_of(path), "card": entry.get("card"), **use}
+
+
 def run_predict(pair: PreparedPair, options: Mapping[str, Any], reporter: Reporter) -> DisplacementField:
-    """One encoder pass: latent codes from the pair, the field from the model's MLPs."""
+    """One encoder pass: latent codes from the pair, the field from the model's MLPs; then the identity test."""
     settings = Settings.from_options(options)
     reporter.stage("nephi-predict", "NePhi: predicting the deformation")
     images, coarse = _inputs(pair, settings, reporter, with_features=False)  # no similarity term in predict
     model = _load(settings.model, required=True, device=pair.device)
-    codes = _predict_codes(model, images)
+    codes = _predict_codes(model, images.fixed, images.moving)
     reporter.step(1, 1)
+    bias_mm = identity_test_mm(model, images, pair)
+    reporter.log(f"identity test: the model moves the fixed image registered to itself by {bias_mm:.2f} mm on average")
+    quality.check_identity_bias(bias_mm, reporter)
     return _output(model.net, codes, pair, settings, coarse)
+
+
+IDENTITY_TEST_LATTICE = 4.0  # the identity test's field sampled at this x the working spacing (cheap, smooth field)
+
+
+def identity_test_mm(model, images, pair: PreparedPair) -> float:
+    """Mean |u| (mm) of the model's field for the fixed image registered to itself, over the fixed mask, else the
+    fixed image's foreground (:func:`nephireg.quality.identity_mean_mm`): 0 for an unbiased model."""
+    from nephireg.nephi.output import NePhiField
+    from nephireg.sampling import resample_volume
+
+    codes = _predict_codes(model, images.fixed, images.fixed)
+    lattice = pair.grid.resampled([s * IDENTITY_TEST_LATTICE for s in pair.grid.spacing])
+    values = evaluate_on_grid(NePhiField(model.net, codes, pair.grid), lattice, pair.device)  # (Z, Y, X, 3)
+    fixed = resample_volume(pair.fixed, pair.grid, lattice)[0, 0].cpu().numpy()
+    mask = None
+    if pair.fixed_mask is not None:
+        mask = resample_volume(pair.fixed_mask, pair.grid, lattice)[0, 0].cpu().numpy() > 0.5
+    return quality.identity_mean_mm(np.linalg.norm(values, axis=-1), fixed, mask)
 
 
 def run_instance_optimisation(pair: PreparedPair, options: Mapping[str, Any], reporter: Reporter
@@ -127,13 +179,13 @@ def run_instance_optimisation(pair: PreparedPair, options: Mapping[str, Any], re
     from nephireg.nephi.field import NePhiNet, zero_codes
     from nephireg.nephi.optimise import optimise
 
-    settings = Settings.from_options({"seed": pair.seed, **options})  # the run's --seed unless an option says
+    settings = _settings("nephi-io", options, pair.seed)
     torch.manual_seed(settings.seed)
     images, coarse = _inputs(pair, settings, reporter)
     model = _load(settings.model, required=False, device=pair.device)
     if model is not None:
         reporter.stage("nephi-predict", "NePhi: initial codes from the model")
-        net, codes = model.net, _predict_codes(model, images)
+        net, codes = model.net, _predict_codes(model, images.fixed, images.moving)
     else:
         from nephireg.nephi.field import FieldConfig
 
@@ -202,10 +254,15 @@ def coarse_levels(finest: int) -> Tuple[int, ...]:
     return (finest,) if finest >= 4 else tuple(f for f in (4, 2, 1) if f >= finest)
 
 
-def _load(name: Optional[str], required: bool, device: torch.device):
+def _model_path(name: Optional[str], required: bool) -> Optional[str]:
+    """The model file a run loads: ``name`` resolved (the default when required and not given), else None."""
     from nephireg import modelstore
 
-    path = modelstore.resolve_model(name) if (name or required) else None
+    return modelstore.resolve_model(name) if (name or required) else None
+
+
+def _load(name: Optional[str], required: bool, device: torch.device):
+    path = _model_path(name, required)
     if path is None:
         if required:
             raise InputError("NePhi predict needs a model: none is installed; use --method nephi-io or --model")
@@ -215,9 +272,9 @@ def _load(name: Optional[str], required: bool, device: torch.device):
     return load_model(path, device=device)
 
 
-def _predict_codes(model, images) -> Tuple[torch.Tensor, torch.Tensor]:
+def _predict_codes(model, fixed: torch.Tensor, moving: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
-        return model.predict_codes(images.fixed, images.moving)
+        return model.predict_codes(fixed, moving)
 
 
 def _output(net, codes, pair: PreparedPair, settings: Settings, coarse) -> DisplacementField:
