@@ -97,6 +97,7 @@ def test_pair_the_deformable_step_cannot_help_warns(tmp_path, one_torch_thread):
     m = manifest["metrics"]
     assert m["ncc_after"] - m["ncc_prealigned"] < quality.MIN_NCC_GAIN_SHARE * (1 - m["ncc_prealigned"])
     assert set(codes(manifest)) & {quality.DEFORMABLE_WORSE, quality.DEFORMABLE_LITTLE_GAIN}
+    assert quality.ORIENTATION_MISMATCH not in codes(manifest)  # no orientation of it matches well either
 
 
 def test_deformable_gain_thresholds():

@@ -42,7 +42,8 @@ MAX_ANISOTROPY = 1.25  # largest over smallest singular value (a shape change no
 # -- orientation: another axis orientation of the moving image matches far better than the headers' one -------------
 ORIENTATION_MISMATCH = "orientation-mismatch"
 ORIENTATION_SPACING_MM = 4.0  # the coarse grid on which the 48 axis orientations are compared (cheap: ~1e5 voxels)
-MIN_ORIENTATION_GAIN = 0.1  # NCC of the best other orientation above the headers' orientation, both centred
+MIN_ORIENTATION_GAIN = 0.1  # NCC of the best other orientation above the headers' orientation, both centred ...
+MIN_ORIENTATION_NCC = 0.5  # ... and that NCC itself at least this (unrelated images match no orientation well)
 
 # -- overlap left by the pre-alignment ------------------------------------------------------------------------------
 LOW_OVERLAP = "low-overlap"
@@ -57,10 +58,9 @@ MODEL_IDENTITY_BIAS = "model-identity-bias"
 MAX_IDENTITY_MEAN_MM = 2.0  # mean |u| of that field over the fixed mask, else over the fixed image's foreground
 FOREGROUND = 0.05  # normalised intensity above which a voxel is foreground (without a mask)
 
-HEADER_ADVICE = ("a header/orientation mismatch between the images is the likely cause: compare the two images' "
-                 "directions (e.g. `nephireg` reads them as SimpleITK does: GetDirection(); in Slicer, Volumes > "
-                 "Volume Information > IJK to RAS) and check that left, anterior and superior agree when both are "
-                 "shown side by side")
+HEADER_ADVICE = ("a header/orientation mismatch is the likely cause (voxels stored, say, LIA under a header that says "
+                 "identity): check both images' direction matrices (SimpleITK's GetDirection(); in Slicer, Volumes > "
+                 "Volume Information) and view them side by side: left, anterior and superior must agree")
 
 
 def ncc(a: np.ndarray, b: np.ndarray, mask: Optional[np.ndarray] = None) -> float:
@@ -163,13 +163,13 @@ def check_orientation(scores: List[Tuple[np.ndarray, float]], reporter: Reporter
     header = scores[0][1]
     # a rotation ties with its mirror image for a symmetric anatomy (a brain's left-right): name the rotation then
     matrix, best = max(scores[1:], key=lambda s: (round(s[1], 2), np.linalg.det(s[0]) > 0))
-    if best - header < MIN_ORIENTATION_GAIN:
+    if best - header < MIN_ORIENTATION_GAIN or best < MIN_ORIENTATION_NCC:
         return
     turn = "mirrored" if np.linalg.det(matrix) < 0 else "rotated"
     axes = ", ".join(f"{'+-'[int(matrix[r, c] < 0)]}{'xyz'[r]}" for c in range(3) for r in range(3) if matrix[r, c])
     reporter.warn(ORIENTATION_MISMATCH,
-                  f"the moving image matches the fixed one far better {turn} (its x, y, z axes to {axes}: NCC "
-                  f"{best:.2f} against {header:.2f} as the headers place it): {HEADER_ADVICE}")
+                  f"the moving image matches the fixed one far better {turn} (fixed x, y, z against moving {axes}: "
+                  f"NCC {best:.2f}, against {header:.2f} as the headers place it): {HEADER_ADVICE}")
 
 
 def overlap_share(fixed_region: np.ndarray, moving_inside: np.ndarray) -> float:
