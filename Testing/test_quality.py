@@ -200,7 +200,7 @@ def test_provenance_names_the_model_file_and_the_values_used(tmp_path, one_torch
     entry = modelstore.load_registry()["models"][0]
     assert record["name"] == entry["name"] == "nephi-lung-synth-v2" and record["file"] == shipped
     assert (record["anatomy"], record["modality"]) == ("lung", "CT")
-    assert record["preset"] == entry.get("preset") and record["card"] == entry.get("card")
+    assert record["preset"] == entry["preset"] == "lung-ct" and record["card"] == entry["card"] == "docs/model-card.md"
     parameters = manifest["parameters"]
     assert parameters["preset_values"]["name"] == "lung-ct" and parameters["preset_values"]["working_spacing_mm"] == 1.5
     assert parameters["preset_values"]["method_options"]["nephi"] == {"output_lattice": 4}
@@ -211,7 +211,7 @@ def test_provenance_names_the_model_file_and_the_values_used(tmp_path, one_torch
     (tmp_path / "b").mkdir()
     again = run(tmp_path / "b", fixed, fixed, method="nephi", options={"model": str(copy)})
     assert again["model"]["name"] == "my-model" and again["model"]["sha256"] == record["sha256"]
-    assert again["model"]["card"] is None
+    assert again["model"]["card"] is None and again["model"]["preset"] == "lung-ct"  # the file's own intended use
 
 
 def test_no_model_and_resolved_settings_without_one(good):
@@ -251,8 +251,6 @@ def test_model_preset_mismatch_reaches_both_summaries(tmp_path, capsys, one_torc
     """Helper i10c's warning (the lung model on another preset) shows like every other warning."""
     from nephireg.cli import _print_summary
 
-    if not hasattr(modelstore, "intended_use"):
-        pytest.skip("model-preset-mismatch comes with helper i10c's modelstore.intended_use (not merged here yet)")
     fixed = blobs(GRID)
     manifest = run(tmp_path, fixed, fixed, method="nephi", preset="generic")
     warning = next(w for w in manifest["warnings"] if w["code"] == "model-preset-mismatch")

@@ -18,6 +18,7 @@ class PreparedPair:
     ``moving`` is already resampled through the pre-alignment, so a method looks for ``u`` with
     ``moving(x + u(x)) ~ fixed(x)``.
     ``fixed_mask``, ``moving_mask``: (1, 1, Z, Y, X) float32 in {0, 1} (dilated region of interest) or None.
+    ``preset``: the run's preset name (:data:`nephireg.protocol.PRESETS`), None for a pair built outside a run.
     """
 
     grid: Grid
@@ -26,6 +27,7 @@ class PreparedPair:
     fixed_mask: Optional[torch.Tensor] = None
     moving_mask: Optional[torch.Tensor] = None
     seed: int = 0
+    preset: Optional[str] = None
 
     @property
     def device(self) -> torch.device:

@@ -85,7 +85,7 @@ def prepare(request: Request, inputs: Inputs, preset: Preset, prealign: np.ndarr
     if preset.mask_images:
         fixed = fixed * fixed_mask if fixed_mask is not None else fixed
         moving = moving * moving_mask if moving_mask is not None else moving
-    return PreparedPair(grid, fixed, moving, fixed_mask, moving_mask, seed=request.seed)
+    return PreparedPair(grid, fixed, moving, fixed_mask, moving_mask, seed=request.seed, preset=preset.name)
 
 
 def to_tensor(image: sitk.Image, grid: Grid, transform: Optional[sitk.Transform], device: torch.device,
@@ -201,7 +201,7 @@ def _write_files(request: Request, preset: Preset, mode: str, prealign: np.ndarr
         "metrics": metrics,
         "method": request.method,
         "preset": preset.name,
-        "model": model_record(request.method, options),
+        "model": model_record(request.method, options, preset.name),
         "parameters": {"options": options, "prealign": mode, "seed": request.seed, "preset_values": asdict(preset),
                        "settings": resolved_settings(request.method, options, request.seed),
                        "masks": "derived (lung)" if inputs.masks_derived else

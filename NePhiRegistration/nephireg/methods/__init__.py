@@ -42,8 +42,8 @@ def resolved_settings(name: str, options: Mapping[str, Any], seed: int) -> Dict[
     return importlib.import_module(_MODULES[name]).resolved_settings(name, options, seed)
 
 
-def model_record(name: str, options: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
-    """Provenance of the trained model a run of method ``name`` uses (``{name, file, sha256, card, anatomy,
-    modality, preset}``), or None when it uses none."""
+def model_record(name: str, options: Mapping[str, Any], preset: str) -> Optional[Dict[str, Any]]:
+    """Provenance of the trained model a run of method ``name`` on ``preset`` uses (``{name, file, sha256, card,
+    anatomy, modality, preset}``), or None when it uses none."""
     record = getattr(importlib.import_module(_MODULES[name]), "model_record", None)
-    return record(name, options) if record else None
+    return record(name, options, preset) if record else None

@@ -1,9 +1,10 @@
 """NePhi predict (``nephi``) and NePhi + instance optimisation (``nephi-io``): METHODS.md methods 2 and 3.
 
 Both take a :class:`nephireg.pair.PreparedPair` and return a :class:`nephireg.fields.DisplacementField` in LPS mm.
-``nephi`` needs a trained model (``options["model"]``: a path or a registry name, default: the shipped model);
-``nephi-io`` starts from the model's codes and weights when one is given, otherwise from the identity (zero last
-layer, zero codes), so it works with no weights at all.
+``nephi`` needs a trained model (``options["model"]``: a path or a registry name, default: the registry's default
+model of the run's preset); ``nephi-io`` starts from the model's codes and weights when one is given, otherwise from
+the identity (zero last layer, zero codes), so it works with no weights at all. A model trained for another preset
+than the run's still runs, with a ``model-preset-mismatch`` warning.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ COARSE_MODES = ("none", "adam")
 COARSE_LEVELS = (1, 2, 4, 8)  # finest pooling factor of the coarse Adam step
 SIMILARITIES = ("ncc", "mind")  # NCC of the (masked) intensities, or of MIND-SSC features
 _IGNORED = ("grid_spacing_mm", "device")  # common options NePhi does not use
+MODEL_PRESET_MISMATCH = "model-preset-mismatch"  # warning: the model was trained for another preset than the run's
 
 
 @dataclass(frozen=True)
@@ -124,20 +126,22 @@ def _settings(method: str, options: Mapping[str, Any], seed: int) -> Settings:
     return Settings.from_options(options)
 
 
-def model_record(method: str, options: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
-    """Provenance of the model file a run of ``method`` with ``options`` loads, or None (nephi-io from identity):
-    registry name (the file's stem outside the registry), absolute path, SHA-256, model card and intended use."""
+def model_record(method: str, options: Mapping[str, Any], preset: Optional[str]) -> Optional[Dict[str, Any]]:
+    """Provenance of the model file a run of ``method`` with ``options`` on ``preset`` loads, or None (nephi-io from
+    identity): registry name (the file's stem outside the registry), absolute path, SHA-256, model card and intended
+    use (:func:`nephireg.modelstore.intended_use`; None fields when the model states none)."""
     from nephireg import modelstore
 
-    path = _model_path(Settings.from_options(options).model, required=method == "nephi")
+    path = _model_path(Settings.from_options(options).model, required=method == "nephi", preset=preset)
     if path is None:
         return None
     path = os.path.abspath(path)
     listed = [m["name"] for m in modelstore.list_models() if m["path"] and os.path.abspath(m["path"]) == path]
     name = listed[0] if listed else os.path.splitext(os.path.basename(path))[0]
     entry = next((e for e in modelstore.load_registry()["models"] if listed and e["name"] == name), {})
-    use = {key: entry.get(key) for key in ("anatomy", "modality", "preset")}
-    return {"name": name, "file": path, "sha256": modelstore.sha256_of(path), "card": entry.get("card"), **use}
+    use = modelstore.intended_use(path) or {}
+    return {"name": name, "file": path, "sha256": modelstore.sha256_of(path), "card": entry.get("card"),
+            **{key: use.get(key) for key in modelstore.INTENDED_USE_KEYS}}
 
 
 def run_predict(pair: PreparedPair, options: Mapping[str, Any], reporter: Reporter) -> DisplacementField:
@@ -145,7 +149,7 @@ def run_predict(pair: PreparedPair, options: Mapping[str, Any], reporter: Report
     settings = Settings.from_options(options)
     reporter.stage("nephi-predict", "NePhi: predicting the deformation")
     images, coarse = _inputs(pair, settings, reporter, with_features=False)  # no similarity term in predict
-    model = _load(settings.model, required=True, device=pair.device)
+    model = _load(settings.model, required=True, pair=pair, reporter=reporter)
     codes = _predict_codes(model, images.fixed, images.moving)
     reporter.step(1, 1)
     bias_mm = identity_test_mm(model, images, pair)
@@ -182,7 +186,7 @@ def run_instance_optimisation(pair: PreparedPair, options: Mapping[str, Any], re
     settings = _settings("nephi-io", options, pair.seed)
     torch.manual_seed(settings.seed)
     images, coarse = _inputs(pair, settings, reporter)
-    model = _load(settings.model, required=False, device=pair.device)
+    model = _load(settings.model, required=False, pair=pair, reporter=reporter)
     if model is not None:
         reporter.stage("nephi-predict", "NePhi: initial codes from the model")
         net, codes = model.net, _predict_codes(model, images.fixed, images.moving)
@@ -254,22 +258,47 @@ def coarse_levels(finest: int) -> Tuple[int, ...]:
     return (finest,) if finest >= 4 else tuple(f for f in (4, 2, 1) if f >= finest)
 
 
-def _model_path(name: Optional[str], required: bool) -> Optional[str]:
-    """The model file a run loads: ``name`` resolved (the default when required and not given), else None."""
+def _model_path(name: Optional[str], required: bool, preset: Optional[str]) -> Optional[str]:
+    """The model file a run loads: ``name`` resolved (``preset``'s default when required and not given), else None."""
     from nephireg import modelstore
 
-    return modelstore.resolve_model(name) if (name or required) else None
+    return modelstore.resolve_model(name, preset=preset) if (name or required) else None
 
 
-def _load(name: Optional[str], required: bool, device: torch.device):
-    path = _model_path(name, required)
+def _load(name: Optional[str], required: bool, pair: PreparedPair, reporter: Reporter):
+    """The model (``name``: path or registry name; None: the preset's default when ``required``), its intended
+    use checked against the run's preset."""
+    from nephireg import modelstore
+
+    path = _model_path(name, required, pair.preset)
     if path is None:
         if required:
             raise InputError("NePhi predict needs a model: none is installed; use --method nephi-io or --model")
         return None
     from nephireg.nephi.model_io import load_model
 
-    return load_model(path, device=device)
+    model = load_model(path, device=pair.device)
+    label = name or modelstore.default_model_name(pair.preset) or path
+    use = modelstore.intended_use(path) or modelstore.valid_intended_use(model.metadata.get("intended_use"))
+    check_intended_use(label, use, pair.preset, reporter)
+    return model
+
+
+def check_intended_use(label: str, use: Optional[Mapping[str, str]], preset: Optional[str], reporter: Reporter
+                       ) -> None:
+    """Warn (``model-preset-mismatch``) when the model ``label`` was trained for another preset than ``preset``;
+    a model that states no use is only logged, a pair outside a run (``preset`` None) not checked."""
+    if preset is None:
+        return
+    if use is None:
+        reporter.log(f"NePhi model {label} states no intended use (anatomy, modality, preset); it is not checked "
+                     f"against the {preset} preset")
+        return
+    if use["preset"] != preset:
+        reporter.warn(MODEL_PRESET_MISMATCH,
+                      f"NePhi model {label} was trained for {use['anatomy']} {use['modality']} (preset "
+                      f"{use['preset']}) but this run uses the {preset} preset: expect a poor result; use a model "
+                      f"trained for {preset} (nephireg models), or --method adam")
 
 
 def _predict_codes(model, fixed: torch.Tensor, moving: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

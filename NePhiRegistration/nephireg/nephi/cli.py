@@ -11,6 +11,7 @@ import sys
 from typing import List
 
 from nephireg.errors import InputError
+from nephireg.protocol import PRESETS
 
 
 def add_subcommands(subparsers) -> None:
@@ -46,6 +47,11 @@ def _add_train(subparsers) -> None:
     p.add_argument("--hidden", type=int, default=128, help="MLP width")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from WORKDIR/checkpoint.pt")
+    use = p.add_argument_group("intended use (stored in the model file; a run on another preset warns)")
+    use.add_argument("--anatomy", default="", help="what the training images show, e.g. lung, brain")
+    use.add_argument("--modality", default="", help="imaging modality of the training images, e.g. CT, MRI")
+    use.add_argument("--preset", choices=PRESETS, default=None,
+                     help="the preset whose intensity normalisation the training images had")
     p.set_defaults(func=run_train)
 
 
@@ -73,7 +79,8 @@ def run_train(args: argparse.Namespace) -> int:
                              warp_amplitude=args.warp_amplitude, warp_affine=args.warp_affine,
                              encoder={"local_convs": args.local_convs}, validate_every=args.validate_every,
                              checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
-                             seed=args.seed, resume=args.resume, field={"hidden": args.hidden})
+                             seed=args.seed, resume=args.resume, field={"hidden": args.hidden},
+                             anatomy=args.anatomy, modality=args.modality, preset=args.preset or "")
     except ValueError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return int(InputError.exit_code)
@@ -110,7 +117,11 @@ def _models(args: argparse.Namespace) -> int:
     for m in models:
         flag = "*" if m["default"] else " "
         where = m["path"] or (f"not downloaded ({m['url']})" if m["url"] else "missing from the package")
-        print(f"{flag} {m['name']:<24} {m['anatomy']:<14} {m['modality']:<10} {m['source']:<8} {where}")
+        preset = m["preset"] or "?"
+        default_for = f" (default for {', '.join(m['default_for'])})" if m["default_for"] else ""
+        print(f"{flag} {m['name']:<24} {m['anatomy']:<8} {m['modality']:<5} {preset:<10} {m['source']:<8} "
+              f"{where}{default_for}")
+    print("* default for every other preset; columns: name, anatomy, modality, preset trained for, source, file")
     return 0
 
 

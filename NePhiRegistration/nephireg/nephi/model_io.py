@@ -7,6 +7,9 @@ File layout (a dict of plain containers and tensors)::
     {"format": "nephireg-nephi-model", "format_version": 1, "engine_version": "0.1.0",
      "field_config": {...}, "encoder_config": {...} | None, "net": state_dict, "encoder": state_dict | None,
      "metadata": {...}}
+
+``metadata["intended_use"]`` = ``{"anatomy", "modality", "preset"}`` (or None) states what the model was trained
+for; :func:`nephireg.modelstore.intended_use` reads it (without torch).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from nephireg.nephi.field import Codes, FieldConfig, NePhiNet
 from nephireg.nephi.model_io import save_model
 from nephireg.nephi.objective import LossSettings, PairImages, pair_loss
 from nephireg.nephi.synthetic import SyntheticPair, WarpSettings, make_pair
+from nephireg.protocol import PRESETS
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -57,6 +58,11 @@ class TrainConfig:
     max_minutes: float = 0.0  # stop (and save) after this much training time; 0 = no limit
     field: Dict = default_of(default_factory=dict)  # FieldConfig overrides
     encoder: Dict = default_of(default_factory=dict)  # EncoderConfig overrides (besides input_shape)
+    # intended use, written into the model file's metadata["intended_use"] (nephireg.modelstore.INTENDED_USE_KEYS):
+    # what the training images show and which preset's intensity normalisation they had
+    anatomy: str = ""
+    modality: str = ""
+    preset: str = ""
 
     def __post_init__(self) -> None:
         if not self.pairs_csv and not self.volumes_csv:
@@ -67,6 +73,13 @@ class TrainConfig:
             raise ValueError("supervised_weight and warp_affine must be >= 0")
         if "input_shape" in self.encoder:
             raise ValueError("set the encoder's input shape with input_shape (--input-size), not in encoder")
+        if self.preset and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+
+    def intended_use(self) -> Optional[Dict[str, str]]:
+        """``{"anatomy", "modality", "preset"}`` when all three are given, else None (unknown use)."""
+        values = {"anatomy": self.anatomy, "modality": self.modality, "preset": self.preset}
+        return values if all(values.values()) else None
 
 
 class Trainable(nn.Module):
@@ -241,4 +254,4 @@ def _metadata(config: TrainConfig, state: Dict, pairs, volumes, world: int) -> D
             "processes": world, "history": state["history"],
             "data": {"pairs": [[p.fixed.name, p.moving.name] for p in pairs],
                      "volumes": [v.name for v in volumes]},
-            "torch": torch.__version__}
+            "torch": torch.__version__, "intended_use": config.intended_use()}
