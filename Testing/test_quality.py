@@ -2,6 +2,7 @@
 volumes made here (each warning triggered by a constructed case and absent on a good one)."""
 
 import hashlib
+import json
 import shutil
 from dataclasses import asdict
 
@@ -134,6 +135,8 @@ def test_prealignment_reflection_rotation_and_scaling():
     assert summary["prealign_rotation_deg"] == pytest.approx(40.0) and found == [quality.PREALIGN_IMPLAUSIBLE]
     summary, found = warnings_for(np.diag([-1.0, 1.0, 1.0]))
     assert summary["prealign_determinant"] == pytest.approx(-1.0) and found == [quality.PREALIGN_REFLECTION]
+    assert summary["prealign_rotation_deg"] is None  # no rotation explains a mirror; strict JSON (no NaN)
+    json.dumps(summary, allow_nan=False)
     summary, found = warnings_for(np.diag([0.8, 1.0, 1.31]))  # issue 14's brain under a wrong header: 0.80-1.31
     assert (summary["prealign_scale_min"], summary["prealign_scale_max"]) == pytest.approx((0.8, 1.31))
     assert found == [quality.PREALIGN_IMPLAUSIBLE]

@@ -3,10 +3,11 @@
 A registration that runs to the end can still be wrong. :func:`assess` measures, on the similarity region the run
 used (the fixed mask, else the whole fixed image, on the fixed grid), the NCC of the normalised images before any
 alignment (``ncc_before``), after the pre-alignment alone (``ncc_prealigned``) and after the deformable step
-(``ncc_after``), reads the pre-alignment's linear part and the overlap it leaves, and raises a warning
-(``reporter.warn(code, message)``) for each check below that fails. The run still succeeds.
+(``ncc_after``), reads the pre-alignment's linear part, compares the 48 axis orientations of the moving image and
+measures the overlap pre-alignment leaves, and raises a warning (``reporter.warn(code, message)``) for each check
+below that fails. The run still succeeds.
 
-Each code is defined next to its check; every threshold is a named constant here, chosen by measurement
+Each code is defined next to its check with its thresholds, named constants chosen by measurement
 (docs/quality.md says on which cases). NePhi predict's identity test (:func:`check_identity_bias`) runs inside the
 method, which holds the model; the model's intended use is checked there too (``model-preset-mismatch``, not here).
 """
@@ -25,39 +26,6 @@ from nephireg.compose import affine_transform
 from nephireg.geometry import Grid
 from nephireg.progress import Reporter
 
-# -- the deformable step: similarity worse than pre-alignment alone, or almost unchanged ----------------------------
-DEFORMABLE_WORSE = "deformable-worse"
-NCC_WORSE_TOLERANCE = 0.002  # ncc_after below ncc_prealigned by more than this: the deformable step made it worse
-DEFORMABLE_LITTLE_GAIN = "deformable-little-gain"
-MIN_NCC_GAIN_SHARE = 0.05  # of the room left after pre-alignment (1 - ncc_prealigned): less is "almost nothing" ...
-MIN_NCC_ROOM = 0.02  # ... unless pre-alignment left less room than this (then nothing more can be gained)
-
-# -- the pre-alignment's linear part A (fixed -> moving): reflection, rotation or scaling no anatomy makes -----------
-PREALIGN_REFLECTION = "prealign-reflection"
-PREALIGN_IMPLAUSIBLE = "prealign-implausible"
-MAX_ROTATION_DEG = 30.0  # rotation of A's polar factor
-SCALE_RANGE = (0.7, 1.4)  # singular values of A (per-axis scaling, moving mm per fixed mm)
-MAX_ANISOTROPY = 1.25  # largest over smallest singular value (a shape change no anatomy makes between two scans)
-
-# -- orientation: another axis orientation of the moving image matches far better than the headers' one -------------
-ORIENTATION_MISMATCH = "orientation-mismatch"
-ORIENTATION_SPACING_MM = 4.0  # the coarse grid on which the 48 axis orientations are compared (cheap: ~1e5 voxels)
-MIN_ORIENTATION_GAIN = 0.1  # NCC of the best other orientation above the headers' orientation, both centred ...
-MIN_ORIENTATION_NCC = 0.5  # ... and that NCC itself at least this (unrelated images match no orientation well)
-
-# -- overlap left by the pre-alignment ------------------------------------------------------------------------------
-LOW_OVERLAP = "low-overlap"
-MIN_OVERLAP = 0.6  # share of the fixed region that lands inside the moving region (its mask, else its field of view)
-
-# -- folding ----------------------------------------------------------------------------------------------------------
-FOLDING = "folding"
-MAX_FOLDING_PERCENT = 0.5  # % of fixed-grid voxels with det J <= 0
-
-# -- NePhi predict's identity test (the model on the fixed image registered to itself should not move) --------------
-MODEL_IDENTITY_BIAS = "model-identity-bias"
-MAX_IDENTITY_MEAN_MM = 2.0  # mean |u| of that field over the fixed mask, else over the fixed image's foreground
-FOREGROUND = 0.05  # normalised intensity above which a voxel is foreground (without a mask)
-
 HEADER_ADVICE = ("a header/orientation mismatch is the likely cause (voxels stored, say, LIA under a header that says "
                  "identity): check both images' direction matrices (SimpleITK's GetDirection(); in Slicer, Volumes > "
                  "Volume Information) and view them side by side: left, anterior and superior must agree")
@@ -72,23 +40,31 @@ def ncc(a: np.ndarray, b: np.ndarray, mask: Optional[np.ndarray] = None) -> floa
     return float((a * b).sum() / max(np.sqrt((a * a).sum() * (b * b).sum()), 1e-12))
 
 
-def linear_part(matrix4: np.ndarray) -> Dict[str, float]:
+# -- the pre-alignment's linear part A (fixed -> moving): reflection, rotation or scaling no anatomy makes -----------
+PREALIGN_REFLECTION = "prealign-reflection"
+PREALIGN_IMPLAUSIBLE = "prealign-implausible"
+MAX_ROTATION_DEG = 30.0  # rotation of A's polar factor
+SCALE_RANGE = (0.7, 1.4)  # singular values of A (per-axis scaling, moving mm per fixed mm)
+MAX_ANISOTROPY = 1.25  # largest over smallest singular value (a shape change no anatomy makes between two scans)
+
+
+def linear_part(matrix4: np.ndarray) -> Dict[str, Optional[float]]:
     """Determinant, rotation (degrees) and per-axis scalings of a 4x4's linear part A.
 
-    A = U S V^T (SVD): the scalings are S, the rotation is the angle of the polar factor U V^T (NaN when A
-    reflects: no rotation explains it).
+    A = U S V^T (SVD): the scalings are S, the rotation is the angle of the polar factor U V^T (None when A
+    mirrors: no rotation explains it; None, not NaN, so that the manifest stays strict JSON).
     """
     linear = np.asarray(matrix4, dtype=float)[:3, :3]
     u, scales, vt = np.linalg.svd(linear)
     det = float(np.linalg.det(linear))
-    rotation = u @ vt
-    angle = math.degrees(math.acos(float(np.clip((np.trace(rotation) - 1.0) / 2.0, -1.0, 1.0)))) if det > 0 else \
-        float("nan")
+    angle = None
+    if det > 0:
+        angle = math.degrees(math.acos(float(np.clip((np.trace(u @ vt) - 1.0) / 2.0, -1.0, 1.0))))
     return {"prealign_determinant": det, "prealign_rotation_deg": angle,
             "prealign_scale_min": float(scales.min()), "prealign_scale_max": float(scales.max())}
 
 
-def check_prealignment(linear: Dict[str, float], reporter: Reporter) -> None:
+def check_prealignment(linear: Dict[str, Optional[float]], reporter: Reporter) -> None:
     """Warn when the pre-alignment mirrors, or rotates or scales beyond what one anatomy between two scans does."""
     det = linear["prealign_determinant"]
     if det <= 0:
@@ -102,6 +78,13 @@ def check_prealignment(linear: Dict[str, float], reporter: Reporter) -> None:
                       f"the pre-alignment rotates by {angle:.0f} degrees and scales by {low:.2f}-{high:.2f} (expected "
                       f"at most {MAX_ROTATION_DEG:.0f} degrees, scales within {SCALE_RANGE[0]}-{SCALE_RANGE[1]} and "
                       f"at most {MAX_ANISOTROPY}x apart): {HEADER_ADVICE}")
+
+
+# -- orientation: another axis orientation of the moving image matches far better than the headers' one -------------
+ORIENTATION_MISMATCH = "orientation-mismatch"
+ORIENTATION_SPACING_MM = 4.0  # the coarse grid on which the 48 axis orientations are compared (cheap: ~1e5 voxels)
+MIN_ORIENTATION_GAIN = 0.1  # NCC of the best other orientation above the headers' orientation, both centred ...
+MIN_ORIENTATION_NCC = 0.5  # ... and that NCC itself at least this (unrelated images match no orientation well)
 
 
 def axis_orientations() -> List[np.ndarray]:
@@ -172,6 +155,11 @@ def check_orientation(scores: List[Tuple[np.ndarray, float]], reporter: Reporter
                   f"NCC {best:.2f}, against {header:.2f} as the headers place it): {HEADER_ADVICE}")
 
 
+# -- overlap left by the pre-alignment ------------------------------------------------------------------------------
+LOW_OVERLAP = "low-overlap"
+MIN_OVERLAP = 0.6  # share of the fixed region that lands inside the moving region (its mask, else its field of view)
+
+
 def overlap_share(fixed_region: np.ndarray, moving_inside: np.ndarray) -> float:
     """Share (0..1) of the fixed region's voxels whose pre-aligned position is inside the moving region."""
     count = int(np.count_nonzero(fixed_region))
@@ -185,6 +173,14 @@ def check_overlap(share: float, reporter: Reporter) -> None:
                       f"image's region (expected at least {100 * MIN_OVERLAP:.0f} %): the images may show different "
                       "parts of the body, or the pre-alignment failed; check the fields of view and try another "
                       "--prealign")
+
+
+# -- the deformable step: similarity worse than pre-alignment alone, or almost unchanged ----------------------------
+DEFORMABLE_WORSE = "deformable-worse"
+NCC_WORSE_TOLERANCE = 0.002  # ncc_after below ncc_prealigned by more than this: the deformable step made it worse
+DEFORMABLE_LITTLE_GAIN = "deformable-little-gain"
+MIN_NCC_GAIN_SHARE = 0.05  # of the room left after pre-alignment (1 - ncc_prealigned): less is "almost nothing" ...
+MIN_NCC_ROOM = 0.02  # ... unless pre-alignment left less room than this (then nothing more can be gained)
 
 
 def check_deformable_gain(before: float, prealigned: float, after: float, reporter: Reporter) -> None:
@@ -203,12 +199,23 @@ def check_deformable_gain(before: float, prealigned: float, after: float, report
                       f"least {100 * MIN_NCC_GAIN_SHARE:.0f} %); check that the method and preset suit these images")
 
 
+# -- folding ----------------------------------------------------------------------------------------------------------
+FOLDING = "folding"
+MAX_FOLDING_PERCENT = 0.5  # % of fixed-grid voxels with det J <= 0
+
+
 def check_folding(folding_percent: float, reporter: Reporter) -> None:
     if folding_percent > MAX_FOLDING_PERCENT:
         reporter.warn(FOLDING,
                       f"the transform folds {folding_percent:.2f} % of the fixed grid (det J <= 0; expected at most "
                       f"{MAX_FOLDING_PERCENT} %): it is not invertible there; raise --regularization or check the "
                       "jacobian map for where it folds")
+
+
+# -- NePhi predict's identity test (the model on the fixed image registered to itself should not move) --------------
+MODEL_IDENTITY_BIAS = "model-identity-bias"
+MAX_IDENTITY_MEAN_MM = 2.0  # mean |u| of that field over the fixed mask, else over the fixed image's foreground
+FOREGROUND = 0.05  # normalised intensity above which a voxel is foreground (without a mask)
 
 
 def identity_mean_mm(length_mm: np.ndarray, fixed: np.ndarray, mask: Optional[np.ndarray]) -> float:
