@@ -158,7 +158,7 @@ def run_predict(pair: PreparedPair, options: Mapping[str, Any], reporter: Report
     return _output(model.net, codes, pair, settings, coarse)
 
 
-IDENTITY_TEST_LATTICE = 4.0  # the identity test's field sampled at this x the working spacing (cheap, smooth field)
+IDENTITY_TEST_LATTICE = 8.0  # the identity test samples its field at this x the working spacing (docs/quality.md)
 
 
 def identity_test_mm(model, images, pair: PreparedPair) -> float:
