@@ -160,8 +160,10 @@ LOW_OVERLAP = "low-overlap"
 MIN_OVERLAP = 0.6  # share of the fixed region that lands inside the moving region (its mask, else its field of view)
 
 
-def overlap_share(fixed_region: np.ndarray, moving_inside: np.ndarray) -> float:
-    """Share (0..1) of the fixed region's voxels whose pre-aligned position is inside the moving region."""
+def overlap_share(fixed_region: Optional[np.ndarray], moving_inside: np.ndarray) -> float:
+    """Share (0..1) of the fixed region's voxels (None: all) whose pre-aligned position is inside the moving region."""
+    if fixed_region is None:
+        return float(np.count_nonzero(moving_inside) / moving_inside.size)
     count = int(np.count_nonzero(fixed_region))
     return float(np.count_nonzero(moving_inside[fixed_region]) / count) if count else 0.0
 
@@ -236,21 +238,16 @@ def check_identity_bias(mean_mm: float, reporter: Reporter) -> None:
                       "trained for these images")
 
 
-def region_arrays(inputs, grid: Grid, prealign: np.ndarray) -> Tuple[Optional[np.ndarray], np.ndarray, np.ndarray]:
-    """(similarity mask or None, fixed region, moving-inside) as (Z, Y, X) bool arrays on ``grid`` (the fixed grid).
-
-    The fixed region is the fixed mask, else the whole grid; moving-inside marks the fixed voxels whose pre-aligned
-    position lies inside the moving mask, else inside the moving image's field of view.
-    """
-    mask = sitk.GetArrayViewFromImage(inputs.fixed_mask) > 0 if inputs.fixed_mask is not None else None
-    fixed_region = mask if mask is not None else np.ones(grid.shape_zyx, dtype=bool)
+def moving_inside(inputs, grid: Grid, prealign: np.ndarray) -> np.ndarray:
+    """(Z, Y, X) bool on ``grid`` (the fixed grid): the voxels whose pre-aligned position lies inside the moving
+    mask, else inside the moving image's field of view."""
     if inputs.moving_mask is not None:
-        moving_region = sitk.Cast(inputs.moving_mask > 0, sitk.sitkUInt8)
+        region = sitk.Cast(inputs.moving_mask > 0, sitk.sitkUInt8)
     else:
-        moving_region = sitk.Image(inputs.moving.GetSize(), sitk.sitkUInt8) + 1
-        moving_region.CopyInformation(inputs.moving)
-    inside = io.resample_to(moving_region, grid, affine_transform(prealign), linear=False, default=0)
-    return mask, fixed_region, sitk.GetArrayViewFromImage(inside) > 0
+        region = sitk.Image(inputs.moving.GetSize(), sitk.sitkUInt8) + 1
+        region.CopyInformation(inputs.moving)
+    inside = io.resample_to(region, grid, affine_transform(prealign), linear=False, default=0)
+    return sitk.GetArrayFromImage(inside) > 0
 
 
 def assess(inputs, grid: Grid, prealign: np.ndarray, warped_norm: np.ndarray, folding_percent: float,
@@ -262,15 +259,17 @@ def assess(inputs, grid: Grid, prealign: np.ndarray, warped_norm: np.ndarray, fo
     through the final transform onto ``grid``.
     """
     fixed_norm = sitk.GetArrayViewFromImage(inputs.fixed_norm)
-    mask, fixed_region, moving_inside = region_arrays(inputs, grid, prealign)
-    identity_norm = sitk.GetArrayFromImage(io.resample_to(inputs.moving_norm, grid))
-    prealigned_norm = sitk.GetArrayFromImage(io.resample_to(inputs.moving_norm, grid, affine_transform(prealign)))
+    mask = sitk.GetArrayViewFromImage(inputs.fixed_mask) > 0 if inputs.fixed_mask is not None else None
+
+    def ncc_through(transform: Optional[sitk.Transform]) -> float:  # one full-grid copy alive at a time
+        return ncc(fixed_norm, sitk.GetArrayFromImage(io.resample_to(inputs.moving_norm, grid, transform)), mask)
+
     metrics: Dict[str, Any] = {
-        "ncc_before": ncc(fixed_norm, identity_norm, mask),
-        "ncc_prealigned": ncc(fixed_norm, prealigned_norm, mask),
+        "ncc_before": ncc_through(None),
+        "ncc_prealigned": ncc_through(affine_transform(prealign)),
         "ncc_after": ncc(fixed_norm, warped_norm, mask),
         "similarity_region": "fixed mask" if mask is not None else "whole fixed image",
-        "overlap_prealigned": overlap_share(fixed_region, moving_inside),
+        "overlap_prealigned": overlap_share(mask, moving_inside(inputs, grid, prealign)),
     }
     metrics.update(linear_part(prealign))
     scores = orientation_scores(inputs)
