@@ -8,12 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import traceback
 from typing import Any, Callable, Dict, List, Optional
 
-from nephireg import __version__
+from nephireg import __version__, signals
 from nephireg.protocol import DEVICES, METHODS, PREALIGN_MODES, PRESETS, RESULT_MANIFEST, Event, ExitCode
 
 
@@ -51,13 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--no-warped", action="store_true", help="do not write the warped moving image")
     reg.add_argument("--no-overview", action="store_true", help="do not write overview.png")
     _common_registration_arguments(reg)
-    reg.set_defaults(func=_register_command)
+    reg.set_defaults(func=_register_command, own_boundary=True)
 
     demo = sub.add_parser("demo", help="register the built-in synthetic sample pair and score it")
     demo.add_argument("--out", default="nephireg-demo", help="output folder (default: ./nephireg-demo)")
     demo.add_argument("--overwrite", action="store_true")
     _common_registration_arguments(demo)
-    demo.set_defaults(func=_demo_command, preset="lung-ct")  # the sample pair is a thorax CT phantom
+    # the sample pair is a thorax CT phantom
+    demo.set_defaults(func=_demo_command, preset="lung-ct", own_boundary=True)
 
     from nephireg import tools
 
@@ -98,35 +98,33 @@ def make_reporter(mode: str):
 
 
 def run_cancellable(reporter, body: Callable[[], Dict[str, Any]]) -> int:
-    """Run ``body`` with SIGINT/SIGTERM turned into a prompt cancellation; report the outcome as an event."""
-    from nephireg.errors import NephiregError
+    """The error boundary of a run that reports events: SIGINT/SIGTERM request a cancel the run's loops see;
+    every outcome becomes one ``result`` or ``error`` event (:func:`nephireg.errors.describe_failure`)."""
+    from nephireg.errors import describe_failure
 
-    def on_signal(signum, frame):  # noqa: ARG001 - signal handler signature
-        reporter.request_cancel()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        manifest = body()
-    except NephiregError as exc:
-        reporter.emit(Event.ERROR, {"code": int(exc.exit_code), "kind": exc.kind, "message": str(exc)})
-        return int(exc.exit_code)
-    except ValueError as exc:  # invalid option values from a method's Settings
-        reporter.emit(Event.ERROR, {"code": int(ExitCode.BAD_INPUT), "kind": "bad-input", "message": str(exc)})
-        return int(ExitCode.BAD_INPUT)
-    except MemoryError:
-        reporter.emit(Event.ERROR, {"code": int(ExitCode.OUT_OF_MEMORY), "kind": "out-of-memory",
-                                    "message": "out of memory; try a coarser --grid-spacing-mm or smaller images"})
-        return int(ExitCode.OUT_OF_MEMORY)
-    except Exception as exc:  # the last line of defence: a clear message, the traceback on stderr
-        traceback.print_exc(file=sys.stderr)
-        reporter.emit(Event.ERROR, {"code": int(ExitCode.INTERNAL_ERROR), "kind": "internal",
-                                    "message": f"internal error: {type(exc).__name__}: {exc}"})
-        return int(ExitCode.INTERNAL_ERROR)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        with signals.cooperative(reporter.request_cancel):
+            manifest = body()
+    except Exception as exc:  # noqa: BLE001 - the boundary: every failure becomes its exit code and one line
+        return _report_failure(reporter, exc, describe_failure(exc))
+    except KeyboardInterrupt as exc:  # a caller's own SIGINT handling (library use)
+        return _report_failure(reporter, exc, describe_failure(exc))
     reporter.emit(Event.RESULT, {"manifest": manifest.get("manifest_path"), "metrics": manifest.get("metrics", {})})
     return int(ExitCode.SUCCESS)
+
+
+def _report_failure(reporter, exc: BaseException, failure) -> int:
+    code, kind, message = failure
+    if code == ExitCode.INTERNAL_ERROR:
+        _print_traceback(exc)
+    reporter.emit(Event.ERROR, {"code": int(code), "kind": kind, "message": message})
+    return int(code)
+
+
+def _print_traceback(exc: BaseException) -> None:
+    from nephireg.progress import say
+
+    say("".join(traceback.format_exception(exc)).rstrip("\n"), sys.stderr)
 
 
 def _request_from(args: argparse.Namespace, fixed: str, moving: str, fixed_mask: Optional[str],
@@ -144,6 +142,7 @@ def _register_command(args: argparse.Namespace) -> int:
     reporter = make_reporter(args.progress)
 
     def body() -> Dict[str, Any]:
+        from nephireg import validate
         from nephireg.errors import InputError
         from nephireg.inputs import prefetch_inputs
 
@@ -151,9 +150,14 @@ def _register_command(args: argparse.Namespace) -> int:
         request = prefetched = None
         try:
             request = _request_from(args, args.fixed, args.moving, args.fixed_mask, args.moving_mask)
+            validate.check_request(request)  # before reading anything
             prefetched = prefetch_inputs(request)  # reads the images while torch is imported below
         except InputError as exc:
             held_back = exc
+        if reporter.cancel_requested:  # a signal during start-up: no need to load torch first
+            reporter.emit(Event.START, {"method": args.method, "preset": args.preset, "device": args.device,
+                                        "out": os.path.abspath(args.out)})
+            reporter.check_cancel()
         from nephireg.pipeline import register, resolve_device
 
         device = args.device
@@ -163,6 +167,7 @@ def _register_command(args: argparse.Namespace) -> int:
             held_back = held_back or exc
         reporter.emit(Event.START, {"method": args.method, "preset": args.preset, "device": device,
                                     "out": os.path.abspath(args.out)})
+        reporter.check_cancel()  # a signal during start-up
         if held_back is not None:
             raise held_back
         manifest = register(request, reporter, prefetched)
@@ -180,23 +185,29 @@ def _jsonl_type():
     return JsonlReporter
 
 
+def _say(text: str, stream=None) -> None:
+    from nephireg.progress import say
+
+    say(text, stream)
+
+
 def _print_summary(manifest: Dict[str, Any]) -> None:
     m = manifest["metrics"]
-    print(f"folding {m['folding_percent']:.4f} %  det J [{m['jacobian_min']:.3f}, {m['jacobian_max']:.3f}]  "
-          f"SDlogJ {m['std_log_jacobian']:.4f}  time {manifest['timings_s']['total']:.1f} s  ({manifest['device']})")
+    _say(f"folding {m['folding_percent']:.4f} %  det J [{m['jacobian_min']:.3f}, {m['jacobian_max']:.3f}]  "
+         f"SDlogJ {m['std_log_jacobian']:.4f}  time {manifest['timings_s']['total']:.1f} s  ({manifest['device']})")
     prealigned = f" -> {m['ncc_prealigned']:.3f} pre-aligned" if "ncc_prealigned" in m else ""
-    print(f"NCC {m['ncc_before']:.3f} before{prealigned} -> {m['ncc_after']:.3f} after the deformable step "
-          f"({m.get('similarity_region', '')})")
+    _say(f"NCC {m['ncc_before']:.3f} before{prealigned} -> {m['ncc_after']:.3f} after the deformable step "
+         f"({m.get('similarity_region', '')})")
     if manifest.get("model"):
         model = manifest["model"]
-        print(f"model {model['name']} ({model.get('anatomy') or '?'} {model.get('modality') or '?'}, preset "
-              f"{model.get('preset') or '?'}; sha256 {str(model.get('sha256'))[:12]}...)")
+        _say(f"model {model['name']} ({model.get('anatomy') or '?'} {model.get('modality') or '?'}, preset "
+             f"{model.get('preset') or '?'}; sha256 {str(model.get('sha256'))[:12]}...)")
     for warning in manifest.get("warnings", []):
-        print(f"warning [{warning['code']}]: {warning['message']}")
+        _say(f"warning [{warning['code']}]: {warning['message']}")
     if "demo_error_mm" in manifest:
         e = manifest["demo_error_mm"]
-        print(f"demo: error inside the lungs {e['before_mean']:.2f} mm before -> mean {e['mean']:.2f} mm, "
-              f"median {e['median']:.2f} mm, 95th percentile {e['p95']:.2f} mm")
+        _say(f"demo: error inside the lungs {e['before_mean']:.2f} mm before -> mean {e['mean']:.2f} mm, "
+             f"median {e['median']:.2f} mm, 95th percentile {e['p95']:.2f} mm")
 
 
 def _demo_command(args: argparse.Namespace) -> int:
@@ -205,12 +216,33 @@ def _demo_command(args: argparse.Namespace) -> int:
     def body() -> Dict[str, Any]:
         from nephireg.demo import run_demo
 
+        reporter.emit(Event.START, {"method": args.method, "preset": args.preset, "device": args.device,
+                                    "out": os.path.abspath(args.out)})
         manifest = run_demo(args, reporter, _request_from)
         if not isinstance(reporter, _jsonl_type()):
             _print_summary(manifest)
         return manifest
 
     return run_cancellable(reporter, body)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """The error boundary of every command: register and demo report through their own events
+    (:func:`run_cancellable`); the others (warp, jacobian, batch, train, models) get SIGINT/SIGTERM as a
+    :class:`~nephireg.errors.Cancelled` and every failure as its exit code and one ``error:`` line on stderr."""
+    if getattr(args, "own_boundary", False):
+        return int(args.func(args))
+    from nephireg.errors import describe_failure
+
+    try:
+        with signals.interrupting():
+            return int(args.func(args))
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the boundary
+        code, _, message = describe_failure(exc)
+        if code == ExitCode.INTERNAL_ERROR:
+            _print_traceback(exc)
+        _say(f"error: {message}", sys.stderr)
+        return int(code)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -220,7 +252,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    return run_command(args)
 
 
 def console_main() -> None:
@@ -230,6 +262,7 @@ def console_main() -> None:
     torch loaded takes 0.7-0.9 s on a 2-core CPU (a third of a NePhi prediction's run); ``os._exit`` skips it.
     Every file the engine writes is closed (and its temporary folders removed) before :func:`main` returns.
     """
+    signals.install()  # first: a signal from now on is a cancellation (exit 3), never a traceback or exit -15
     code = main()
     if sys.gettrace() is not None or sys.getprofile() is not None:  # coverage, cProfile: let them write at exit
         sys.exit(code)

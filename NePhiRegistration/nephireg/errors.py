@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 from nephireg.protocol import ExitCode
 
@@ -42,3 +43,35 @@ class OutOfMemory(NephiregError):
 
     exit_code = ExitCode.OUT_OF_MEMORY
     kind = "out-of-memory"
+
+
+# Messages of allocation failures that are not MemoryError (torch's CPU allocator, ITK, the C++ runtime).
+_OUT_OF_MEMORY_MARKERS = ("DefaultCPUAllocator: can't allocate", "DefaultCPUAllocator: not enough memory",
+                          "CUDA out of memory", "std::bad_alloc", "Failed to allocate memory", "out of memory")
+# OSErrors of the user's environment (an output location, a disk, a name): bad input, exit 2, with the path.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR,
+                       errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.EEXIST, errno.EFBIG, errno.EXDEV,
+                       getattr(errno, "EDQUOT", errno.ENOSPC)}
+OUT_OF_MEMORY_HINT = "try a coarser --grid-spacing-mm, smaller images or another device"
+
+
+def describe_failure(exc: BaseException) -> Tuple[ExitCode, str, str]:
+    """The error boundary's one mapping: (exit code, kind, one-line message) for any exception of a command.
+
+    Kinds are those of the protocol's ``error`` event: bad-input, cancelled, out-of-memory, internal."""
+    if isinstance(exc, NephiregError):
+        return exc.exit_code, exc.kind, _one_line(str(exc))
+    if isinstance(exc, KeyboardInterrupt):
+        return ExitCode.CANCELLED, Cancelled.kind, "cancelled"
+    if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM) or (
+            isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OUT_OF_MEMORY_MARKERS)):
+        return ExitCode.OUT_OF_MEMORY, OutOfMemory.kind, f"out of memory; {OUT_OF_MEMORY_HINT}"
+    if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS:
+        where = exc.filename if exc.filename is not None else "output"
+        return ExitCode.BAD_INPUT, InputError.kind, _one_line(f"{where}: {exc.strerror or exc}")
+    return ExitCode.INTERNAL_ERROR, NephiregError.kind, _one_line(f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _one_line(text: str, limit: int = 2000) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[:limit] + " ..."

@@ -7,7 +7,7 @@ neural field) is the method's business; callers only evaluate it at points.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Optional, Protocol
 
 import numpy as np
 import torch
@@ -41,14 +41,18 @@ class DenseField:
 
 
 def evaluate_on_grid(field: DisplacementField, grid: Grid, device: torch.device,
-                     chunk_points: int = DEFAULT_CHUNK_POINTS) -> np.ndarray:
+                     chunk_points: int = DEFAULT_CHUNK_POINTS, cancel: Optional[Callable[[], None]] = None
+                     ) -> np.ndarray:
     """(Z, Y, X, 3) float64 LPS mm displacements of ``field`` at every voxel of ``grid``, evaluated in chunks of
-    ``chunk_points`` so that memory stays flat in the grid size."""
+    ``chunk_points`` so that memory stays flat in the grid size. ``cancel`` is called before every chunk (it
+    raises to stop: a cancellation is seen within one chunk, not at the end of a large grid)."""
     nz, ny, nx = grid.shape_zyx
     out = np.empty((nz, ny, nx, 3), dtype=np.float64)
     slab = max(1, chunk_points // (ny * nx))
     with torch.no_grad():
         for z0 in range(0, nz, slab):
+            if cancel is not None:
+                cancel()
             z1 = min(nz, z0 + slab)
             sub = _slab_grid(grid, z0, z1)
             pts = grid_points_mm(sub, device=device).reshape(-1, 3)

@@ -22,7 +22,7 @@ import json
 import os
 import pickle
 import sys
-import tempfile
+import time
 import urllib.request
 import zipfile
 from collections import OrderedDict
@@ -30,11 +30,14 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from nephireg.errors import InputError
+from nephireg.staging import remove_stale, staged_name
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 REGISTRY_FILE = MODELS_DIR / "registry.json"
 CACHE_ENV = "NEPHIREG_CACHE_DIR"
 MODEL_SUFFIX = ".pt"
+READ_TIMEOUT_S = 60.0  # no byte for this long: the connection is dead
+DOWNLOAD_BLOCK = 1 << 16
 Progress = Callable[[int, Optional[int]], None]
 """``progress(bytes_done, bytes_total_or_None)`` during a download."""
 INTENDED_USE_KEYS = ("anatomy", "modality", "preset")
@@ -220,17 +223,23 @@ def resolve_model(name_or_path: Optional[str], progress: Optional[Progress] = No
     raise InputError(f"unknown model {name!r}; known models: {names}")
 
 
-def fetch(entry: Mapping[str, Any], progress: Optional[Progress] = None, timeout_s: float = 60.0) -> str:
-    """Download a registry model into the cache, verifying its SHA-256; returns the file path."""
+def fetch(entry: Mapping[str, Any], progress: Optional[Progress] = None, timeout_s: float = 600.0) -> str:
+    """Download a registry model into the cache, verifying its SHA-256; returns the file path.
+
+    ``timeout_s`` is a deadline for the whole download (a server that trickles bytes cannot hold a run
+    forever). The download goes to a private ``.NAME.<host>-<pid>-<token>.part`` file, removed on any failure;
+    ``.part`` files of killed downloads are removed by the next fetch."""
     url, expected = entry.get("url"), str(entry.get("sha256", "")).lower()
     if not url or len(expected) != 64:
         raise InputError(f"registry entry {entry.get('name')!r} needs a url and a 64-hex-digit sha256")
     folder = Path(cache_dir())
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{entry['name']}{MODEL_SUFFIX}"
-    handle, partial = tempfile.mkstemp(dir=folder, prefix=f".{entry['name']}.", suffix=".part")
+    prefix = f".{entry['name']}."
+    remove_stale(folder, prefix)
+    partial = folder / staged_name(prefix, ".part")
     try:
-        with os.fdopen(handle, "wb") as out:
+        with open(partial, "wb") as out:
             digest = _download(url, out, progress, timeout_s)
         if digest != expected:
             raise InputError(f"checksum mismatch for model {entry['name']!r}: expected sha256 {expected}, "
@@ -251,18 +260,24 @@ def sha256_of(path: os.PathLike) -> str:
 
 
 def _download(url: str, out, progress: Optional[Progress], timeout_s: float) -> str:
+    """Copy ``url`` into ``out``; InputError past the deadline ``timeout_s`` (seconds for the whole download)."""
     digest = hashlib.sha256()
+    deadline = time.monotonic() + timeout_s
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        with urllib.request.urlopen(url, timeout=min(timeout_s, READ_TIMEOUT_S)) as response:
             total = response.headers.get("Content-Length")
             total = int(total) if total and total.isdigit() else None
             done = 0
-            for block in iter(lambda: response.read(1 << 16), b""):
+            read = getattr(response, "read1", response.read)  # read1: returns what arrived, so the deadline holds
+            for block in iter(lambda: read(DOWNLOAD_BLOCK), b""):
                 out.write(block)
                 digest.update(block)
                 done += len(block)
                 if progress:
                     progress(done, total)
+                if time.monotonic() > deadline:
+                    raise InputError(f"download took longer than {timeout_s:g} s (got {done} bytes); try again "
+                                     "later or fetch the file by hand", url)
     except OSError as exc:  # URLError, HTTPError and socket errors are all OSErrors
         raise InputError(f"download failed: {exc}", url) from None
     return digest.hexdigest()

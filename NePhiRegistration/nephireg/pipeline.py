@@ -7,32 +7,31 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
 import nephireg
-from nephireg import io, quality
+from nephireg import io, quality, validate
 from nephireg.compose import affine_matrix, affine_transform, compose_prealignment
 from nephireg.errors import InputError, OutOfMemory
 from nephireg.fields import evaluate_on_grid
 from nephireg.geometry import Grid, overlap_fraction
 from nephireg.inputs import Inputs, PrefetchedInputs, Request, read_inputs
 from nephireg.jacobian import jacobian_determinant, jacobian_summary
-from nephireg.methods import get_method, model_record, resolved_settings
+from nephireg.methods import get_method, model_record
 from nephireg.overview import overview
 from nephireg.pair import PreparedPair
 from nephireg.preprocess import crop_to_mask, working_grid
 from nephireg.presets import Preset, get_preset
 from nephireg.progress import Reporter, SilentReporter
-from nephireg.protocol import METHODS, OUTPUT_FILES, PREALIGN_MODES, RESULT_MANIFEST, write_manifest
+from nephireg.protocol import OUTPUT_FILES, PREALIGN_MODES
+from nephireg.resultdir import ResultFolder
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,7 +54,9 @@ def prealign_matrix(request: Request, preset: Preset, inputs: Inputs, reporter: 
     from nephireg.prealign import prealign
 
     reporter.stage("prealign", f"Pre-alignment ({mode})")
-    transform = prealign(inputs.fixed_norm, inputs.moving_norm, mode, inputs.fixed_mask, inputs.moving_mask)
+    transform = prealign(inputs.fixed_norm, inputs.moving_norm, mode, inputs.fixed_mask, inputs.moving_mask,
+                         cancelled=lambda: reporter.cancel_requested)
+    reporter.check_cancel()
     return mode, affine_matrix(transform)
 
 
@@ -69,10 +70,7 @@ def check_overlap(fixed: Grid, moving: Grid, prealign: np.ndarray, request: Requ
 def prepare(request: Request, inputs: Inputs, preset: Preset, prealign: np.ndarray, device: torch.device
             ) -> PreparedPair:
     """The working-grid tensors a method receives (moving resampled through the pre-alignment)."""
-    region = Grid.of(inputs.fixed)
-    if preset.crop_margin_mm is not None and inputs.fixed_mask is not None:
-        region = crop_to_mask(region, inputs.fixed_mask, preset.crop_margin_mm)
-    grid = working_grid(region, preset.working_spacing_mm)
+    grid = working_grid_of(inputs, preset)
     transform = affine_transform(prealign)
     fixed = to_tensor(inputs.fixed_norm, grid, None, device)
     moving = to_tensor(inputs.moving_norm, grid, transform, device)
@@ -86,6 +84,15 @@ def prepare(request: Request, inputs: Inputs, preset: Preset, prealign: np.ndarr
         fixed = fixed * fixed_mask if fixed_mask is not None else fixed
         moving = moving * moving_mask if moving_mask is not None else moving
     return PreparedPair(grid, fixed, moving, fixed_mask, moving_mask, seed=request.seed, preset=preset.name)
+
+
+def working_grid_of(inputs: Inputs, preset: Preset) -> Grid:
+    """The grid a method works on: the fixed image's field of view (cropped to its mask if the preset says) at the
+    preset's working spacing."""
+    region = Grid.of(inputs.fixed)
+    if preset.crop_margin_mm is not None and inputs.fixed_mask is not None:
+        region = crop_to_mask(region, inputs.fixed_mask, preset.crop_margin_mm)
+    return working_grid(region, preset.working_spacing_mm)
 
 
 def to_tensor(image: sitk.Image, grid: Grid, transform: Optional[sitk.Transform], device: torch.device,
@@ -102,27 +109,38 @@ def to_tensor(image: sitk.Image, grid: Grid, transform: Optional[sitk.Transform]
     return torch.from_numpy(array)[None, None].to(device)
 
 
+Prealignment = Tuple[str, np.ndarray]
+"""``(mode, 4x4 matrix)``: the pre-alignment used (fixed -> moving, LPS mm)."""
+BeforeCommit = Callable[[Dict[str, Any], Path], None]
+"""``(manifest, staging folder)``: adds files (listed in ``manifest["files"]``) and keys before the commit."""
+
+
 def register(request: Request, reporter: Optional[Reporter] = None,
-             prefetched: Optional[PrefetchedInputs] = None) -> Dict[str, Any]:
+             prefetched: Optional[PrefetchedInputs] = None,
+             before_commit: Optional[BeforeCommit] = None) -> Dict[str, Any]:
     """Run one registration and write its result folder; returns the manifest (also in ``out/result.json``).
 
     ``prefetched``: the inputs of this same ``request`` already being read (:func:`nephireg.inputs.prefetch_inputs`).
 
+    ``before_commit``: called with the manifest and the staging folder once the outputs are written (the demo adds
+    its inputs and score there), so they become part of the one atomic result.
+
     Raises InputError for bad input (nothing is written), Cancelled when the reporter is cancelled, OutOfMemory
-    when the device runs out of memory. A failed run leaves no result behind.
+    when the device runs out of memory. A failed or cancelled run leaves no result behind and a previous result
+    untouched (:mod:`nephireg.resultdir`).
     """
     reporter = reporter or SilentReporter()
     started = time.perf_counter()
-    if request.method not in METHODS:
-        raise InputError(f"unknown method {request.method!r}; choose one of {', '.join(METHODS)}")
+    validate.check_request(request)  # paths, output folder, every option: before any work
+    settings = validate.method_settings(request)
     preset = get_preset(request.preset)
-    out = Path(request.out)
-    _check_out_dir(out, request.overwrite)
     device = resolve_device(request.device)
     torch.manual_seed(request.seed)
     if prefetched is not None and prefetched.request is not request:
         raise ValueError("prefetched inputs belong to another request")
     inputs = prefetched.result(reporter) if prefetched is not None else read_inputs(request, preset, reporter)
+    validate.check_geometry(request, settings, Grid.of(inputs.fixed), Grid.of(inputs.moving),
+                            working_grid_of(inputs, preset))
     mode, prealign = prealign_matrix(request, preset, inputs, reporter)
     fixed_grid = Grid.of(inputs.fixed)
     check_overlap(fixed_grid, Grid.of(inputs.moving), prealign, request)
@@ -132,68 +150,56 @@ def register(request: Request, reporter: Optional[Reporter] = None,
         pair = prepare(request, inputs, preset, prealign, device)
         field_ = method(pair, options, reporter)
         reporter.stage("field", "Evaluating the displacement on the fixed grid")
-        displacement = evaluate_on_grid(field_, fixed_grid, device)
+        displacement = evaluate_on_grid(field_, fixed_grid, device, cancel=reporter.check_cancel)
     except torch.cuda.OutOfMemoryError as exc:
         raise OutOfMemory(f"the GPU ran out of memory ({exc}); run again with --device cpu") from None
     displacement = compose_prealignment(fixed_grid, displacement, prealign)
-    return _write_result(request, preset, mode, prealign, inputs, fixed_grid, displacement, options, device, reporter,
-                         started)
+    return _write_result(request, preset, (mode, prealign), settings, inputs, fixed_grid, displacement, options, device,
+                         reporter, started, before_commit)
 
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise InputError("output path exists and is not a folder", out)
-    if (out / RESULT_MANIFEST).exists() and not overwrite:
-        raise InputError("output folder already holds a result (result.json); use --overwrite to replace it", out)
-
-
-def _write_result(request: Request, preset: Preset, mode: str, prealign: np.ndarray, inputs: Inputs, grid: Grid,
+def _write_result(request: Request, preset: Preset, prealigned: Prealignment, settings: Any, inputs: Inputs, grid: Grid,
                   displacement: np.ndarray,
-                  options: Dict[str, Any], device: torch.device, reporter: Reporter, started: float) -> Dict[str, Any]:
+                  options: Dict[str, Any], device: torch.device, reporter: Reporter, started: float,
+                  before_commit: Optional[BeforeCommit] = None) -> Dict[str, Any]:
+    """The outputs written through the one result writer (:class:`nephireg.resultdir.ResultFolder`)."""
     reporter.stage("write", "Writing the transform, Jacobian and warped image")
-    out = Path(request.out)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
-    try:
-        manifest = _write_files(request, preset, mode, prealign, inputs, grid, displacement, options, device, staging,
-                                reporter)
-        if request.overwrite:
-            (out / RESULT_MANIFEST).unlink(missing_ok=True)
-        for name in manifest["files"].values():
-            os.replace(staging / name, out / name)
+    with ResultFolder(request.out, request.overwrite) as result:
+        manifest = _write_files(request, preset, prealigned, settings, inputs, grid, displacement, options, device,
+                                result.staging, reporter)
+        if before_commit is not None:
+            before_commit(manifest, result.staging)
+        reporter.check_cancel()
         manifest["warnings"] = list(reporter.warnings)
         manifest["timings_s"] = reporter.finish()
         manifest["timings_s"]["total"] = round(time.perf_counter() - started, 3)
-        write_manifest(str(out), manifest)
-    except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        result.commit(manifest, reporter.check_cancel)
     return manifest
 
 
-def _write_files(request: Request, preset: Preset, mode: str, prealign: np.ndarray, inputs: Inputs, grid: Grid,
+def _write_files(request: Request, preset: Preset, prealigned: Prealignment, settings: Any, inputs: Inputs, grid: Grid,
                  displacement: np.ndarray,
                  options: Dict[str, Any], device: torch.device, folder: Path, reporter: Reporter) -> Dict[str, Any]:
     files = {"transform": OUTPUT_FILES["transform"], "jacobian": OUTPUT_FILES["jacobian"]}
     transform = io.displacement_transform(displacement, grid)
-    sitk.WriteTransform(transform, str(folder / files["transform"]))
+    io.save_transform(transform, folder / files["transform"])
+    reporter.check_cancel()
     det = jacobian_determinant(displacement, grid)
     reporter.check_cancel()
     io.write_image(io.image_from_array(det, grid), folder / files["jacobian"])
+    reporter.check_cancel()
     fixed_norm = sitk.GetArrayViewFromImage(inputs.fixed_norm)
     warped_norm = sitk.GetArrayFromImage(io.resample_to(inputs.moving_norm, grid, transform))
     if request.write_warped:
         files["warped"] = OUTPUT_FILES["warped"]
         background = float(sitk.GetArrayViewFromImage(inputs.moving).min())  # e.g. air in CT, not 0 HU
         io.write_image(io.resample_to(inputs.moving, grid, transform, default=background), folder / files["warped"])
+        reporter.check_cancel()
     if request.write_overview:
         files["overview"] = OUTPUT_FILES["overview"]
         overview(fixed_norm, warped_norm, det, grid.spacing, folder / files["overview"])
     metrics = jacobian_summary(det)
+    mode, prealign = prealigned
     metrics.update(quality.assess(inputs, grid, prealign, warped_norm, metrics["folding_percent"], reporter))
     metrics["displacement_max_mm"] = float(np.linalg.norm(displacement, axis=-1).max())
     return {
@@ -201,9 +207,9 @@ def _write_files(request: Request, preset: Preset, mode: str, prealign: np.ndarr
         "metrics": metrics,
         "method": request.method,
         "preset": preset.name,
-        "model": model_record(request.method, options, preset.name),
+        "model": model_record(request.method, settings, preset.name),
         "parameters": {"options": options, "prealign": mode, "seed": request.seed, "preset_values": asdict(preset),
-                       "settings": resolved_settings(request.method, options, request.seed),
+                       "settings": asdict(settings),
                        "masks": "derived (lung)" if inputs.masks_derived else
                        ("given" if request.fixed_mask or request.moving_mask else "none"),
                        "request": asdict(request)},

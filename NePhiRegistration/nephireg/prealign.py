@@ -21,7 +21,7 @@ Measured choices (docs/prealign.md): the default per preset and the registration
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -61,13 +61,15 @@ def prealign(
     fixed_mask: Optional[sitk.Image] = None,
     moving_mask: Optional[sitk.Image] = None,
     settings: RegistrationSettings = DEFAULT_SETTINGS,
+    cancelled: Optional[Callable[[], bool]] = None,
 ) -> sitk.Transform:
     """The global transform T: fixed physical -> moving physical (LPS mm), such that ``moving(T(x)) ~ fixed(x)``.
 
     ``fixed`` / ``moving``: 3D scalar images, preset-normalised (about [0, 1]); any grids. Masks: {0, 1} images on
     their image's grid, or None. Returns a :class:`sitk.TranslationTransform` (none, center, moments), an
     :class:`sitk.Euler3DTransform` (rigid) or an :class:`sitk.AffineTransform` (affine); the last two have their
-    centre at the fixed image's centre (mask centroid when a fixed mask is given).
+    centre at the fixed image's centre (mask centroid when a fixed mask is given). ``cancelled``: polled every
+    optimiser iteration; when it turns true the registration stops early (the caller then raises).
     """
     if mode not in MODES:
         raise ValueError(f"unknown pre-alignment mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -80,7 +82,7 @@ def prealign(
     transform = sitk.Euler3DTransform() if mode == "rigid" else sitk.AffineTransform(3)
     transform.SetCenter(tuple(float(c) for c in center))
     transform.SetTranslation(tuple(float(t) for t in offset))
-    _register(fixed, moving, transform, fixed_mask, moving_mask, settings)
+    _register(fixed, moving, transform, fixed_mask, moving_mask, settings, cancelled)
     return transform
 
 
@@ -129,7 +131,8 @@ def _weighted_centroid(weights_zyx: np.ndarray, image: sitk.Image, what: str) ->
 
 
 def _register(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, fixed_mask: Optional[sitk.Image],
-              moving_mask: Optional[sitk.Image], settings: RegistrationSettings) -> None:
+              moving_mask: Optional[sitk.Image], settings: RegistrationSettings,
+              cancelled: Optional[Callable[[], bool]] = None) -> None:
     """Optimise ``transform`` (in place) so that moving(T(x)) matches fixed(x), coarse level first.
 
     The pyramid is built here (block averaging, then a recursive Gaussian on the small image) rather than by
@@ -141,6 +144,10 @@ def _register(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, 
         level_moving, level_moving_mask = _level(moving, moving_mask, factor, sigma_mm, settings.mask_dilation_mm)
         method = _method(level_fixed, level_fixed_mask, level_moving_mask, settings)
         method.SetInitialTransform(transform, inPlace=True)
+        if cancelled is not None:
+            if cancelled():
+                return
+            method.AddCommand(sitk.sitkIterationEvent, lambda m=method: m.StopRegistration() if cancelled() else None)
         method.Execute(level_fixed, level_moving)
 
 

@@ -46,7 +46,7 @@ def dilate(mask: sitk.Image, radius_mm: float) -> sitk.Image:
 def working_grid(fixed: Grid, spacing_mm: float, max_voxels: int = MAX_WORKING_VOXELS) -> Grid:
     """The fixed grid's field of view and direction at isotropic ``spacing_mm`` (coarsened to ``max_voxels``)."""
     grid = fixed.resampled([spacing_mm] * 3)
-    count = float(np.prod(grid.size))
+    count = float(np.prod(np.asarray(grid.size, dtype=float)))  # float: a huge field of view must not overflow
     if count > max_voxels:
         grid = fixed.resampled([spacing_mm * (count / max_voxels) ** (1.0 / 3.0)] * 3)
     return grid

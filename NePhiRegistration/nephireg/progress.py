@@ -19,6 +19,15 @@ from nephireg.protocol import Event, encode_event
 EventSink = Callable[[Event, Dict[str, Any]], None]
 
 
+def say(text: str, stream: Optional[TextIO] = None) -> None:
+    """Print one line for a person (stdout by default), best effort: a closed pipe or a full device
+    (``| head``, ``/dev/full``) never fails a command whose outputs are written."""
+    try:
+        print(text, file=stream or sys.stdout, flush=True)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 class Reporter:
     """Base reporter: keeps stage timings, the cancel flag and ETA; subclasses decide where events go."""
 
@@ -29,6 +38,7 @@ class Reporter:
         self._stage_started = self.started
         self.stage_seconds: Dict[str, float] = {}
         self.warnings: List[Dict[str, str]] = []  # every warn() of the run, in order: the manifest's "warnings"
+        self.output_lost = False  # a stream write failed; later events are dropped (see _write)
 
     # -- cancellation ---------------------------------------------------------------------------------------
     def request_cancel(self) -> None:
@@ -86,6 +96,17 @@ class Reporter:
     def emit(self, event: Event, fields: Dict[str, Any]) -> None:  # pragma: no cover - overridden
         pass
 
+    def _write(self, stream: TextIO, text: str) -> None:
+        """Progress output is best effort: a closed, broken or full stream (``| head -1``, ``/dev/full``) is
+        dropped from then on and the run goes on; the result folder and the exit code are what count."""
+        if self.output_lost:
+            return
+        try:
+            stream.write(text)
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            self.output_lost = True
+
 
 class SilentReporter(Reporter):
     """No output (library use); still honours cancellation."""
@@ -100,12 +121,9 @@ class QuietReporter(Reporter):
 
     def emit(self, event: Event, fields: Dict[str, Any]) -> None:
         if event == Event.ERROR:
-            self.stream.write(f"error: {fields.get('message')}\n")
+            self._write(self.stream, f"error: {fields.get('message')}\n")
         elif event == Event.WARNING or (event == Event.LOG and fields.get("level") == "warning"):
-            self.stream.write(f"warning: {fields.get('message')}\n")
-        else:
-            return
-        self.stream.flush()
+            self._write(self.stream, f"warning: {fields.get('message')}\n")
 
 
 class CallbackReporter(Reporter):
@@ -129,8 +147,7 @@ class JsonlReporter(Reporter):
 
     def emit(self, event: Event, fields: Dict[str, Any]) -> None:
         with self._lock:
-            self.stream.write(encode_event(event, **fields) + "\n")
-            self.stream.flush()
+            self._write(self.stream, encode_event(event, **fields) + "\n")
 
 
 class TerminalReporter(Reporter):
@@ -149,17 +166,19 @@ class TerminalReporter(Reporter):
             return
         self._end_line()
         if event == Event.STAGE:
-            self.stream.write(f"[{fields['stage']}] {fields['message']}\n")
+            line = f"[{fields['stage']}] {fields['message']}\n"
         elif event == Event.LOG:
             prefix = "warning: " if fields["level"] == "warning" else ""
-            self.stream.write(f"  {prefix}{fields['message']}\n")
+            line = f"  {prefix}{fields['message']}\n"
         elif event == Event.WARNING:
-            self.stream.write(f"  warning: {fields['message']}\n")
+            line = f"  warning: {fields['message']}\n"
         elif event == Event.RESULT:
-            self.stream.write(f"done: {fields.get('manifest')}\n")
+            line = f"done: {fields.get('manifest')}\n"
         elif event == Event.ERROR:
-            self.stream.write(f"error: {fields.get('message')}\n")
-        self.stream.flush()
+            line = f"error: {fields.get('message')}\n"
+        else:
+            return
+        self._write(self.stream, line)
 
     def _draw(self, fields: Dict[str, Any]) -> None:
         now = time.perf_counter()
@@ -171,11 +190,10 @@ class TerminalReporter(Reporter):
         bar = "#" * done + "-" * (self.width - done)
         loss = "" if fields["loss"] is None else f" loss {fields['loss']:.4f}"
         eta = "" if fields["eta_s"] is None else f" eta {fields['eta_s']:.0f}s"
-        self.stream.write(f"\r  |{bar}| {step}/{total}{loss}{eta}   ")
-        self.stream.flush()
+        self._write(self.stream, f"\r  |{bar}| {step}/{total}{loss}{eta}   ")
         self._open_line = True
 
     def _end_line(self) -> None:
         if self._open_line:
-            self.stream.write("\n")
+            self._write(self.stream, "\n")
             self._open_line = False

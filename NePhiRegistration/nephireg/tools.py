@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,12 +24,14 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     warp.add_argument("--reference", help="fixed image whose grid the warped image gets (with --image)")
     warp.add_argument("--nearest", action="store_true", help="nearest-neighbour interpolation (label maps)")
     warp.add_argument("--out", required=True, help="output image or point file")
+    warp.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     warp.set_defaults(func=_warp_command)
 
     jac = sub.add_parser("jacobian", help="Jacobian determinant map and folding of a displacement-field transform")
     jac.add_argument("--transform", required=True)
     jac.add_argument("--reference", help="grid to evaluate on (default: the displacement field's own grid)")
     jac.add_argument("--out", help="output image (float32), e.g. jacobian.nrrd")
+    jac.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     jac.set_defaults(func=_jacobian_command)
 
     batch = sub.add_parser("batch", help="register the pairs of a CSV (fixed,moving[,fixed_mask,moving_mask][,id])")
@@ -39,33 +43,37 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     batch.set_defaults(func=_batch_command)
 
 
-def _fail(exc: Exception) -> int:
-    print(f"error: {exc}", file=sys.stderr)
-    return int(getattr(exc, "exit_code", ExitCode.BAD_INPUT))
+def _say(text: str) -> None:
+    from nephireg.progress import say
+
+    say(text)
 
 
 def _warp_command(args: argparse.Namespace) -> int:
     from nephireg import io
     from nephireg.errors import InputError
     from nephireg.geometry import Grid
+    from nephireg.resultdir import staged_file
+    from nephireg.validate import check_output_file
 
-    try:
-        transform = io.read_transform(args.transform)
-        if args.points:
-            points = io.read_points(args.points)
-            io.write_points([transform.TransformPoint(tuple(p)) for p in points], args.out)
-            print(f"mapped {len(points)} points -> {args.out}")
-            return int(ExitCode.SUCCESS)
-        if not args.reference:
-            raise InputError("--image needs --reference (the fixed image whose grid the output takes)")
-        image = io.read_image(args.image, "image")
-        reference = io.read_image(args.reference, "reference")
-        warped = io.resample_to(image, Grid.of(reference), transform, linear=not args.nearest)
-        io.write_image(warped, args.out)
-        print(f"warped {args.image} -> {args.out}")
+    inputs = [args.transform, args.points, args.image, args.reference]
+    check_output_file(args.out, args.overwrite, inputs)  # before any work
+    if args.image and not args.reference:
+        raise InputError("--image needs --reference (the fixed image whose grid the output takes)")
+    transform = io.read_transform(args.transform)
+    if args.points:
+        points = io.read_points(args.points)
+        with staged_file(args.out, args.overwrite, inputs) as staged:
+            io.write_points([transform.TransformPoint(tuple(p)) for p in points], staged)
+        _say(f"mapped {len(points)} points -> {args.out}")
         return int(ExitCode.SUCCESS)
-    except InputError as exc:
-        return _fail(exc)
+    image = io.read_image(args.image, "image")
+    reference = io.read_image(args.reference, "reference")
+    warped = io.resample_to(image, Grid.of(reference), transform, linear=not args.nearest)
+    with staged_file(args.out, args.overwrite, inputs) as staged:
+        io.write_image(warped, staged)
+    _say(f"warped {args.image} -> {args.out}")
+    return int(ExitCode.SUCCESS)
 
 
 def _jacobian_command(args: argparse.Namespace) -> int:
@@ -73,23 +81,30 @@ def _jacobian_command(args: argparse.Namespace) -> int:
     from nephireg.errors import InputError
     from nephireg.geometry import Grid
     from nephireg.jacobian import jacobian_determinant, jacobian_summary
+    from nephireg.resultdir import staged_file
+    from nephireg.validate import check_output_file
 
+    inputs = [args.transform, args.reference]
+    if args.out:
+        check_output_file(args.out, args.overwrite, inputs)
+    transform = io.read_transform(args.transform)
+    if args.reference:
+        grid = Grid.of(io.read_image(args.reference, "reference"))
+    else:
+        field = _displacement_field_of(transform, args.transform)
+        grid = Grid.of(field)
     try:
-        transform = io.read_transform(args.transform)
-        if args.reference:
-            grid = Grid.of(io.read_image(args.reference, "reference"))
-        else:
-            field = _displacement_field_of(transform, args.transform)
-            grid = Grid.of(field)
         displacement = io.displacement_of(transform, grid)
-        det = jacobian_determinant(displacement, grid)
-        if args.out:
-            io.write_image(io.image_from_array(det, grid), args.out)
-        summary = jacobian_summary(det)
-        print(" ".join(f"{k}={v:.6g}" for k, v in summary.items()))
-        return int(ExitCode.SUCCESS)
-    except (InputError, RuntimeError) as exc:
-        return _fail(exc)
+    except RuntimeError as exc:  # SimpleITK cannot evaluate this transform (e.g. a broken field)
+        raise InputError(f"transform cannot be evaluated on the grid ({str(exc).strip()[-200:]})",
+                         args.transform) from None
+    det = jacobian_determinant(displacement, grid)
+    if args.out:
+        with staged_file(args.out, args.overwrite, inputs) as staged:
+            io.write_image(io.image_from_array(det, grid), staged)
+    summary = jacobian_summary(det)
+    _say(" ".join(f"{k}={v:.6g}" for k, v in summary.items()))
+    return int(ExitCode.SUCCESS)
 
 
 def _displacement_field_of(transform, path: str):
@@ -106,51 +121,134 @@ def _displacement_field_of(transform, path: str):
     raise InputError("not a displacement-field transform; give --reference to choose the grid", path)
 
 
+PAIR_COLUMNS = ("fixed", "moving", "fixed_mask", "moving_mask")
+
+
 def read_pairs(csv_path: str) -> List[dict]:
-    """Rows of a batch CSV (header with fixed, moving and optionally fixed_mask, moving_mask, id)."""
+    """Rows of a batch CSV (header with fixed, moving and optionally fixed_mask, moving_mask, id), checked as a
+    whole: ids are safe folder names and name one pair each. A row with a missing cell gets ``row["problem"]``
+    (reported when its turn comes; the other rows still run). A UTF-8 byte-order mark is accepted."""
     from nephireg.errors import InputError
 
     path = Path(csv_path)
-    if not path.exists():
+    if not path.is_file():
         raise InputError("batch CSV not found", path)
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"fixed", "moving"} <= set(rows[0]):
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a byte-order mark
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"batch CSV cannot be read as UTF-8 CSV ({exc})", path) from None
+    header = set(rows[0]) if rows else set()
+    if not rows or not {"fixed", "moving"} <= header:
         raise InputError("batch CSV needs a header with at least 'fixed' and 'moving' columns and one row", path)
     base = path.parent
-    for row in rows:
-        for key in ("fixed", "moving", "fixed_mask", "moving_mask"):
-            if row.get(key):
-                row[key] = str((base / row[key]).resolve()) if not os.path.isabs(row[key]) else row[key]
+    for number, row in enumerate(rows):
+        row["problem"] = _row_problem(row, number)
+        for key in PAIR_COLUMNS:
+            value = (row.get(key) or "").strip()
+            row[key] = str((base / value).resolve()) if value and not os.path.isabs(value) else value
+        row["id"] = (row.get("id") or "").strip() or f"pair-{number:04d}"
+        _check_id(row["id"], number, path)
+    _check_unique_ids(rows, path)
     return rows
 
 
-def _batch_command(args: argparse.Namespace) -> int:
+def _row_problem(row: dict, number: int) -> str:
+    if None in row:
+        return f"row {number} has {len(row[None])} more cells than the header"
+    missing = [key for key in ("fixed", "moving") if not (row.get(key) or "").strip()]
+    return f"row {number} has no {' and no '.join(missing)} (a short row?)" if missing else ""
+
+
+def _check_id(pair_id: str, number: int, path: Path) -> None:
+    """An id is one folder name inside --out-root: no separators, no '..', nothing hidden."""
     from nephireg.errors import InputError
 
+    bad = pair_id in (".", "..") or pair_id.startswith(".") or any(c in pair_id for c in "/\\:\0")
+    if bad or len(pair_id.encode()) > 200:
+        raise InputError(f"row {number}: id {pair_id!r} is not a plain folder name (no / \\ : or leading '.'); "
+                         "results must stay inside --out-root", path)
+
+
+def _check_unique_ids(rows: List[dict], path: Path) -> None:
+    from nephireg.errors import InputError
+
+    seen: dict = {}
+    for number, row in enumerate(rows):
+        pair = tuple(row[key] for key in PAIR_COLUMNS)
+        first = seen.setdefault(row["id"], (number, pair))
+        if first[1] != pair:
+            raise InputError(f"rows {first[0]} and {number} share the id {row['id']!r} but name different pairs", path)
+
+
+def _done_already(out: Path, row: dict) -> str:
+    """"done" when ``out`` holds this row's result, "" when it holds none; else the conflict, in words."""
     try:
-        rows = read_pairs(args.csv)
-    except InputError as exc:
-        return _fail(exc)
-    extra = [a for a in args.register_args if a != "--"]
+        manifest = json.loads((out / RESULT_MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return ""
+    except (OSError, ValueError):
+        return f"{out / RESULT_MANIFEST} cannot be read; remove it or choose another --out-root"
+    request = manifest.get("parameters", {}).get("request", {})
+    for key in ("fixed", "moving"):
+        if request.get(key) and os.path.abspath(request[key]) != row[key]:
+            return f"{out} holds the result of another pair ({key} {request[key]}); not replaced"
+    return "done"
+
+
+def _batch_command(args: argparse.Namespace) -> int:
+    """Every row, one child process each. Runs inside the command line's error boundary (``cli.run_command``):
+    a SIGINT/SIGTERM raises Cancelled here, which :func:`_run_child` forwards to the running child first."""
+    from nephireg.errors import InputError
+
+    rows = read_pairs(args.csv)
+    if args.index is not None and not 0 <= args.index < len(rows):
+        raise InputError(f"--index {args.index} is outside the CSV's {len(rows)} rows", args.csv)
     indices = [args.index] if args.index is not None else range(len(rows))
-    failures = 0
-    for index in indices:
-        if not 0 <= index < len(rows):
-            return _fail(InputError(f"--index {index} is outside the CSV's {len(rows)} rows", args.csv))
-        row = rows[index]
-        out = Path(args.out_root) / (row.get("id") or f"pair-{index:04d}")
-        if (out / RESULT_MANIFEST).exists():
-            print(f"[{index}] {out}: done already, skipped")
-            continue
-        command = [sys.executable, "-m", "nephireg", "register", "--fixed", row["fixed"], "--moving", row["moving"],
-                   "--out", str(out), "--progress", "none"] + extra
-        for key in ("fixed_mask", "moving_mask"):
-            if row.get(key):
-                command += [f"--{key.replace('_', '-')}", row[key]]
-        code = subprocess.call(command)  # one pair per process: a crash or OOM cannot take the batch down
-        print(f"[{index}] {out}: exit {code}")
-        failures += code != 0
-        if code == ExitCode.CANCELLED:
-            return code
-    return int(ExitCode.SUCCESS if failures == 0 else ExitCode.INTERNAL_ERROR)
+    extra = [a for a in args.register_args if a != "--"]
+    codes = [_batch_row(index, rows[index], Path(args.out_root), extra) for index in indices]
+    failed = [code for code in codes if code != ExitCode.SUCCESS]
+    return int(ExitCode.SUCCESS if not failed else failed[0] if len(set(failed)) == 1 else ExitCode.INTERNAL_ERROR)
+
+
+def _batch_row(index: int, row: dict, out_root: Path, extra: List[str]) -> int:
+    """One row: skipped when done, refused when broken, else registered in a child process (exit code back)."""
+    out = out_root / row["id"]
+    problem = row["problem"] or _done_already(out, row)
+    if problem == "done":
+        _say(f"[{index}] {out}: done already, skipped")
+        return int(ExitCode.SUCCESS)
+    if problem:
+        _say(f"[{index}] {out}: exit {int(ExitCode.BAD_INPUT)} ({problem})")
+        return int(ExitCode.BAD_INPUT)
+    command = [sys.executable, "-m", "nephireg", "register", "--fixed", row["fixed"], "--moving", row["moving"],
+               "--out", str(out), "--progress", "none"] + extra
+    for key in ("fixed_mask", "moving_mask"):
+        if row.get(key):
+            command += [f"--{key.replace('_', '-')}", row[key]]
+    code = _run_child(command)  # one pair per process: a crash or OOM cannot take the batch down
+    _say(f"[{index}] {out}: exit {code}")
+    return code
+
+
+def _run_child(command: List[str]) -> int:
+    """Run ``command``; a cancellation of the batch (the Cancelled its signal raises) is forwarded to the child as
+    SIGTERM, the child is waited for, and the cancellation goes on up.
+
+    SIGTERM whatever the batch received: a child still starting its interpreter (before its handlers exist) then
+    ends quietly instead of printing a KeyboardInterrupt traceback."""
+    from nephireg.errors import Cancelled
+
+    child = subprocess.Popen(command)
+    try:
+        code = child.wait()
+    except Cancelled:
+        child.send_signal(signal.SIGTERM)
+        while True:
+            try:
+                child.wait()
+                break
+            except Cancelled:  # a second signal while the child winds down: keep waiting for it
+                continue
+        raise
+    return int(code) if code >= 0 else int(ExitCode.INTERNAL_ERROR)  # killed by a signal the batch did not get

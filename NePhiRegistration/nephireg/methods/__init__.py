@@ -11,6 +11,7 @@ dataclass. Modules are imported on demand: importing this package is cheap.
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 from typing import Any, Callable, Dict, Mapping, Optional
 
 from nephireg.protocol import METHODS
@@ -24,10 +25,15 @@ MethodFunction = Callable[..., Any]
 
 def get_method(name: str) -> MethodFunction:
     """The ``run`` function of method ``name`` (one of :data:`nephireg.protocol.METHODS`)."""
+    return getattr(method_module(name), _FUNCTIONS[name])
+
+
+def method_module(name: str) -> ModuleType:
+    """The module of method ``name``: its ``run`` function, ``Settings``, ``OPTION_RULES`` and
+    ``coarsest_pooling(settings, grid)``."""
     if name not in _MODULES:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    module = importlib.import_module(_MODULES[name])
-    return getattr(module, _FUNCTIONS[name])
+    return importlib.import_module(_MODULES[name])
 
 
 def method_availability(name: str) -> Mapping[str, Any]:
@@ -37,13 +43,8 @@ def method_availability(name: str) -> Mapping[str, Any]:
     return check() if check else {"available": True, "reason": ""}
 
 
-def resolved_settings(name: str, options: Mapping[str, Any], seed: int) -> Dict[str, Any]:
-    """The values method ``name`` runs with: its ``Settings`` resolved from ``options`` and the run's ``seed``."""
-    return importlib.import_module(_MODULES[name]).resolved_settings(name, options, seed)
-
-
-def model_record(name: str, options: Mapping[str, Any], preset: str) -> Optional[Dict[str, Any]]:
-    """Provenance of the trained model a run of method ``name`` on ``preset`` uses (``{name, file, sha256, card,
-    anatomy, modality, preset}``), or None when it uses none."""
-    record = getattr(importlib.import_module(_MODULES[name]), "model_record", None)
-    return record(name, options, preset) if record else None
+def model_record(name: str, settings: Any, preset: str) -> Optional[Dict[str, Any]]:
+    """Provenance of the trained model a run of method ``name`` with its resolved ``settings`` on ``preset`` uses
+    (``{name, file, sha256, card, anatomy, modality, preset}``), or None when it uses none."""
+    record = getattr(method_module(name), "model_record", None)
+    return record(name, settings, preset) if record else None

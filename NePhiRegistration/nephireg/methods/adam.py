@@ -15,8 +15,8 @@ level grid (trilinear interpolation upsamples it).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, Mapping, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from nephireg.features import mind_ssc
 from nephireg.fields import DenseField
 from nephireg.geometry import Grid
 from nephireg.optim import Adam
+from nephireg.options import Rule, check_settings, settings_from
 from nephireg.pair import PreparedPair
 from nephireg.progress import Reporter
 from nephireg.sampling import (
@@ -55,21 +56,12 @@ class Settings:
     final_fraction: float = 0.0333
     grid_spacing_mm: Optional[float] = None  # if set, the finest level's spacing (overrides the last level)
 
+    def __post_init__(self) -> None:
+        check_settings(self, OPTION_RULES, INVARIANTS)
+
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> Settings:
-        known = {f.name for f in fields(cls)}
-        unknown = set(options) - known - {"model", "seed"}
-        if unknown:
-            raise ValueError(f"continuous Adam does not know option(s) {', '.join(sorted(unknown))}")
-        values = {k: v for k, v in options.items() if k in known and v is not None}
-        if "levels" in values:
-            values["levels"] = tuple(int(v) for v in values["levels"])
-        settings = cls(**values)
-        if settings.iterations < 1 or settings.coarse_iterations < 0 or not settings.levels:
-            raise ValueError("continuous Adam needs iterations >= 1, coarse_iterations >= 0 and at least one level")
-        if settings.regularization < 0:
-            raise ValueError("regularization must be >= 0")
-        return settings
+        return settings_from(cls, options, OPTION_RULES, ignored=("model", "seed"), what="continuous Adam")
 
     def schedule(self, steps: int) -> ConstantCosineLinear:
         base = ConstantCosineLinear(self.lr, self.constant_until, self.cosine_until, 270,
@@ -77,9 +69,32 @@ class Settings:
         return base.scaled_to(steps)
 
 
-def resolved_settings(method: str, options: Mapping[str, Any], seed: int) -> Dict[str, Any]:
-    """The :class:`Settings` a run with ``options`` uses, as a dict (continuous Adam uses no seed)."""
-    return asdict(Settings.from_options(options))
+MAX_ITERATIONS = 100_000
+# The one schema of these options (nephireg.options): type and allowed range of every Settings field.
+OPTION_RULES = {
+    "iterations": Rule("int", 1, MAX_ITERATIONS),
+    "coarse_iterations": Rule("int", 0, MAX_ITERATIONS),
+    "levels": Rule("int-list", 1, 32, items=(1, 6)),
+    "regularization": Rule("float", 0, 1e6),
+    "lr": Rule("float", 0, 1e3, low_open=True),
+    "smoothing_passes": Rule("int", 0, 20),
+    "mind_radius": Rule("int", 1, 5),
+    "mind_dilation": Rule("int", 1, 10),
+    "constant_until": Rule("int", 0, 270),
+    "cosine_until": Rule("int", 0, 270),
+    "cosine_floor": Rule("float", 0, 1),
+    "final_fraction": Rule("float", 0, 1, low_open=True),
+    "grid_spacing_mm": Rule("float", 0, 1000, low_open=True, optional=True),
+}
+INVARIANTS = ((lambda s: s.constant_until <= s.cosine_until,
+               "--option constant_until must not exceed --option cosine_until (schedule breakpoints of 270 steps)"),
+              (lambda s: s.final_fraction <= s.cosine_floor,
+               "--option final_fraction must not exceed --option cosine_floor (schedule.ConstantCosineLinear)"))
+
+
+def coarsest_pooling(settings: Settings, grid: Grid) -> int:
+    """The largest pooling factor of the working grid this method uses (the geometry check needs it)."""
+    return max(level_factors(settings, grid))
 
 
 def run(pair: PreparedPair, options: Mapping[str, Any], reporter: Reporter) -> DenseField:

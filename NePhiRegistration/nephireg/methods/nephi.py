@@ -9,9 +9,8 @@ than the run's still runs, with a ``model-preset-mismatch`` warning.
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
@@ -20,6 +19,8 @@ import torch
 from nephireg import quality
 from nephireg.errors import InputError
 from nephireg.fields import DisplacementField, evaluate_on_grid
+from nephireg.geometry import Grid
+from nephireg.options import Rule, check_settings, settings_from
 from nephireg.pair import PreparedPair
 from nephireg.progress import Reporter
 
@@ -54,55 +55,43 @@ class Settings:
     threads: int = 1  # torch CPU threads during the IO loop (restored after); 0 = leave as is
 
     def __post_init__(self) -> None:
-        if self.iterations < 0:
-            raise InputError(f"iterations must be >= 0, got {self.iterations}")
-        weights = (self.regularization, self.prior_weight, self.coarse_regularization)
-        if not all(math.isfinite(w) and w >= 0 for w in weights):
-            raise InputError("regularization, coarse_regularization and prior_weight must be finite and >= 0")
-        if self.learning_rate <= 0 or self.code_learning_rate <= 0:
-            raise InputError("learning rates must be positive")
-        if self.threads < 0:
-            raise InputError(f"threads must be >= 0, got {self.threads}")
-        if self.latent_stride < 1:
-            raise InputError(f"latent_stride must be >= 1, got {self.latent_stride}")
-        if self.similarity not in SIMILARITIES:
-            raise InputError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {self.similarity!r}")
-        if self.coarse not in COARSE_MODES:
-            raise InputError(f"coarse must be one of {', '.join(COARSE_MODES)}, got {self.coarse!r}")
-        if self.coarse == "adam" and self.coarse_iterations < 1:
-            raise InputError(f"coarse_iterations must be >= 1 with coarse=adam, got {self.coarse_iterations}")
-        if self.coarse_level not in COARSE_LEVELS:
-            choices = ", ".join(map(str, COARSE_LEVELS))
-            raise InputError(f"coarse_level must be one of {choices}, got {self.coarse_level}")
-        if self.output_lattice != 0 and self.output_lattice < 1:
-            raise InputError(f"output_lattice must be 0 (exact) or >= 1, got {self.output_lattice}")
+        check_settings(self, OPTION_RULES, INVARIANTS)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> Settings:
-        known = {f.name: f.type for f in fields(cls)}
-        unknown = sorted(set(options) - set(known) - set(_IGNORED))
-        if unknown:
-            raise InputError(f"unknown NePhi option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        values: Dict[str, Any] = {}
-        for name, value in options.items():
-            if name in _IGNORED or value is None:
-                continue
-            default = cls.__dataclass_fields__[name].default
-            values[name] = _coerce(name, value, default)
-        return cls(**values)
+        return settings_from(cls, options, OPTION_RULES, ignored=_IGNORED, what="NePhi")
 
 
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    try:
-        if isinstance(default, bool):
-            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
-        if isinstance(default, int):
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise InputError(f"option {name}={value!r} is not a valid {type(default).__name__}") from None
+MAX_POINTS = 10_000_000
+# The one schema of these options (nephireg.options): type and allowed range of every Settings field.
+OPTION_RULES = {
+    "iterations": Rule("int", 0, 100_000),
+    "regularization": Rule("float", 0, 1e6),
+    "model": Rule("text", optional=True),
+    "seed": Rule("int", 0, 2**32 - 1),
+    "learning_rate": Rule("float", 0, 10, low_open=True),
+    "code_learning_rate": Rule("float", 0, 10, low_open=True),
+    "similarity_points": Rule("int", 16, MAX_POINTS),  # nephi.objective needs 16 for its statistics
+    "gradicon_points": Rule("int", 1, MAX_POINTS),
+    "prior_weight": Rule("float", 0, 1e6),
+    "latent_stride": Rule("int", 1, 64),
+    "mask_images": Rule("bool"),
+    "similarity": Rule("choice", choices=SIMILARITIES),
+    "coarse": Rule("choice", choices=COARSE_MODES),
+    "coarse_iterations": Rule("int", 0, 100_000),
+    "coarse_level": Rule("choice", choices=COARSE_LEVELS),
+    "coarse_regularization": Rule("float", 0, 1e6),
+    "output_lattice": Rule("float", 1, 64, also=(0,)),
+    "threads": Rule("int", 0, 1024),
+}
+INVARIANTS = ((lambda s: s.coarse != "adam" or s.coarse_iterations >= 1,
+               "--option coarse_iterations must be >= 1 with --option coarse=adam"),)
+
+
+def coarsest_pooling(settings: Settings, grid: Grid) -> int:  # noqa: ARG001 - the methods' common signature
+    """The largest pooling factor of the working grid these methods use (the coarse Adam step's), for the
+    geometry check."""
+    return max(coarse_levels(settings.coarse_level)) if settings.coarse == "adam" else 1
 
 
 def availability() -> Dict[str, Any]:
@@ -115,24 +104,13 @@ def availability() -> Dict[str, Any]:
     return {"available": True, "reason": ""}
 
 
-def resolved_settings(method: str, options: Mapping[str, Any], seed: int) -> Dict[str, Any]:
-    """The :class:`Settings` a run of ``method`` with ``options`` uses, as a dict."""
-    return asdict(_settings(method, options, seed))
-
-
-def _settings(method: str, options: Mapping[str, Any], seed: int) -> Settings:
-    if method == "nephi-io":
-        return Settings.from_options({"seed": seed, **options})  # the run's --seed unless an option says
-    return Settings.from_options(options)
-
-
-def model_record(method: str, options: Mapping[str, Any], preset: Optional[str]) -> Optional[Dict[str, Any]]:
-    """Provenance of the model file a run of ``method`` with ``options`` on ``preset`` loads, or None (nephi-io from
-    identity): registry name (the file's stem outside the registry), absolute path, SHA-256, model card and intended
-    use (:func:`nephireg.modelstore.intended_use`; None fields when the model states none)."""
+def model_record(method: str, settings: Settings, preset: Optional[str]) -> Optional[Dict[str, Any]]:
+    """Provenance of the model file a run of ``method`` with ``settings`` on ``preset`` loads, or None (nephi-io
+    from identity): registry name (the file's stem outside the registry), absolute path, SHA-256, model card and
+    intended use (:func:`nephireg.modelstore.intended_use`; None fields when the model states none)."""
     from nephireg import modelstore
 
-    path = _model_path(Settings.from_options(options).model, required=method == "nephi", preset=preset)
+    path = _model_path(settings.model, required=method == "nephi", preset=preset)
     if path is None:
         return None
     path = os.path.abspath(path)
@@ -155,7 +133,7 @@ def run_predict(pair: PreparedPair, options: Mapping[str, Any], reporter: Report
     bias_mm = identity_test_mm(model, images, pair)
     reporter.log(f"identity test: the model moves the fixed image registered to itself by {bias_mm:.2f} mm on average")
     quality.check_identity_bias(bias_mm, reporter)
-    return _output(model.net, codes, pair, settings, coarse)
+    return _output(model.net, codes, pair, settings, coarse, reporter)
 
 
 IDENTITY_TEST_LATTICE = 8.0  # the identity test samples its field at this x the working spacing (docs/quality.md)
@@ -183,7 +161,7 @@ def run_instance_optimisation(pair: PreparedPair, options: Mapping[str, Any], re
     from nephireg.nephi.field import NePhiNet, zero_codes
     from nephireg.nephi.optimise import optimise
 
-    settings = _settings("nephi-io", options, pair.seed)
+    settings = Settings.from_options({"seed": pair.seed, **options})  # the run's --seed unless an option says
     torch.manual_seed(settings.seed)
     images, coarse = _inputs(pair, settings, reporter)
     model = _load(settings.model, required=False, pair=pair, reporter=reporter)
@@ -199,7 +177,7 @@ def run_instance_optimisation(pair: PreparedPair, options: Mapping[str, Any], re
         codes = zero_codes(config, shape, device=pair.device)
     reporter.stage("nephi-io", f"NePhi + IO: {settings.iterations} iterations")
     net, codes = optimise(net, codes, images, settings, reporter)
-    return _output(net, codes, pair, settings, coarse)
+    return _output(net, codes, pair, settings, coarse, reporter)
 
 
 def _inputs(pair: PreparedPair, settings: Settings, reporter: Reporter, with_features: bool = True):
@@ -240,7 +218,8 @@ def _coarse_step(pair: PreparedPair, settings: Settings, reporter: Reporter):
     field = adam.run(pair, {"levels": coarse_levels(settings.coarse_level), "iterations": settings.coarse_iterations,
                             "coarse_iterations": settings.coarse_iterations,
                             "regularization": settings.coarse_regularization}, reporter)
-    values = torch.from_numpy(evaluate_on_grid(field, pair.grid, pair.device)).to(pair.fixed)
+    values = torch.from_numpy(evaluate_on_grid(field, pair.grid, pair.device, cancel=reporter.check_cancel)
+                              ).to(pair.fixed)
     points = grid_points_mm(pair.grid, device=pair.device) + values
     flat = points.reshape(-1, 3)
     shape = pair.moving.shape
@@ -306,12 +285,12 @@ def _predict_codes(model, fixed: torch.Tensor, moving: torch.Tensor) -> Tuple[to
         return model.predict_codes(fixed, moving)
 
 
-def _output(net, codes, pair: PreparedPair, settings: Settings, coarse) -> DisplacementField:
+def _output(net, codes, pair: PreparedPair, settings: Settings, coarse, reporter: Reporter) -> DisplacementField:
     from nephireg.nephi.output import ComposedField, NePhiField, lattice_field
 
     field: DisplacementField = NePhiField(net, codes, pair.grid)
     if settings.output_lattice:
-        field = lattice_field(field, pair.grid, settings.output_lattice, pair.device)
+        field = lattice_field(field, pair.grid, settings.output_lattice, pair.device, cancel=reporter.check_cancel)
     if coarse is not None:
         field = ComposedField(field, coarse)
     return field

@@ -26,6 +26,7 @@ def _add_train(subparsers) -> None:
     p.add_argument("--pairs", dest="pairs_csv", help="CSV: fixed,moving[,fixed_mask,moving_mask][,window_lo,window_hi]")
     p.add_argument("--volumes", dest="volumes_csv", help="CSV: image[,mask][,window_lo,window_hi] for synthetic pairs")
     p.add_argument("--out", required=True, help="model file to write (.pt)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out model file")
     p.add_argument("--workdir", required=True, help="folder for checkpoints and the training log")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--lr", dest="learning_rate", type=float, default=1e-3)
@@ -67,7 +68,13 @@ def run_train(args: argparse.Namespace) -> int:
     import torch
 
     from nephireg.nephi.train import TrainConfig, train
+    from nephireg.validate import check_output_file
 
+    try:  # before any work: the model file may not replace a file (without --overwrite) or an input
+        check_output_file(args.out, args.overwrite, [args.pairs_csv, args.volumes_csv, args.workdir])
+    except InputError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return int(exc.exit_code)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -52,7 +52,8 @@ class NePhiModel:
 
 
 def save_model(path: os.PathLike, net: NePhiNet, encoder: Optional[Encoder], metadata: Mapping[str, Any]) -> None:
-    """Write a model file atomically (a temporary file renamed into place)."""
+    """Write a model file atomically (:func:`nephireg.resultdir.staged_file`: a private file renamed into place;
+    the caller decides beforehand whether an existing file may be replaced)."""
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "engine_version": __version__,
                "field_config": net.config.to_dict(),
                "encoder_config": None if encoder is None else encoder.config.to_dict(),
@@ -60,9 +61,10 @@ def save_model(path: os.PathLike, net: NePhiNet, encoder: Optional[Encoder], met
                "encoder": None if encoder is None else {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
                # through JSON: plain containers only, which weights-only loading accepts
                "metadata": json.loads(json.dumps(dict(metadata), default=str))}
-    tmp = f"{os.fspath(path)}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    from nephireg.resultdir import staged_file
+
+    with staged_file(path, overwrite=True) as staged:
+        torch.save(payload, staged)
 
 
 def read_payload(path: os.PathLike) -> Dict[str, Any]:

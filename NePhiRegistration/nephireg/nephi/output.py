@@ -9,7 +9,7 @@ voxels apart), and the interpolation error is reported by the tests.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -68,9 +68,11 @@ class ComposedField:
         return u1 + self.second.displacement_mm(points_mm + u1).to(u1.dtype)
 
 
-def lattice_field(field: DisplacementField, grid: Grid, factor: float, device: torch.device) -> DenseField:
-    """``field`` sampled on a lattice covering ``grid`` at ``factor`` times its spacing, as a DenseField."""
+def lattice_field(field: DisplacementField, grid: Grid, factor: float, device: torch.device,
+                  cancel: Optional[Callable[[], None]] = None) -> DenseField:
+    """``field`` sampled on a lattice covering ``grid`` at ``factor`` times its spacing, as a DenseField
+    (``cancel``: called between chunks, raises to stop)."""
     lattice = grid.resampled([s * factor for s in grid.spacing])
-    values = evaluate_on_grid(field, lattice, device)  # (Z, Y, X, 3) float64
+    values = evaluate_on_grid(field, lattice, device, cancel=cancel)  # (Z, Y, X, 3) float64
     tensor = torch.from_numpy(values).to(torch.float32).permute(3, 0, 1, 2).unsqueeze(0).contiguous()
     return DenseField(lattice, tensor.to(device))

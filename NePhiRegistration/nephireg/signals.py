@@ -1,0 +1,90 @@
+"""SIGINT and SIGTERM on the command line: a cancellation, from the process's first line to its last.
+
+:func:`install` runs first thing in ``python -m nephireg`` (before argparse or torch), so a signal at any time
+is recorded instead of killing the interpreter (exit -15) or raising KeyboardInterrupt in an import. A command
+then takes the recorded signals in one of two ways:
+
+* :func:`cooperative` (register, demo): a signal requests a cancel of the run's reporter, whose loops poll it
+  (:meth:`nephireg.progress.Reporter.check_cancel`); one recorded earlier cancels it at once.
+* :func:`interrupting` (warp, jacobian, batch, train, models): a signal raises :class:`nephireg.errors.Cancelled`
+  in the main thread (these commands have no loop that polls; batch forwards it to its child first).
+
+Either way the error boundary turns the cancellation into exit 3 and one line. Signals that arrive while the
+interpreter itself starts (before :func:`install`, a few tens of ms) still end the process with the default
+action.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator, List
+
+from nephireg.errors import Cancelled
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_received: List[int] = []  # signal numbers received in this process, in order
+_listeners: List[Callable[[], None]] = []
+_interrupting = [False]
+
+
+def _on_signal(signum: int, frame) -> None:  # noqa: ARG001 - signal handler signature
+    _received.append(signum)
+    for listener in list(_listeners):
+        listener()
+    if _interrupting[0]:
+        raise Cancelled(f"cancelled by {signal.Signals(signum).name}")
+
+
+def install() -> bool:
+    """Record SIGINT/SIGTERM from now on (main thread only; returns whether it could)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    for signum in SIGNALS:
+        signal.signal(signum, _on_signal)
+    return True
+
+
+@contextmanager
+def _handlers() -> Iterator[None]:
+    """Our handlers for the block, the previous ones restored after (a library call of ``cli.main``)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in SIGNALS}
+    if any(handler is not _on_signal for handler in previous.values()):
+        _received.clear()  # not installed by console_main: nothing of ours can have been recorded before
+    install()
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+@contextmanager
+def cooperative(request_cancel: Callable[[], None]) -> Iterator[None]:
+    """Signals call ``request_cancel`` (e.g. a reporter's); a signal received before the block calls it now."""
+    with _handlers():
+        _listeners.append(request_cancel)
+        if _received:
+            request_cancel()
+        try:
+            yield
+        finally:
+            _listeners.remove(request_cancel)
+
+
+@contextmanager
+def interrupting() -> Iterator[None]:
+    """Signals raise :class:`Cancelled` in the block; one received before the block raises at its start."""
+    with _handlers():
+        _interrupting[0] = True
+        try:
+            if _received:
+                raise Cancelled(f"cancelled by {signal.Signals(_received[-1]).name}")
+            yield
+        finally:
+            _interrupting[0] = False
+

@@ -1,0 +1,220 @@
+"""The one check of a whole request before any work: paths, output location, every option, then the geometry.
+
+:func:`check_request` needs no images (it runs before reading); :func:`check_geometry` runs on the images' grids
+as soon as they are read, before anything is allocated from them. Every refusal is an
+:class:`nephireg.errors.InputError` (exit 2) naming the file or option and what is allowed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+
+from nephireg.errors import InputError
+from nephireg.geometry import Grid
+from nephireg.options import Rule
+from nephireg.protocol import DEVICES, METHODS, PREALIGN_MODES, PRESETS, RESULT_MANIFEST
+from nephireg.staging import nearest_existing
+
+# Options with their own flag are checked even by methods that ignore them (a typo should not pass silently).
+COMMON_RULES = {"grid_spacing_mm": Rule("float", 0, 1000, low_open=True, optional=True)}
+SEED_RULE = Rule("int", 0, 2**32 - 1)
+MIN_LEVEL_VOXELS = 2  # voxels along every axis of the coarsest pooled level a method uses
+SPACING_RANGE_MM = (1e-4, 1e4)  # plausible voxel spacings of a medical image (0.1 um .. 10 m)
+SPACE_MARGIN = 1.2  # free space asked for: the estimated result size times this
+
+
+def check_request(request: Any) -> None:
+    """Everything about a :class:`nephireg.inputs.Request` that is known before reading its images."""
+    for label, value, choices in (("--method", request.method, METHODS), ("--preset", request.preset, PRESETS),
+                                  ("--device", request.device, DEVICES),
+                                  ("--prealign", request.prealign, PREALIGN_MODES)):
+        if value not in choices:
+            raise InputError(f"{label} {value!r} is not allowed; choose one of {', '.join(choices)}")
+    check_input_path(request.fixed, "--fixed", "fixed image")
+    check_input_path(request.moving, "--moving", "moving image")
+    for flag, path in (("--fixed-mask", request.fixed_mask), ("--moving-mask", request.moving_mask)):
+        if path is not None:
+            check_input_path(path, flag, flag[2:].replace("-", " "))
+    SEED_RULE.parse("seed", request.seed)
+    for name, rule in COMMON_RULES.items():
+        rule.parse(name, request.options.get(name))
+    check_output_folder(request.out, request.overwrite)
+
+
+def method_settings(request: Any) -> Any:
+    """The method's typed, checked ``Settings`` for the request's preset and options (imports the method)."""
+    from nephireg.methods import method_module
+    from nephireg.presets import get_preset
+
+    module = method_module(request.method)
+    options = get_preset(request.preset).options_for(request.method, request.options)
+    if request.method == "nephi-io":
+        options = {"seed": request.seed, **options}
+    settings = module.Settings.from_options(options)
+    model = getattr(settings, "model", None)
+    if model and (os.sep in model or model.endswith(".pt")) and not os.path.isfile(model):
+        raise InputError("--model file not found", model)
+    return settings
+
+
+def check_input_path(path: Any, flag: str, role: str) -> None:
+    """An input argument names something: not empty (an unset shell variable), not over-long, existing."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).strip():
+        raise InputError(f"{flag} is empty; give the {role}'s file or DICOM folder")
+    text = os.fspath(path)
+    check_name_lengths(Path(text), flag)
+    if not os.path.exists(text):
+        raise InputError(f"{role} file not found", text)
+
+
+def check_name_lengths(path: Path, what: str) -> None:
+    """Refuse a path the file system cannot hold (ENAMETOOLONG) before anything touches it."""
+    limit = _limit("PC_NAME_MAX", 255)
+    for part in path.parts:
+        if len(os.fsencode(part)) > limit:
+            raise InputError(f"{what}: a name in the path is {len(os.fsencode(part))} bytes long; the file "
+                             f"system allows {limit}", _short(path))
+    if len(os.fsencode(str(path.absolute()))) >= _limit("PC_PATH_MAX", 4096):
+        raise InputError(f"{what}: the path is longer than the file system allows", _short(path))
+
+
+def _limit(name: str, default: int) -> int:
+    try:
+        return int(os.pathconf("/", name))
+    except (AttributeError, OSError, ValueError):
+        return default
+
+
+def _short(path: Path) -> str:
+    text = str(path)
+    return text if len(text) <= 120 else text[:60] + "..." + text[-40:]
+
+
+def check_output_folder(out: Any, overwrite: bool) -> None:
+    """``--out`` can receive a result: a folder (or creatable), not a dangling link, writable, and free of a
+    result unless ``overwrite``."""
+    if not isinstance(out, (str, os.PathLike)) or not os.fspath(out).strip():
+        raise InputError("--out is empty; give the output folder")
+    folder = Path(os.fspath(out))
+    check_name_lengths(folder, "--out")
+    if folder.is_symlink() and not folder.exists():
+        raise InputError("output path is a dangling symbolic link", folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError("output path exists and is not a folder", folder)
+    if (folder / RESULT_MANIFEST).exists() and not overwrite:
+        raise InputError("output folder already holds a result (result.json); use --overwrite to replace it", folder)
+    check_writable(folder)
+
+
+def check_output_file(path: Any, overwrite: bool, inputs: Iterable[Any] = (), flag: str = "--out") -> None:
+    """A single output file (warp, jacobian, train): writable, not one of the command's ``inputs``, not
+    replacing an existing file unless ``overwrite``."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).strip():
+        raise InputError(f"{flag} is empty; give the output file")
+    target = Path(os.fspath(path))
+    check_name_lengths(target, flag)
+    if target.is_symlink() and not target.exists():
+        raise InputError("output path is a dangling symbolic link", target)
+    if target.is_dir():
+        raise InputError("output path is a folder; give a file name", target)
+    for given in inputs:
+        if given and _same_file(target, Path(os.fspath(given))):
+            raise InputError(f"{flag} is one of the command's inputs ({given}); choose another output file", target)
+    if target.exists() and not overwrite:
+        raise InputError("output file exists; use --overwrite to replace it", target)
+    check_writable(target.parent)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        return False
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_writable(folder: Path) -> None:
+    """Create and remove a probe in ``folder``'s closest existing ancestor: the real test (permission bits say
+    nothing to root, a read-only mount or a full inode table does)."""
+    existing = nearest_existing(folder.absolute())
+    if existing is None or not existing.is_dir():
+        raise InputError(f"cannot create the output: {existing} is not a folder", folder)
+    probe = existing / f".nephireg-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        raise InputError(f"output location is not writable ({_reason(exc)} in {existing})", folder) from None
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
+
+
+def check_free_space(folder: Path, needed_bytes: float) -> None:
+    """Refuse to start a run whose result cannot fit: ``needed_bytes`` (an estimate) times :data:`SPACE_MARGIN`."""
+    existing = nearest_existing(folder.absolute())
+    try:
+        free = shutil.disk_usage(existing).free
+    except (OSError, TypeError):
+        return  # unknown: the writer still cleans up if the disk fills
+    if free < needed_bytes * SPACE_MARGIN:
+        raise InputError(f"not enough free space for the result: about {needed_bytes * SPACE_MARGIN / 1e6:.1f} MB "
+                         f"needed, {free / 1e6:.1f} MB free", folder)
+
+
+def result_bytes(fixed: Grid, moving: Grid) -> float:
+    """Estimated size of a result folder: float64 vectors and float32 maps on the fixed grid (transform,
+    Jacobian, warped image), a float64 vector field on the moving grid (room for an inverse), 1 MB of rest."""
+    return 40.0 * _voxels(fixed) + 24.0 * _voxels(moving) + 1e6
+
+
+def _voxels(grid: Grid) -> float:
+    return float(np.prod(np.asarray(grid.size, dtype=float)))
+
+
+def check_image_geometry(grid: Grid, role: str, path: Any) -> None:
+    """A header's geometry is finite and plausible (spacing within :data:`SPACING_RANGE_MM`)."""
+    values = np.concatenate([grid.spacing, grid.origin, grid.direction]).astype(float)
+    if not np.all(np.isfinite(values)):
+        raise InputError(f"{role} header has a NaN or infinite spacing, origin or direction", path)
+    low, high = SPACING_RANGE_MM
+    if min(grid.spacing) < low or max(grid.spacing) > high:
+        raise InputError(f"{role} voxel spacing {_fmt(grid.spacing)} mm is outside the plausible range "
+                         f"[{low:g}, {high:g}] mm; check the file's header", path)
+
+
+def check_geometry(request: Any, settings: Any, fixed: Grid, moving: Grid, working: Grid) -> None:
+    """The read images give the request's method a usable working grid, and their result fits on the disk."""
+    from nephireg.methods import method_module
+
+    coarsest = method_module(request.method).coarsest_pooling(settings, working)
+    check_working_grid(working, coarsest, request.preset, request.method, request.fixed, fixed.extent_mm())
+    check_free_space(Path(os.fspath(request.out)), result_bytes(fixed, moving))
+
+
+def check_working_grid(working: Grid, coarsest_factor: int, preset: str, method: str, fixed_path: str,
+                       extent_mm: Optional[np.ndarray] = None) -> None:
+    """The working grid holds at least :data:`MIN_LEVEL_VOXELS` voxels per axis at the method's coarsest
+    pooling level (``coarsest_factor``)."""
+    needed = MIN_LEVEL_VOXELS * max(1, int(coarsest_factor))
+    if min(working.size) >= needed:
+        return
+    spacing = max(working.spacing)
+    extent = "" if extent_mm is None else f"{_fmt(extent_mm)} mm, "
+    raise InputError(f"fixed image is physically too small for the {preset} preset with {method}: its field of "
+                     f"view ({extent}working grid {working.size} voxels of {spacing:.3g} mm) needs at least {needed} "
+                     f"voxels along every axis (about {needed * spacing:.3g} mm); check the header's spacing or use "
+                     "a preset with a finer working grid", fixed_path)
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"

@@ -1,0 +1,211 @@
+"""Issue 11, class 3: SIGINT/SIGTERM at any stage - from the first lines of the process to the writing of the
+result - give exit 3 and a ``cancelled`` error event, never exit 0 or a result; batch forwards them to its child.
+Real signals to real child processes; the progress events say which stage a child is in."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nephireg.errors import Cancelled, describe_failure
+from nephireg.fields import DenseField, evaluate_on_grid
+from nephireg.geometry import Grid
+from nephireg.prealign import prealign
+from nephireg.protocol import ExitCode, parse_event_line
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads signal masks from /proc")
+
+
+def smooth_volume(shape, seed):
+    noise = sitk.GetImageFromArray(np.random.default_rng(seed).random(shape).astype(np.float32))
+    return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(noise, 3.0))
+
+
+@pytest.fixture(scope="module")
+def big_pair(tmp_path_factory):
+    """128 x 128 x 96 voxels of 1 mm: writing its result takes long enough to be interrupted."""
+    folder = tmp_path_factory.mktemp("big")
+    base = smooth_volume((96, 128, 128), 0)
+    paths = {}
+    for name, array in (("fixed", base), ("moving", np.roll(base, 2, axis=1))):
+        paths[name] = str(folder / f"{name}.nrrd")
+        sitk.WriteImage(sitk.GetImageFromArray(array), paths[name])
+    return paths
+
+
+def start(*args, **popen):
+    return subprocess.Popen([sys.executable, "-m", "nephireg", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+def catches_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` has a SIGTERM handler installed (its SigCgt mask, from /proc)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt")), 16)
+    return bool(mask & (1 << (signal.SIGTERM - 1)))
+
+
+def wait_for(predicate, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def until_stage(proc, stage):
+    """Read events until ``stage`` begins; returns them."""
+    seen = []
+    for line in proc.stdout:
+        event = parse_event_line(line)
+        if event:
+            seen.append(event)
+            if event["event"] == "stage" and event["stage"] == stage:
+                return seen
+    raise AssertionError(f"the run ended before stage {stage}: {seen}")
+
+
+def finish(proc, signum):
+    """Send ``signum``, wait; returns (exit code, events after the signal, stderr, seconds to exit)."""
+    sent = time.monotonic()
+    proc.send_signal(signum)
+    rest, err = proc.communicate(timeout=120)
+    return proc.returncode, [e for e in map(parse_event_line, rest.splitlines()) if e], err, time.monotonic() - sent
+
+
+def assert_cancelled(code, evs, err):
+    assert code == ExitCode.CANCELLED, err
+    assert evs[-1]["event"] == "error" and evs[-1]["kind"] == "cancelled", evs[-1:]
+    assert not any(e["event"] == "result" for e in evs)
+    assert "Traceback" not in err
+
+
+@needs_proc
+def test_a_signal_in_the_first_moments_cancels_cleanly(big_pair, tmp_path):
+    out = tmp_path / "out"
+    proc = start("register", "--fixed", big_pair["fixed"], "--moving", big_pair["moving"], "--out", out,
+                 "--progress", "jsonl")
+    wait_for(lambda: catches_sigterm(proc.pid))  # the handlers are in place: long before argparse and torch
+    code, evs, err, _ = finish(proc, signal.SIGTERM)
+    assert_cancelled(code, evs, err)
+    assert evs[0]["event"] == "start"  # the protocol's first line still comes first
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("stage, args", [
+    ("prealign", ["--prealign", "affine", "--option", "iterations=2"]),
+    ("field", ["--prealign", "none", "--option", "iterations=2", "--option", "coarse_iterations=0"]),
+])
+def test_a_signal_during_a_stage_cancels_within_it(big_pair, tmp_path, stage, args):
+    out = tmp_path / "out"
+    proc = start("register", "--fixed", big_pair["fixed"], "--moving", big_pair["moving"], "--out", out,
+                 "--progress", "jsonl", *args)
+    until_stage(proc, stage)
+    code, evs, err, seconds = finish(proc, signal.SIGINT)
+    assert_cancelled(code, evs, err)
+    assert not [e for e in evs if e["event"] == "stage" and e["stage"] == "write"]  # stopped in the stage
+    assert not out.exists()
+    assert seconds < 30
+
+
+def test_a_signal_while_writing_keeps_the_old_result(big_pair, tmp_path):
+    out = tmp_path / "out"
+    base = ["register", "--fixed", big_pair["fixed"], "--moving", big_pair["moving"], "--out", out,
+            "--prealign", "none", "--option", "iterations=1", "--option", "coarse_iterations=0", "--progress",
+            "jsonl", "--no-overview"]
+    from nephireg.cli import main
+
+    assert main([str(a) for a in base]) == ExitCode.SUCCESS  # the old result, made in this process (faster)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    proc = start(*base, "--overwrite")  # with the overview: writing takes longer than the signal's way here
+    until_stage(proc, "write")
+    code, evs, err, _ = finish(proc, signal.SIGTERM)
+    assert_cancelled(code, evs, err)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old result intact, no staging left
+
+
+def _children(pid: int):
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _runs_the_engine(pid: int) -> bool:
+    """The child has exec'd the engine (not the batch's fork) and installed its handlers."""
+    try:
+        return b"register" in Path(f"/proc/{pid}/cmdline").read_bytes() and catches_sigterm(pid)
+    except OSError:
+        return False
+
+
+@needs_proc
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_batch_forwards_the_signal_to_its_child_and_exits_3(tmp_path, signum):
+    base = smooth_volume((16, 16, 16), 1)
+    for name, array in (("f", base), ("m", np.roll(base, 1, axis=0))):
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / f"{name}.nrrd"))
+    (tmp_path / "pairs.csv").write_text("id,fixed,moving\nA,f.nrrd,m.nrrd\nB,f.nrrd,m.nrrd\n")
+    proc = subprocess.Popen([sys.executable, "-m", "nephireg", "batch", "--csv", tmp_path / "pairs.csv",
+                             "--out-root", tmp_path / "runs", "--", "--option", "iterations=100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: _children(proc.pid) and _runs_the_engine(_children(proc.pid)[0]))
+    child = _children(proc.pid)[0]
+    code, _, err, seconds = finish(proc, signum)
+    assert code == ExitCode.CANCELLED and "Traceback" not in err, err
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # the child ended with it: no orphan writing a result later
+    assert not list((tmp_path / "runs").rglob("result.json"))
+    assert seconds < 30
+
+
+def test_affine_prealignment_stops_at_the_next_iteration_when_cancelled():
+    grid = Grid((40, 40, 40), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    fixed = sitk.GetImageFromArray(smooth_volume(grid.shape_zyx, 2))
+    fixed.SetSpacing(grid.spacing)
+    moving = sitk.GetImageFromArray(np.roll(sitk.GetArrayFromImage(fixed), 3, axis=2))
+    moving.CopyInformation(fixed)
+    polls = []
+    prealign(fixed, moving, "affine", cancelled=lambda: polls.append(1) or len(polls) > 3)
+    assert 4 <= len(polls) <= 5  # 3 iterations, the 4th stops; the next level is not started
+    everything = []
+    prealign(fixed, moving, "affine", cancelled=lambda: everything.append(1) and False)
+    assert len(everything) > 10  # uncancelled, it runs its iterations (polled at each)
+
+
+def test_field_evaluation_checks_cancel_between_chunks():
+    grid = Grid((32, 32, 32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    field = DenseField(grid, torch.zeros((1, 3) + grid.shape_zyx))
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        if len(calls) == 3:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        evaluate_on_grid(field, grid, torch.device("cpu"), chunk_points=32 * 32, cancel=cancel)
+    assert len(calls) == 3  # one check per slab of 1024 points, not one at the end
+
+
+def test_one_mapping_from_failures_to_exit_codes():
+    cpu_oom = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)")
+    assert describe_failure(cpu_oom)[:2] == (ExitCode.OUT_OF_MEMORY, "out-of-memory")
+    assert describe_failure(MemoryError())[0] == ExitCode.OUT_OF_MEMORY
+    full = OSError(errno.ENOSPC, "No space left on device", "/data/out/transform.h5")
+    assert describe_failure(full) == (ExitCode.BAD_INPUT, "bad-input",
+                                      "/data/out/transform.h5: No space left on device")
+    assert describe_failure(KeyboardInterrupt())[0] == ExitCode.CANCELLED
+    code, kind, message = describe_failure(ZeroDivisionError("x"))
+    assert (code, kind) == (ExitCode.INTERNAL_ERROR, "internal") and "ZeroDivisionError" in message
