@@ -92,6 +92,26 @@ def test_mirrored_moving_image_warns_of_the_orientation(tmp_path, one_torch_thre
     assert manifest["metrics"]["orientation_ncc_gain"] > 0.5  # the x flip matches (nearly) exactly
 
 
+def test_a_pre_alignment_that_mirrors_back_is_a_reflection_not_an_orientation_mismatch(tmp_path):
+    """A mirror as the pre-alignment (as an initial transform file can give) undoes the mirrored voxels: the
+    reflection is reported, the orientation no longer (the headers and pre-alignment together match)."""
+    from nephireg.compose import affine_transform
+    from nephireg.inputs import read_inputs
+
+    fixed = blobs(GRID)
+    mirrored = io.image_from_array(np.ascontiguousarray(sitk.GetArrayFromImage(fixed)[:, :, ::-1]), GRID)
+    request = Request(write(tmp_path, "fixed", fixed), write(tmp_path, "moving", mirrored), str(tmp_path / "out"))
+    inputs = read_inputs(request, get_preset("generic"), SilentReporter())
+    mirror = np.eye(4)
+    mirror[0, 0], mirror[0, 3] = -1.0, 2 * GRID.center_physical()[0]  # x -> 2 c_x - x
+    warped = sitk.GetArrayFromImage(io.resample_to(inputs.moving_norm, GRID, affine_transform(mirror)))
+    reporter = SilentReporter()
+    metrics = quality.assess(inputs, GRID, mirror, warped, 0.0, reporter)
+    assert metrics["ncc_prealigned"] == pytest.approx(1.0, abs=1e-6) and metrics["ncc_before"] < 0.5
+    assert metrics["prealign_determinant"] == pytest.approx(-1.0) and metrics["orientation_ncc_gain"] <= 0  # the x flip
+    assert [w["code"] for w in reporter.warnings] == [quality.PREALIGN_REFLECTION]
+
+
 def test_pair_the_deformable_step_cannot_help_warns(tmp_path, one_torch_thread):
     """An unrelated image: no deformation explains it, so the similarity barely moves (or drops)."""
     manifest = run(tmp_path, blobs(GRID, seed=0), blobs(GRID, seed=5))

@@ -83,7 +83,7 @@ def check_prealignment(linear: Dict[str, Optional[float]], reporter: Reporter) -
 # -- orientation: another axis orientation of the moving image matches far better than the headers' one -------------
 ORIENTATION_MISMATCH = "orientation-mismatch"
 ORIENTATION_SPACING_MM = 4.0  # the coarse grid on which the 48 axis orientations are compared (cheap: ~1e5 voxels)
-MIN_ORIENTATION_GAIN = 0.1  # NCC of the best other orientation above the headers' orientation, both centred ...
+MIN_ORIENTATION_GAIN = 0.05  # NCC of the best other orientation above the headers' and pre-alignment's ones ...
 MIN_ORIENTATION_NCC = 0.5  # ... and that NCC itself at least this (unrelated images match no orientation well)
 
 
@@ -118,11 +118,15 @@ def _mask_on(mask: Optional[sitk.Image], grid: Grid) -> Optional[np.ndarray]:
     return sitk.GetArrayFromImage(io.resample_to(sitk.Cast(mask, sitk.sitkFloat32), grid)) > 0.5
 
 
-def orientation_scores(inputs) -> List[Tuple[np.ndarray, float]]:
-    """(3x3 signed permutation P, NCC) for each of the 48 axis orientations, the identity first: the fixed image
-    against the moving image turned by P about the intensity centroids (x -> c_m + P (x - c_f)), both
-    block-averaged to about :data:`ORIENTATION_SPACING_MM`, on the fixed image's coarse grid, inside the fixed mask
-    when given."""
+def orientation_scores(inputs, prealign: np.ndarray) -> Tuple[float, List[Tuple[np.ndarray, float]]]:
+    """How well the moving image matches the fixed one as the headers and the pre-alignment orient it, and turned
+    by each of the 47 other axis orientations.
+
+    Each candidate linear map L turns the moving image about the intensity centroids (x -> c_m + L (x - c_f)); both
+    images block-averaged to about :data:`ORIENTATION_SPACING_MM`, compared by NCC on the fixed image's coarse grid,
+    inside the fixed mask when given. Returns (the better NCC of L = I (the headers) and L = the pre-alignment's
+    linear part, [(P, NCC) for the 47 other signed axis permutations P]).
+    """
     fixed, moving = _shrunk(inputs.fixed_norm), _shrunk(inputs.moving_norm)
     fixed_grid, moving_grid = Grid.of(fixed), Grid.of(moving)
     fixed_values = sitk.GetArrayFromImage(fixed).astype(np.float64)
@@ -130,29 +134,31 @@ def orientation_scores(inputs) -> List[Tuple[np.ndarray, float]]:
     fixed_centre = _centroid(fixed_values, fixed_grid, mask)
     moving_centre = _centroid(sitk.GetArrayFromImage(moving).astype(np.float64), moving_grid,
                               _mask_on(inputs.moving_mask, moving_grid))
-    scores = []
-    for matrix in axis_orientations():
+
+    def score(linear: np.ndarray) -> float:
         map4 = np.eye(4)
-        map4[:3, :3] = matrix
-        map4[:3, 3] = moving_centre - matrix @ fixed_centre
-        moved = sitk.GetArrayFromImage(io.resample_to(moving, fixed_grid, affine_transform(map4)))
-        scores.append((matrix, ncc(fixed_values, moved, mask)))
-    return scores
+        map4[:3, :3] = linear
+        map4[:3, 3] = moving_centre - linear @ fixed_centre
+        return ncc(fixed_values, sitk.GetArrayFromImage(io.resample_to(moving, fixed_grid, affine_transform(map4))),
+                   mask)
+
+    reference = max(score(np.eye(3)), score(np.asarray(prealign, dtype=float)[:3, :3]))
+    return reference, [(matrix, score(matrix)) for matrix in axis_orientations()[1:]]
 
 
-def check_orientation(scores: List[Tuple[np.ndarray, float]], reporter: Reporter) -> None:
+def check_orientation(reference: float, scores: List[Tuple[np.ndarray, float]], reporter: Reporter) -> None:
     """Warn when another axis orientation of the moving image matches the fixed image far better than the one its
-    header gives (an image stored, say, LIA under an identity header)."""
-    header = scores[0][1]
+    header and the pre-alignment give (an image stored, say, LIA under an identity header)."""
     # a rotation ties with its mirror image for a symmetric anatomy (a brain's left-right): name the rotation then
-    matrix, best = max(scores[1:], key=lambda s: (round(s[1], 2), np.linalg.det(s[0]) > 0))
-    if best - header < MIN_ORIENTATION_GAIN or best < MIN_ORIENTATION_NCC:
+    matrix, best = max(scores, key=lambda s: (round(s[1], 2), np.linalg.det(s[0]) > 0))
+    if best - reference < MIN_ORIENTATION_GAIN or best < MIN_ORIENTATION_NCC:
         return
     turn = "mirrored" if np.linalg.det(matrix) < 0 else "rotated"
     axes = ", ".join(f"{'+-'[int(matrix[r, c] < 0)]}{'xyz'[r]}" for c in range(3) for r in range(3) if matrix[r, c])
     reporter.warn(ORIENTATION_MISMATCH,
                   f"the moving image matches the fixed one far better {turn} (fixed x, y, z against moving {axes}: "
-                  f"NCC {best:.2f}, against {header:.2f} as the headers place it): {HEADER_ADVICE}")
+                  f"NCC {best:.2f}, against {reference:.2f} as the headers and the pre-alignment orient it): "
+                  f"{HEADER_ADVICE}")
 
 
 # -- overlap left by the pre-alignment ------------------------------------------------------------------------------
@@ -272,9 +278,9 @@ def assess(inputs, grid: Grid, prealign: np.ndarray, warped_norm: np.ndarray, fo
         "overlap_prealigned": overlap_share(mask, moving_inside(inputs, grid, prealign)),
     }
     metrics.update(linear_part(prealign))
-    scores = orientation_scores(inputs)
-    metrics["orientation_ncc_gain"] = max(score for _, score in scores[1:]) - scores[0][1]
-    check_orientation(scores, reporter)
+    reference, scores = orientation_scores(inputs, prealign)
+    metrics["orientation_ncc_gain"] = max(score for _, score in scores) - reference
+    check_orientation(reference, scores, reporter)
     check_prealignment(metrics, reporter)
     check_overlap(metrics["overlap_prealigned"], reporter)
     check_deformable_gain(metrics["ncc_before"], metrics["ncc_prealigned"], metrics["ncc_after"], reporter)
