@@ -4,7 +4,10 @@ Both take a :class:`nephireg.pair.PreparedPair` and return a :class:`nephireg.fi
 ``nephi`` needs a trained model (``options["model"]``: a path or a registry name, default: the registry's default
 model of the run's preset); ``nephi-io`` starts from the model's codes and weights when one is given, otherwise from
 the identity (zero last layer, zero codes), so it works with no weights at all. A model trained for another preset
-than the run's still runs, with a ``model-preset-mismatch`` warning.
+than the run's still runs, with a ``model-preset-mismatch`` warning. ``nephi`` also runs the model on the fixed
+image registered to itself (:func:`identity_test_mm`, the right answer being no motion) and warns
+(``model-identity-bias``, :mod:`nephireg.quality`) when it moves it; :func:`model_record` is the provenance of the
+model file a run uses, for the result manifest.
 """
 
 from __future__ import annotations
