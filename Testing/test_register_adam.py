@@ -43,7 +43,7 @@ def test_manifest_and_files(adam_result):
     out, manifest = adam_result
     on_disk = json.loads((out / "result.json").read_text())
     assert on_disk["protocol_version"] == 1
-    assert set(on_disk["files"]) == {"transform", "jacobian", "warped", "overview"}
+    assert set(on_disk["files"]) == {"transform", "inverse", "jacobian", "warped", "overview"}
     for name in on_disk["files"].values():
         assert (out / name).stat().st_size > 0
     assert not list(out.glob(".partial-*")), "staging folder removed"

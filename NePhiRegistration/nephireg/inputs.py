@@ -50,13 +50,35 @@ class Inputs:
     moving_norm: sitk.Image
     fixed_mask: Optional[sitk.Image]
     moving_mask: Optional[sitk.Image]
-    masks_derived: bool
+    masks_derived: bool  # at least one mask derived (lung-ct); per image: mask_sources
     fixed_region: Optional[sitk.Image]  # the mask dilated by the preset's margin: where similarity counts
     moving_region: Optional[sitk.Image]
+    mask_sources: Tuple[str, str] = ("none", "none")  # fixed, moving: each "given", "derived" or "none"
+    # Masks of one definition for the pre-alignment, when they differ from fixed_mask / moving_mask (see
+    # _alignment_masks); None: those two.
+    alignment_masks: Optional[Tuple[Optional[sitk.Image], Optional[sitk.Image]]] = None
+
+    def prealignment_masks(self) -> Tuple[Optional[sitk.Image], Optional[sitk.Image]]:
+        """(fixed, moving) masks the pre-alignment uses (their centroids, for ``center``)."""
+        return self.alignment_masks or (self.fixed_mask, self.moving_mask)
+
+    def describe_masks(self) -> str:
+        """The manifest's ``parameters.masks``: "given", "derived (lung)", "none", or per image when they differ."""
+        words = {"given": "given", "derived": "derived (lung)", "none": "none"}
+        fixed, moving = self.mask_sources
+        if fixed == moving:
+            return words[fixed]
+        return f"fixed {words[fixed]}, moving {words[moving]}"
 
 
 StageCallback = Callable[[str, str], None]
 """(stage name, human message), as :meth:`nephireg.progress.Reporter.stage` takes them."""
+
+WarnCallback = Callable[[str, str], None]
+"""(code, message), as :meth:`nephireg.progress.Reporter.warn` takes them."""
+
+LUNG_MASK_NOT_DERIVED = "lung-mask-not-derived"
+"""Warning code: no lung mask could be derived from an image; the run goes on without that image's mask."""
 
 
 def read_inputs(request: Request, preset: Preset, reporter: Reporter) -> Inputs:
@@ -64,40 +86,79 @@ def read_inputs(request: Request, preset: Preset, reporter: Reporter) -> Inputs:
 
     Raises :class:`nephireg.errors.InputError` naming the file for any bad input.
     """
-    return _read(request, preset, reporter.stage)
+    return _read(request, preset, reporter.stage, reporter.warn)
 
 
-def _read(request: Request, preset: Preset, stage: StageCallback) -> Inputs:
+def _read(request: Request, preset: Preset, stage: StageCallback, warn: WarnCallback) -> Inputs:
     stage("read", "Reading and checking the images")
     fixed = io.read_image(request.fixed, "fixed")
     moving = io.read_image(request.moving, "moving")
     fixed_mask = io.read_mask(request.fixed_mask, fixed, "fixed mask") if request.fixed_mask else None
     moving_mask = io.read_mask(request.moving_mask, moving, "moving mask") if request.moving_mask else None
-    derived = False
-    if preset.derive_lung_masks and fixed_mask is None and moving_mask is None:
-        from nephireg.lungmask import lung_mask
-
+    sources = ["none" if m is None else "given" for m in (fixed_mask, moving_mask)]
+    alignment = None
+    if preset.derive_lung_masks and (fixed_mask is None or moving_mask is None):
         stage("masks", "Deriving lung masks")
-        fixed_mask, moving_mask, derived = _derive(lung_mask, fixed, request.fixed), _derive(
-            lung_mask, moving, request.moving), True
+        fixed_mask, moving_mask = _derive_missing(request, fixed, moving, fixed_mask, moving_mask, sources, warn)
+        alignment = _alignment_masks(fixed, moving, fixed_mask, moving_mask, sources)
     stage("preprocess", f"Normalising intensities ({preset.name})")
     regions = [None if m is None else dilate(m, preset.mask_dilation_mm) for m in (fixed_mask, moving_mask)]
     return Inputs(fixed, moving, normalise_intensities(fixed, preset, fixed_mask),
-                  normalise_intensities(moving, preset, moving_mask), fixed_mask, moving_mask, derived, *regions)
+                  normalise_intensities(moving, preset, moving_mask), fixed_mask, moving_mask,
+                  "derived" in sources, *regions, mask_sources=(sources[0], sources[1]), alignment_masks=alignment)
 
 
-def _derive(make_mask, image: sitk.Image, path: str) -> sitk.Image:
+def _derive_missing(request: Request, fixed: sitk.Image, moving: sitk.Image, fixed_mask: Optional[sitk.Image],
+                    moving_mask: Optional[sitk.Image], sources: List[str], warn: WarnCallback):
+    """Lung masks for the images that have none (a user's mask is kept; the other image's is derived, so that
+    one given mask never leaves the other image unmasked). ``sources`` is updated in place. An image whose
+    derivation fails goes on without a mask, with a :data:`LUNG_MASK_NOT_DERIVED` warning: a valid CT is never
+    refused for its mask."""
+    from nephireg.lungmask import lung_mask
+
+    masks = [fixed_mask, moving_mask]
+    failures = []
+    for n, (image, role, path) in enumerate(((fixed, "fixed", request.fixed), (moving, "moving", request.moving))):
+        if masks[n] is not None:
+            continue
+        try:
+            masks[n] = lung_mask(image)
+            sources[n] = "derived"
+        except InputError as exc:
+            failures.append((role, path, exc.problem))
+    for role, path, problem in failures:
+        kept = [f"the {r} image's {sources[n]} mask" for n, r in enumerate(("fixed", "moving")) if masks[n] is not None]
+        course = f"the run goes on with {kept[0]} only" if kept else "the run goes on without masks"
+        warn(LUNG_MASK_NOT_DERIVED, f"no lung mask could be derived from the {role} image ({path}): {problem}; "
+                                    f"{course} (give a {role} mask to restore it)")
+    return masks[0], masks[1]
+
+
+def _alignment_masks(fixed: sitk.Image, moving: sitk.Image, fixed_mask: Optional[sitk.Image],
+                     moving_mask: Optional[sitk.Image], sources: List[str]):
+    """With one mask given and the other derived: both images' derived masks, for the pre-alignment only (None
+    otherwise, or when the given image yields none). A user's mask and a derived one may draw the lung boundary
+    differently: on the shared pair the reference masks' centroids sit (0.65, -0.13, 1.42) mm from the derived
+    masks' on both images, so a centroid pre-alignment from one of each starts 1.5 mm off (adam then ends at
+    1.362 mm mean against 1.328 with both centroids derived, docs/benchmarks.md). Similarity regions and the
+    working-grid crop keep the user's mask."""
+    from nephireg.lungmask import lung_mask
+
+    if sorted(sources) != ["derived", "given"]:
+        return None
+    given = 0 if sources[0] == "given" else 1
     try:
-        return make_mask(image)
-    except InputError as exc:
-        raise InputError(f"{exc.problem} (lung-ct preset; give masks or use another preset)", path) from None
+        derived = lung_mask((fixed, moving)[given])
+    except InputError:
+        return None
+    return (derived, moving_mask) if given == 0 else (fixed_mask, derived)
 
 
 class PrefetchedInputs:
     """:func:`read_inputs` running in a thread; :meth:`result` waits for it and gives its outcome.
 
-    The stage events are recorded in the thread and replayed by :meth:`result`, so a reporter sees them in the
-    usual order after the run's start event; the time spent waiting is reported as the ``read`` stage (so a
+    The stage and warning events are recorded in the thread and replayed by :meth:`result`, so a reporter sees
+    them in the usual order after the run's start event; the time spent waiting is reported as the ``read`` stage (so a
     manifest's ``timings_s`` then counts the mask derivation under ``read``).
     """
 
@@ -105,6 +166,7 @@ class PrefetchedInputs:
         self.request = request
         self.preset = preset
         self._stages: List[Tuple[str, str]] = []
+        self._warnings: List[Tuple[str, str]] = []
         self._outcome: Optional[Inputs] = None
         self._error: Optional[BaseException] = None
         # Not a daemon: if a run in this process (a library call of cli.main) fails before taking the result, the
@@ -115,7 +177,8 @@ class PrefetchedInputs:
 
     def _run(self) -> None:
         try:
-            self._outcome = _read(self.request, self.preset, lambda name, message: self._stages.append((name, message)))
+            self._outcome = _read(self.request, self.preset, lambda name, message: self._stages.append((name, message)),
+                                  lambda code, message: self._warnings.append((code, message)))
         except BaseException as exc:  # handed to the caller's thread by result()
             self._error = exc
 
@@ -126,6 +189,9 @@ class PrefetchedInputs:
             self._thread.join(0.1)
         for name, message in self._stages[1:]:
             reporter.stage(name, message)
+            if name == "masks":  # the warnings of the mask stage, in it
+                for code, message in self._warnings:
+                    reporter.warn(code, message)
         if self._error is not None:
             raise self._error
         assert self._outcome is not None

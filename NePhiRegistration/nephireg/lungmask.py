@@ -1,24 +1,23 @@
-"""Lung masks derived from a thorax CT in Hounsfield units (SimpleITK morphology only, no learned model).
+"""Lung masks derived from a thorax CT in Hounsfield units (SimpleITK morphology and numpy, no learned model).
 
 Pipeline (:func:`lung_mask`):
 
-1. air = voxels below :data:`AIR_HU` (the -2048/-1024 padding outside a scanner's reconstruction circle counts
-   as air), opened with a 1-voxel ball so thin airways and noise links break;
-2. connected components of the air; the air *outside the body* is told apart from the lungs by how much of the
-   volume's border a component covers relative to its size (:func:`_border_contact_ratio`). Outside air is a
-   thin shell spread over the border; a lung - even one cut by a tight crop, as in the shared lung pair, which is
-   cropped around one lung - touches the border on a small patch compared with its volume. So border-touching
-   components are NOT dropped blindly;
-3. keep the largest remaining component, and the second one too when it is a lung-sized partner (two lungs);
+1. the *inside of the body* (:func:`body_hull`): tissue (above :data:`BODY_HU`), opened by :data:`BODY_OPENING_MM`
+   so a patient table's thin shell and blankets come loose, its largest 3D component, and in every slice across
+   the body axis the convex hull of that slice's body. Air is told apart from lung by this, not by touching the
+   volume's border: the air around the body, a table's hollow core, the -1024 or -2048 padding of a rotated scan or
+   outside a reconstruction circle all lie outside the hull, while a lung cut by a tight crop (the shared pair is
+   cropped around one lung) still lies inside it, between the body's tissue on either side of the cut;
+2. air = voxels below :data:`AIR_HU` inside the body, opened with a 1-voxel ball so thin links (slivers along the
+   hull's edge, small airways) break;
+3. connected components: keep the largest, and the second one too when it is a lung-sized partner (two lungs).
+   Lungs joined by the trachea and main bronchi are one component, trachea included;
 4. close (a ball of :data:`CLOSING_MM`) and fill holes in 3D and slice by slice across the body axis, so that
    vessels and nodules inside the lungs are included.
 
 The steps run on the CT block-averaged to about :data:`ANALYSIS_SPACING_MM` (finer CTs only) and the mask is
 interpolated back onto the CT's grid: the masks feed similarity weights dilated by millimetres and a working grid
-of 1.5 mm, so sub-millimetre detail buys nothing, and 4x fewer voxels make every step 3-4x faster. The opening in
-step 1 is one voxel of that grid (about 2.5 mm, where it was 1.4 mm in-plane on the full grid): on the shared pair
-no opening at all scored Dice 0.977 / 0.981 and the opening 0.975 / 0.979; it stays for scans whose airways link
-the lungs to outside air.
+of 1.5 mm, so sub-millimetre detail buys nothing, and 4x fewer voxels make every step 3-4x faster.
 Measured against the shared lung pair's reference masks (docs/prealign.md).
 """
 
@@ -46,8 +45,14 @@ SECOND_LUNG_FRACTION = 0.2
 ANALYSIS_SPACING_MM = 2.5
 """Target spacing of the grid the mask is derived on: axes finer than this are block-averaged by an integer factor."""
 
-OUTSIDE_CONTACT_RATIO = 3.0
-"""Border contact area / volume^(2/3) above which an air component is the air around the body (see module doc)."""
+BODY_HU = -500.0
+"""Voxels above this (HU) are tissue: the body (and a table, which :data:`BODY_OPENING_MM` detaches)."""
+
+BODY_OPENING_MM = 2.5
+"""Radius (mm, at least one voxel) of the opening that detaches thin shells (a table's, blankets) from the body."""
+
+BODY_PART_FRACTION = 0.05
+"""Tissue components of at least this fraction of the largest one's volume count as body too."""
 
 
 def lung_mask(ct: sitk.Image) -> sitk.Image:
@@ -74,7 +79,8 @@ def lung_mask(ct: sitk.Image) -> sitk.Image:
 
 def _lung_mask(ct: sitk.Image) -> sitk.Image:
     """:func:`lung_mask` on ``ct`` (float32) as it is."""
-    air = sitk.BinaryMorphologicalOpening(sitk.Less(ct, AIR_HU), [1, 1, 1])
+    inside = body_hull(ct)
+    air = sitk.BinaryMorphologicalOpening(sitk.And(sitk.Less(ct, AIR_HU), inside), [1, 1, 1])
     labels = sitk.RelabelComponent(sitk.ConnectedComponent(air), sortByObjectSize=True)
     kept = _lung_labels(labels, ct.GetSpacing())
     if not kept:
@@ -88,19 +94,15 @@ def _lung_mask(ct: sitk.Image) -> sitk.Image:
 
 
 def _lung_labels(labels: sitk.Image, spacing: Tuple[float, float, float]) -> List[int]:
-    """Labels of the lung components (largest first), at most two, outside air and small pieces dropped."""
+    """Labels of the lung components (largest first), at most two, small pieces dropped."""
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(labels)
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    array = sitk.GetArrayViewFromImage(labels)  # [k, j, i]
-    contact_mm2 = _border_contact_mm2(array, spacing)
     lungs: List[int] = []
     for label in sorted(stats.GetLabels(), key=stats.GetNumberOfPixels, reverse=True):
         volume_ml = stats.GetNumberOfPixels(label) * voxel_ml
         if volume_ml < MIN_LUNG_ML:
             break  # sorted by size: every later one is smaller
-        if _border_contact_ratio(contact_mm2.get(label, 0.0), volume_ml) > OUTSIDE_CONTACT_RATIO:
-            continue  # the air around the body
         if lungs and volume_ml < SECOND_LUNG_FRACTION * stats.GetNumberOfPixels(lungs[0]) * voxel_ml:
             break
         lungs.append(label)
@@ -109,27 +111,74 @@ def _lung_labels(labels: sitk.Image, spacing: Tuple[float, float, float]) -> Lis
     return lungs
 
 
-def _border_contact_mm2(array: np.ndarray, spacing: Tuple[float, float, float]) -> dict:
-    """Per label: area (mm^2) of the volume's six faces that the label covers. ``array`` is [k, j, i]."""
-    sx, sy, sz = spacing
-    faces = [
-        (array[0], sx * sy), (array[-1], sx * sy),  # k faces: pixel area in i-j
-        (array[:, 0], sx * sz), (array[:, -1], sx * sz),  # j faces
-        (array[:, :, 0], sy * sz), (array[:, :, -1], sy * sz),  # i faces
-    ]
-    contact: dict = {}
-    for face, pixel_mm2 in faces:
-        values, counts = np.unique(face[face > 0], return_counts=True)
-        for value, count in zip(values.tolist(), counts.tolist()):
-            contact[value] = contact.get(value, 0.0) + count * pixel_mm2
-    return contact
+def body_hull(ct: sitk.Image) -> sitk.Image:
+    """uint8 {0, 1}: the inside of the body, slice by slice across the body axis the convex hull of its tissue.
+
+    Tissue = voxels above :data:`BODY_HU`, opened by :data:`BODY_OPENING_MM`; its largest 3D component and those
+    at least :data:`BODY_PART_FRACTION` of it (a crop through the lung can leave the body in pieces: the chest wall,
+    the mediastinum). Empty where no tissue is found.
+    """
+    radius = [max(1, int(round(BODY_OPENING_MM / s))) for s in ct.GetSpacing()]
+    tissue = sitk.BinaryMorphologicalOpening(sitk.Greater(ct, BODY_HU), radius)
+    components = sitk.RelabelComponent(sitk.ConnectedComponent(tissue), sortByObjectSize=True)
+    sizes = np.bincount(sitk.GetArrayViewFromImage(components).ravel())  # sizes[0]: background
+    if sizes.size < 2:
+        empty = sitk.Image(ct.GetSize(), sitk.sitkUInt8)
+        empty.CopyInformation(ct)
+        return empty
+    parts = np.flatnonzero(sizes[1:] >= BODY_PART_FRACTION * sizes[1]) + 1  # label 1 is the largest
+    body = np.isin(sitk.GetArrayViewFromImage(components), parts)  # [k, j, i]
+    array_axis = 2 - _axial_axis(ct)
+    slices = np.moveaxis(body, array_axis, 0)
+    hull = np.zeros(slices.shape, dtype=np.uint8)
+    for n, section in enumerate(slices):
+        hull[n] = _convex_hull_2d(section)
+    out = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(hull, 0, array_axis)))
+    out.CopyInformation(ct)
+    return out
 
 
-def _border_contact_ratio(contact_mm2: float, volume_ml: float) -> float:
-    """Dimensionless: border contact area over volume^(2/3). A cube cut by one face scores 1; a thin shell of
-    outside air scores far more (the shared pair's outside air 6.8-7.6, its cropped lung 0.1-0.3)."""
-    volume_mm3 = volume_ml * 1000.0
-    return contact_mm2 / volume_mm3 ** (2.0 / 3.0)
+def _convex_hull_2d(section: np.ndarray) -> np.ndarray:
+    """uint8 (H, W): the pixels whose centres lie in the convex hull of the nonzero pixels of ``section``."""
+    rows = np.flatnonzero(section.any(axis=1))
+    if rows.size == 0:
+        return np.zeros(section.shape, dtype=np.uint8)
+    occupied = section[rows] > 0
+    first = occupied.argmax(axis=1)
+    last = section.shape[1] - 1 - occupied[:, ::-1].argmax(axis=1)
+    # The hull of a pixel set is the hull of each row's two end pixels.
+    points = np.concatenate([np.stack([rows, first], 1), np.stack([rows, last], 1)]).astype(float)
+    hull = _monotone_chain(points)
+    if len(hull) < 3:  # all on one line: the row spans themselves are the hull
+        spans = np.zeros(section.shape, dtype=np.uint8)
+        for row, lo, hi in zip(rows, first, last):
+            spans[row, lo:hi + 1] = 1
+        return spans
+    r, c = np.mgrid[:section.shape[0], :section.shape[1]]
+    inside = np.ones(section.shape, dtype=bool)
+    for (r0, c0), (r1, c1) in zip(hull, np.roll(hull, -1, axis=0)):
+        inside &= (r1 - r0) * (c - c0) - (c1 - c0) * (r - r0) >= -1e-9  # left of (or on) every edge
+    return inside.astype(np.uint8)
+
+
+def _monotone_chain(points: np.ndarray) -> np.ndarray:
+    """Vertices (n, 2) of the convex hull of 2D ``points``, counter-clockwise in (row, column) axes; collinear
+    points dropped (Andrew's monotone chain)."""
+    ordered = sorted(set(map(tuple, points.tolist())))
+    if len(ordered) < 3:
+        return np.asarray(ordered)
+
+    def chain(sequence):
+        out: list = []
+        for p in sequence:
+            # pop while the last two points and p make no left turn (cross product <= 0)
+            while len(out) >= 2 and ((out[-1][0] - out[-2][0]) * (p[1] - out[-2][1])
+                                     - (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0])) <= 0:
+                out.pop()
+            out.append(p)
+        return out[:-1]
+
+    return np.asarray(chain(ordered) + chain(ordered[::-1]))
 
 
 def _select(labels: sitk.Image, kept: List[int]) -> sitk.Image:

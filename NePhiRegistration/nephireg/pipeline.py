@@ -23,6 +23,7 @@ from nephireg.errors import InputError, OutOfMemory
 from nephireg.fields import evaluate_on_grid
 from nephireg.geometry import Grid, overlap_fraction
 from nephireg.inputs import Inputs, PrefetchedInputs, Request, read_inputs
+from nephireg.inverse import InverseMap, invert, lattice_mm, write_inverse
 from nephireg.jacobian import jacobian_determinant, jacobian_summary
 from nephireg.methods import get_method, model_record
 from nephireg.overview import overview
@@ -54,7 +55,7 @@ def prealign_matrix(request: Request, preset: Preset, inputs: Inputs, reporter: 
     from nephireg.prealign import prealign
 
     reporter.stage("prealign", f"Pre-alignment ({mode})")
-    transform = prealign(inputs.fixed_norm, inputs.moving_norm, mode, inputs.fixed_mask, inputs.moving_mask,
+    transform = prealign(inputs.fixed_norm, inputs.moving_norm, mode, *inputs.prealignment_masks(),
                          cancelled=lambda: reporter.cancel_requested)
     reporter.check_cancel()
     return mode, affine_matrix(transform)
@@ -151,22 +152,24 @@ def register(request: Request, reporter: Optional[Reporter] = None,
         field_ = method(pair, options, reporter)
         reporter.stage("field", "Evaluating the displacement on the fixed grid")
         displacement = evaluate_on_grid(field_, fixed_grid, device, cancel=reporter.check_cancel)
+        reporter.stage("inverse", "Inverting the transform (moving -> fixed)")
+        inverse = invert(field_, displacement, fixed_grid, Grid.of(inputs.moving), prealign, device,
+                         lattice_mm(pair.grid), cancel=reporter.check_cancel)
     except torch.cuda.OutOfMemoryError as exc:
         raise OutOfMemory(f"the GPU ran out of memory ({exc}); run again with --device cpu") from None
     displacement = compose_prealignment(fixed_grid, displacement, prealign)
-    return _write_result(request, preset, (mode, prealign), settings, inputs, fixed_grid, displacement, options, device,
-                         reporter, started, before_commit)
+    return _write_result(request, preset, (mode, prealign), settings, inputs, fixed_grid, displacement, inverse,
+                         options, device, reporter, started, before_commit)
 
 
 def _write_result(request: Request, preset: Preset, prealigned: Prealignment, settings: Any, inputs: Inputs, grid: Grid,
-                  displacement: np.ndarray,
-                  options: Dict[str, Any], device: torch.device, reporter: Reporter, started: float,
-                  before_commit: Optional[BeforeCommit] = None) -> Dict[str, Any]:
+                  displacement: np.ndarray, inverse: InverseMap, options: Dict[str, Any], device: torch.device,
+                  reporter: Reporter, started: float, before_commit: Optional[BeforeCommit] = None) -> Dict[str, Any]:
     """The outputs written through the one result writer (:class:`nephireg.resultdir.ResultFolder`)."""
     reporter.stage("write", "Writing the transform, Jacobian and warped image")
     with ResultFolder(request.out, request.overwrite) as result:
-        manifest = _write_files(request, preset, prealigned, settings, inputs, grid, displacement, options, device,
-                                result.staging, reporter)
+        manifest = _write_files(request, preset, prealigned, settings, inputs, grid, displacement, inverse, options,
+                                device, result.staging, reporter)
         if before_commit is not None:
             before_commit(manifest, result.staging)
         reporter.check_cancel()
@@ -178,8 +181,8 @@ def _write_result(request: Request, preset: Preset, prealigned: Prealignment, se
 
 
 def _write_files(request: Request, preset: Preset, prealigned: Prealignment, settings: Any, inputs: Inputs, grid: Grid,
-                 displacement: np.ndarray,
-                 options: Dict[str, Any], device: torch.device, folder: Path, reporter: Reporter) -> Dict[str, Any]:
+                 displacement: np.ndarray, inverse: InverseMap, options: Dict[str, Any], device: torch.device,
+                 folder: Path, reporter: Reporter) -> Dict[str, Any]:
     files = {"transform": OUTPUT_FILES["transform"], "jacobian": OUTPUT_FILES["jacobian"]}
     transform = io.displacement_transform(displacement, grid)
     io.save_transform(transform, folder / files["transform"])
@@ -190,6 +193,7 @@ def _write_files(request: Request, preset: Preset, prealigned: Prealignment, set
     reporter.check_cancel()
     fixed_norm = sitk.GetArrayViewFromImage(inputs.fixed_norm)
     warped_norm = sitk.GetArrayFromImage(io.resample_to(inputs.moving_norm, grid, transform))
+    mask = sitk.GetArrayViewFromImage(inputs.fixed_mask) > 0 if inputs.fixed_mask is not None else None
     if request.write_warped:
         files["warped"] = OUTPUT_FILES["warped"]
         background = float(sitk.GetArrayViewFromImage(inputs.moving).min())  # e.g. air in CT, not 0 HU
@@ -202,6 +206,9 @@ def _write_files(request: Request, preset: Preset, prealigned: Prealignment, set
     mode, prealign = prealigned
     metrics.update(quality.assess(inputs, grid, prealign, warped_norm, metrics["folding_percent"], reporter))
     metrics["displacement_max_mm"] = float(np.linalg.norm(displacement, axis=-1).max())
+    files["inverse"] = OUTPUT_FILES["inverse"]
+    metrics.update(write_inverse(inverse, displacement, grid, mask, folder / files["inverse"]))
+    reporter.check_cancel()
     return {
         "files": files,
         "metrics": metrics,
@@ -210,8 +217,7 @@ def _write_files(request: Request, preset: Preset, prealigned: Prealignment, set
         "model": model_record(request.method, settings, preset.name),
         "parameters": {"options": options, "prealign": mode, "seed": request.seed, "preset_values": asdict(preset),
                        "settings": asdict(settings),
-                       "masks": "derived (lung)" if inputs.masks_derived else
-                       ("given" if request.fixed_mask or request.moving_mask else "none"),
+                       "masks": inputs.describe_masks(),
                        "request": asdict(request)},
         "inputs": {"fixed": os.path.abspath(request.fixed), "moving": os.path.abspath(request.moving),
                    "fixed_grid": _grid_dict(grid)},

@@ -24,10 +24,15 @@ def rotation_direction(angles_deg: Sequence[float]) -> Tuple[float, ...]:
     return tuple((rz @ ry @ rx).ravel())
 
 
-def thorax_phantom(grid: Grid, seed: int = 0) -> Tuple[sitk.Image, sitk.Image]:
+def thorax_phantom(grid: Grid, seed: int = 0, airways: bool = False, table: bool = False
+                   ) -> Tuple[sitk.Image, sitk.Image]:
     """A CT-like thorax on ``grid``: air, body, two lungs with branching vessels, heart, spine; and its lung mask.
 
     Shapes are defined in physical mm around the grid's centre, so the same anatomy appears on any grid.
+    ``airways``: a trachea (radius :data:`TRACHEA_RADIUS_MM`) from the top of the field of view down to a carina,
+    and two main bronchi joining it to both lungs (air, not in the returned lung mask). ``table``: a patient table
+    under the back (posterior), touching the body: two thin shells around a hollow low-density core, as wide as
+    the field of view (cut by it where the grid is small).
     Returns (ct in HU as float32, lung mask uint8).
     """
     rng = np.random.default_rng(seed)
@@ -46,9 +51,69 @@ def thorax_phantom(grid: Grid, seed: int = 0) -> Tuple[sitk.Image, sitk.Image]:
     ct[((x / 0.22) ** 2 + ((y + 0.15) / 0.25) ** 2 + (z / 0.6) ** 2) <= 1.0] = 45.0  # heart between the lungs
     ct[((x / 0.1) ** 2 + ((y - 0.6) / 0.1) ** 2) <= 1.0] = 700.0  # spine
     ct[_vessels(points, half, lungs, rng)] = 30.0
+    if airways:
+        ct[_airways(points, half)] = -1000.0
     texture = _smooth_noise(grid, rng, sigma_mm=3.0) * 25.0
     ct = ct + np.where(lungs, texture, texture * 0.4)
+    if table:
+        ct = _add_table(ct, points, 0.75 * half[1])
     return image_from_array(ct.astype(np.float32), grid), image_from_array(lungs.astype(np.uint8), grid)
+
+
+TRACHEA_RADIUS_MM = 7.0
+BRONCHUS_RADIUS_MM = 5.0
+TABLE_SHELL_MM = 3.0  # carbon-fibre skins
+TABLE_CORE_MM = 14.0  # foam core, -950 HU
+
+
+def _airways(points: np.ndarray, half: np.ndarray) -> np.ndarray:
+    """Trachea from the top of the field of view to the carina, and a main bronchus into each lung (bool)."""
+    carina = np.array([0.0, 0.15, 0.45]) * half
+    top = np.array([0.0, 0.15, 1.5]) * half
+    tubes = _segment_distance(points, top, carina) <= TRACHEA_RADIUS_MM
+    for side in (-1, 1):
+        end = np.array([side * 0.3, 0.0, 0.25]) * half  # inside the lung
+        tubes |= _segment_distance(points, carina, end) <= BRONCHUS_RADIUS_MM
+    return tubes
+
+
+def _segment_distance(points: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Distance (mm) of every point (..., 3) to the segment start-end."""
+    d = end - start
+    t = np.clip(((points - start) @ d) / (d @ d), 0, 1)
+    return np.linalg.norm(points - (start + t[..., None] * d), axis=-1)
+
+
+def _add_table(ct: np.ndarray, points: np.ndarray, top_mm: float) -> np.ndarray:
+    """A flat table whose top skin starts at LPS y = ``top_mm`` (the body's back): skin, core, skin."""
+    depth = points[..., 1] - top_mm  # mm below the table's top surface (posterior is +y)
+    out = ct.copy()
+    out[(depth >= 0) & (depth < TABLE_SHELL_MM)] = 200.0
+    out[(depth >= TABLE_SHELL_MM) & (depth < TABLE_SHELL_MM + TABLE_CORE_MM)] = -950.0
+    out[(depth >= TABLE_SHELL_MM + TABLE_CORE_MM) & (depth < 2 * TABLE_SHELL_MM + TABLE_CORE_MM)] = 200.0
+    return out
+
+
+def tilted(image: sitk.Image, angles_deg: Sequence[float], padding: float) -> sitk.Image:
+    """``image`` rotated by ``angles_deg`` (about x, y, z) about its centre on its own grid, the voxels that come
+    from outside its field of view set to ``padding`` (e.g. -1024 or -2048 HU, as scanners and tools pad)."""
+    transform = sitk.Euler3DTransform()
+    transform.SetCenter(tuple(Grid.of(image).center_physical()))
+    transform.SetRotation(*np.deg2rad(angles_deg))
+    return sitk.Resample(image, image, transform, sitk.sitkLinear, padding, image.GetPixelID())
+
+
+def reconstruction_circle(image: sitk.Image, radius_mm: float, value: float = -2048.0) -> sitk.Image:
+    """``image`` with every voxel farther than ``radius_mm`` from the field of view's centre axis (LPS z, the
+    scanner axis) set to ``value``: the corners outside a CT scanner's reconstruction circle."""
+    grid = Grid.of(image)
+    offset = grid.physical_points() - grid.center_physical()
+    outside = np.hypot(offset[..., 0], offset[..., 1]) > radius_mm
+    array = sitk.GetArrayFromImage(image)
+    array[outside] = value
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(image)
+    return out
 
 
 def _vessels(points: np.ndarray, half: np.ndarray, lungs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -60,8 +125,7 @@ def _vessels(points: np.ndarray, half: np.ndarray, lungs: np.ndarray, rng: np.ra
             end = np.array([side * rng.uniform(0.25, 0.7), rng.uniform(-0.45, 0.35), rng.uniform(-0.8, 0.8)]) * half
             d = end - start
             t = np.clip(((points - start) @ d) / (d @ d), 0, 1)
-            distance = np.linalg.norm(points - (start + t[..., None] * d), axis=-1)
-            vessels |= distance <= rng.uniform(1.5, 3.0) * (1.2 - t)
+            vessels |= _segment_distance(points, start, end) <= rng.uniform(1.5, 3.0) * (1.2 - t)
     return vessels & lungs
 
 

@@ -17,11 +17,18 @@ from nephireg.protocol import RESULT_MANIFEST, ExitCode
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
     warp = sub.add_parser("warp", help="apply a transform to an image or to a point list")
-    warp.add_argument("--transform", required=True, help="transform file (fixed -> moving, e.g. transform.h5)")
+    warp.add_argument("--transform", required=True,
+                      help="transform file (fixed -> moving, e.g. transform.h5); with --inverse: a result folder "
+                           "or its transform.h5")
+    warp.add_argument("--inverse", action="store_true",
+                      help="the other direction, with the result's inverse.h5 (moving -> fixed): --points are "
+                           "moving-space points mapped into fixed space, --image is a fixed-space image resampled "
+                           "onto --reference (the moving image)")
     what = warp.add_mutually_exclusive_group(required=True)
     what.add_argument("--image", help="moving image to resample onto --reference (the fixed image)")
     what.add_argument("--points", help="text file of fixed-space points (LPS mm, 3 numbers a line)")
-    warp.add_argument("--reference", help="fixed image whose grid the warped image gets (with --image)")
+    warp.add_argument("--reference", help="fixed image whose grid the warped image gets (with --image; "
+                                          "with --inverse: the moving image)")
     warp.add_argument("--nearest", action="store_true", help="nearest-neighbour interpolation (label maps)")
     warp.add_argument("--out", required=True, help="output image or point file")
     warp.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -56,11 +63,13 @@ def _warp_command(args: argparse.Namespace) -> int:
     from nephireg.resultdir import staged_file
     from nephireg.validate import check_output_file
 
-    inputs = [args.transform, args.points, args.image, args.reference]
+    path = inverse_transform_path(args.transform) if args.inverse else args.transform
+    inputs = [path, args.points, args.image, args.reference]
     check_output_file(args.out, args.overwrite, inputs)  # before any work
     if args.image and not args.reference:
-        raise InputError("--image needs --reference (the fixed image whose grid the output takes)")
-    transform = io.read_transform(args.transform)
+        whose = "moving" if args.inverse else "fixed"
+        raise InputError(f"--image needs --reference (the {whose} image whose grid the output takes)")
+    transform = io.read_transform(path, "inverse transform" if args.inverse else "transform")
     if args.points:
         points = io.read_points(args.points)
         with staged_file(args.out, args.overwrite, inputs) as staged:
@@ -74,6 +83,27 @@ def _warp_command(args: argparse.Namespace) -> int:
         io.write_image(warped, staged)
     _say(f"warped {args.image} -> {args.out}")
     return int(ExitCode.SUCCESS)
+
+
+def inverse_transform_path(result: str) -> Path:
+    """The inverse transform file (moving -> fixed) of a registration result: ``result`` is its folder or a file in
+    it (e.g. its transform.h5); the folder's result.json names the file (``files["inverse"]``)."""
+    from nephireg.errors import InputError
+    from nephireg.protocol import read_manifest
+
+    given = Path(result)
+    folder = given if given.is_dir() else given.parent
+    if not (folder / RESULT_MANIFEST).exists():
+        raise InputError(f"--inverse needs a registration result: no {RESULT_MANIFEST} in {folder} (to apply an "
+                         "inverse transform file directly, give it without --inverse)", result)
+    try:
+        name = read_manifest(str(folder)).get("files", {}).get("inverse")
+    except ValueError as exc:  # not JSON, or another protocol version
+        raise InputError(f"{RESULT_MANIFEST} cannot be read ({exc})", folder / RESULT_MANIFEST) from None
+    if not name:
+        raise InputError("this result has no inverse transform (results of engines before the inverse was written "
+                         "have none); run the registration again", folder / RESULT_MANIFEST)
+    return folder / name
 
 
 def _jacobian_command(args: argparse.Namespace) -> int:
