@@ -52,6 +52,7 @@ def test_batch_reports_short_rows_per_row_accepts_a_bom_and_checks_done_results(
 
 @pytest.mark.parametrize("rows, words", [
     ("A,f.nrrd,m.nrrd\nA,m.nrrd,f.nrrd\n", "share the id 'A' but name different pairs"),
+    ("A,f.nrrd,m.nrrd\na,m.nrrd,f.nrrd\n", "share the id 'A' / 'a' but name different pairs"),  # one folder on macOS
     ("../../x,f.nrrd,m.nrrd\n", "not a plain folder name"),
     ("..,f.nrrd,m.nrrd\n", "not a plain folder name"),
 ])
@@ -94,6 +95,27 @@ def test_cpu_out_of_memory_is_exit_4_with_one_line(pair, tmp_path):
     assert proc.returncode == ExitCode.OUT_OF_MEMORY, proc.stderr[-2000:]
     assert error["kind"] == "out-of-memory" and "Traceback" not in proc.stderr
     assert not (tmp_path / "oom").exists()
+
+
+def test_an_image_too_big_for_the_memory_is_exit_4_not_unreadable(tmp_path):
+    """ITK's failed allocation ("Failed to allocate memory for image") was reported as a file that cannot be read
+    (exit 2). The header claims 1.8e9 voxels (within the header check's 2^31), 7 GB that a 3 GB cap refuses."""
+    limit = 3 << 30
+
+    def cap_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    (tmp_path / "big.raw").write_bytes(bytes(1000))
+    header = tmp_path / "big.nhdr"
+    header.write_text("NRRD0004\ntype: float\ndimension: 3\nsizes: 1500 1500 800\nencoding: raw\n"
+                      "endian: little\ndata file: big.raw\n\n")
+    proc = subprocess.run([sys.executable, "-m", "nephireg", "register", "--fixed", str(header), "--moving",
+                           str(header), "--out", str(tmp_path / "out"), "--progress", "none"],
+                          capture_output=True, text=True, timeout=300, preexec_fn=cap_memory)
+    assert proc.returncode == ExitCode.OUT_OF_MEMORY, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [f"error: {header}: out of memory reading this file; try a coarser "
+                                                "--grid-spacing-mm, smaller images or another device"]
+    assert not (tmp_path / "out").exists()
 
 
 class _Trickle(http.server.BaseHTTPRequestHandler):

@@ -209,3 +209,55 @@ def test_one_mapping_from_failures_to_exit_codes():
     assert describe_failure(KeyboardInterrupt())[0] == ExitCode.CANCELLED
     code, kind, message = describe_failure(ZeroDivisionError("x"))
     assert (code, kind) == (ExitCode.INTERNAL_ERROR, "internal") and "ZeroDivisionError" in message
+
+
+def test_a_cancel_while_a_module_loads_does_not_wait_for_it(tmp_path, monkeypatch):
+    """Loading torch takes a second or more: the command line imports it in a helper thread and polls."""
+    from nephireg import signals
+
+    (tmp_path / "slow_to_load.py").write_text("import time\ntime.sleep(3.0)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    asked = time.monotonic()
+
+    def cancel_after_a_moment():
+        if time.monotonic() - asked > 0.3:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        signals.import_polling("slow_to_load", cancel_after_a_moment)
+    assert time.monotonic() - asked < 1.5  # not the 3 s of the import
+    assert signals.import_polling("json", lambda: None).dumps([1]) == "[1]"
+
+
+@needs_proc
+def test_a_signal_while_torch_loads_cancels_cleanly(big_pair, tmp_path):
+    out = tmp_path / "out"
+    proc = start("register", "--fixed", big_pair["fixed"], "--moving", big_pair["moving"], "--out", out,
+                 "--progress", "jsonl")
+    wait_for(lambda: "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text())  # torch's libraries are loading
+    code, evs, err, _ = finish(proc, signal.SIGTERM)
+    assert_cancelled(code, evs, err)
+    assert [e["event"] for e in evs][0] == "start" and not out.exists()
+
+
+def test_a_signal_while_a_single_file_is_published_does_not_interrupt_it(tmp_path, monkeypatch):
+    """warp/jacobian/train: a signal during the renames that publish the file (the commit point) is recorded,
+    never raised half-way (which would leave the output and its staged copy, and report a cancel)."""
+    from nephireg import resultdir, signals
+
+    publish = resultdir._publish_file
+
+    def signalled_publish(staged, target, overwrite):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at once, in the middle of publishing
+        publish(staged, target, overwrite)
+
+    monkeypatch.setattr(resultdir, "_publish_file", signalled_publish)
+    target = tmp_path / "w.txt"
+    with signals.interrupting():
+        with resultdir.staged_file(target, overwrite=False) as staged:
+            staged.write_text("complete")
+    assert target.read_text() == "complete" and [p.name for p in tmp_path.iterdir()] == ["w.txt"]
+    with pytest.raises(Cancelled):  # outside the held renames a signal still cancels
+        with signals.interrupting():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1.0)

@@ -4,6 +4,7 @@ what is allowed, exits 2 and leaves nothing behind (in-process runs of the real 
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,7 @@ def test_read_only_output_is_refused_before_work(pair, read_only_folder, capsys)
     code, _, err = run(capsys, "warp", "--transform", pair["fixed"], "--points", pair["fixed"],
                        "--out", read_only_folder / "q.txt")
     assert code == ExitCode.BAD_INPUT and "not writable" in err and "Traceback" not in err
+    assert f"error: {read_only_folder / 'q.txt'}: output location" in err  # the file, not only its folder
 
 
 @pytest.mark.parametrize("settings_class, rules", [(adam.Settings, adam.OPTION_RULES),
@@ -163,6 +165,22 @@ def test_headers_that_would_overflow_or_are_physically_tiny(tmp_path, capsys):
         assert not out.exists()
 
 
+def test_a_thin_slab_is_a_valid_volume(tmp_path, capsys):
+    """5 slices of 3 mm (15 mm): too thin for adam's default coarsest level (1/4 of the 2 mm working grid), so
+    the refusal says how to pool less - and with that hint the slab registers."""
+    rng = np.random.default_rng(5)
+    base = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(
+        sitk.GetImageFromArray(rng.random((5, 48, 48)).astype(np.float32)), 2.0))
+    fixed = write(tmp_path / "f.nrrd", base, spacing=(0.8, 0.8, 3.0))
+    moving = write(tmp_path / "m.nrrd", np.roll(base, 2, axis=2), spacing=(0.8, 0.8, 3.0))
+    args = ["register", "--fixed", fixed, "--moving", moving, "--prealign", "none", "--progress", "jsonl"]
+    code, evs, _ = run(capsys, *args, "--out", tmp_path / "a")
+    assert code == ExitCode.BAD_INPUT and "--option levels=[2]" in evs[-1]["message"]
+    code, evs, _ = run(capsys, *args, "--out", tmp_path / "b", "--option", "levels=[2]", "--iterations", "5")
+    assert code == ExitCode.SUCCESS, evs[-1]
+    assert (tmp_path / "b" / "result.json").exists()
+
+
 def test_demo_with_a_bad_option_leaves_nothing(tmp_path, capsys):
     out = tmp_path / "demo"
     code, evs, _ = run(capsys, "demo", "--out", out, "--option", "levels=4", "--progress", "jsonl")
@@ -180,3 +198,30 @@ def test_tools_refuse_overlong_inputs_and_train_refuses_to_clobber_before_work(p
                        tmp_path / "work")
     assert code == ExitCode.BAD_INPUT and "--overwrite" in err
     assert model.read_bytes() == b"a model someone trained for a week" and not (tmp_path / "work").exists()
+
+
+def test_a_folder_without_dicom_gives_one_line_only(pair, tmp_path):
+    """ITK's own warning ("No Series were found") went to stderr before the engine's line."""
+    (tmp_path / "notes.txt").write_text("not an image")
+    proc = subprocess.run([sys.executable, "-m", "nephireg", "register", "--fixed", str(tmp_path), "--moving",
+                           pair["moving"], "--out", str(tmp_path / "out"), "--progress", "none"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == ExitCode.BAD_INPUT
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path}: fixed folder holds no DICOM series"]
+
+
+def test_a_damaged_transform_gives_one_line_only(tmp_path):
+    """HDF5 printed its error stack (two dozen lines) on stderr before the engine's line."""
+    from nephireg import io
+    from nephireg.geometry import Grid
+
+    grid = Grid((16, 16, 16), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    whole = tmp_path / "whole.h5"
+    io.write_transform(np.zeros((16, 16, 16, 3)), grid, whole)
+    damaged = tmp_path / "damaged.h5"
+    damaged.write_bytes(whole.read_bytes()[:5000])  # a copy cut short
+    proc = subprocess.run([sys.executable, "-m", "nephireg", "jacobian", "--transform", str(damaged)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == ExitCode.BAD_INPUT
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {damaged}: transform file cannot be read"), lines

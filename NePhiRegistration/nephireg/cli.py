@@ -154,11 +154,16 @@ def _register_command(args: argparse.Namespace) -> int:
             prefetched = prefetch_inputs(request)  # reads the images while torch is imported below
         except InputError as exc:
             held_back = exc
-        if reporter.cancel_requested:  # a signal during start-up: no need to load torch first
-            reporter.emit(Event.START, {"method": args.method, "preset": args.preset, "device": args.device,
-                                        "out": os.path.abspath(args.out)})
-            reporter.check_cancel()
-        from nephireg.pipeline import register, resolve_device
+
+        def cancel_before_torch() -> None:  # a signal during start-up: the start event, then the cancellation
+            if reporter.cancel_requested:
+                reporter.emit(Event.START, {"method": args.method, "preset": args.preset, "device": args.device,
+                                            "out": os.path.abspath(args.out)})
+                reporter.check_cancel()
+
+        cancel_before_torch()  # no need to load torch first
+        pipeline = signals.import_polling("nephireg.pipeline", cancel_before_torch)  # torch: a second or more
+        register, resolve_device = pipeline.register, pipeline.resolve_device
 
         device = args.device
         try:
@@ -214,11 +219,10 @@ def _demo_command(args: argparse.Namespace) -> int:
     reporter = make_reporter(args.progress)
 
     def body() -> Dict[str, Any]:
-        from nephireg.demo import run_demo
-
         reporter.emit(Event.START, {"method": args.method, "preset": args.preset, "device": args.device,
                                     "out": os.path.abspath(args.out)})
-        manifest = run_demo(args, reporter, _request_from)
+        demo = signals.import_polling("nephireg.demo", reporter.check_cancel)  # loads torch: a second or more
+        manifest = demo.run_demo(args, reporter, _request_from)
         if not isinstance(reporter, _jsonl_type()):
             _print_summary(manifest)
         return manifest

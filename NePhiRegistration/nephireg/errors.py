@@ -55,6 +55,17 @@ _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, err
 OUT_OF_MEMORY_HINT = "try a coarser --grid-spacing-mm, smaller images or another device"
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure: MemoryError, ENOMEM, or a native library's (torch, ITK) RuntimeError saying so."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM) or (
+        isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OUT_OF_MEMORY_MARKERS))
+
+
+def is_environment_error(exc: BaseException) -> bool:
+    """An OSError of the user's environment (a full disk, a permission, a name): bad input, not a bug."""
+    return isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS
+
+
 def describe_failure(exc: BaseException) -> Tuple[ExitCode, str, str]:
     """The error boundary's one mapping: (exit code, kind, one-line message) for any exception of a command.
 
@@ -63,10 +74,9 @@ def describe_failure(exc: BaseException) -> Tuple[ExitCode, str, str]:
         return exc.exit_code, exc.kind, _one_line(str(exc))
     if isinstance(exc, KeyboardInterrupt):
         return ExitCode.CANCELLED, Cancelled.kind, "cancelled"
-    if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM) or (
-            isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OUT_OF_MEMORY_MARKERS)):
+    if is_out_of_memory(exc):
         return ExitCode.OUT_OF_MEMORY, OutOfMemory.kind, f"out of memory; {OUT_OF_MEMORY_HINT}"
-    if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS:
+    if is_environment_error(exc):
         where = exc.filename if exc.filename is not None else "output"
         return ExitCode.BAD_INPUT, InputError.kind, _one_line(f"{where}: {exc.strerror or exc}")
     return ExitCode.INTERNAL_ERROR, NephiregError.kind, _one_line(f"internal error: {type(exc).__name__}: {exc}")

@@ -6,13 +6,17 @@ Every check raises :class:`nephireg.errors.InputError` naming the file and the p
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
 
-from nephireg.errors import InputError
+from nephireg.errors import OUT_OF_MEMORY_HINT, InputError, OutOfMemory, is_out_of_memory
 from nephireg.geometry import Grid
 
 PathLike = Union[str, os.PathLike]
@@ -88,7 +92,27 @@ def _read_any(path: PathLike, role: str) -> sitk.Image:
         _check_header(reader, path, role)
         return reader.Execute()
     except RuntimeError as exc:
+        _refuse_out_of_memory(exc, path)
         raise InputError(f"{role} file cannot be read as an image ({_itk_reason(exc)})", path) from None
+
+
+def _refuse_out_of_memory(exc: RuntimeError, path: PathLike, doing: str = "reading") -> None:
+    """An allocation that failed inside ITK is out of memory (exit 4), not a file that cannot be read."""
+    if is_out_of_memory(exc):
+        raise OutOfMemory(f"{path}: out of memory {doing} this file; {OUT_OF_MEMORY_HINT}") from None
+
+
+FULL_DISK_BYTES = 1 << 20  # a failed write with less free than this: the disk is full (ITK rarely says so)
+
+
+def _write_reason(exc: RuntimeError, path: PathLike) -> str:
+    """Why a write failed, in the user's words where we can tell: ITK's HDF5 errors name no cause."""
+    try:
+        if shutil.disk_usage(os.path.dirname(os.path.abspath(os.fspath(path)))).free < FULL_DISK_BYTES:
+            return "no space left on the device"
+    except OSError:
+        pass
+    return _itk_reason(exc)
 
 
 def _itk_reason(exc: RuntimeError) -> str:
@@ -112,7 +136,7 @@ def _check_header(reader: sitk.ImageFileReader, path: PathLike, role: str) -> No
 
 
 def _read_dicom_folder(folder: Path, role: str) -> sitk.Image:
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    series = _quietly(sitk.ImageSeriesReader.GetGDCMSeriesIDs, str(folder))  # ITK warns on stderr when none
     if not series:
         raise InputError(f"{role} folder holds no DICOM series", folder)
     if len(series) > 1:
@@ -122,7 +146,48 @@ def _read_dicom_folder(folder: Path, role: str) -> sitk.Image:
     try:
         return reader.Execute()
     except RuntimeError as exc:
+        _refuse_out_of_memory(exc, folder)
         raise InputError(f"{role} DICOM series cannot be read ({str(exc).strip()[:200]})", folder) from None
+
+
+@contextmanager
+def _native_stderr_dropped_on_failure() -> Iterator[None]:
+    """Hold what native code writes to file descriptor 2 during the block: HDF5 prints its whole error stack
+    (dozens of lines) before ITK raises, and the error we raise is the one line the user gets. On success the
+    held text is written out after all."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no usable stderr: nothing to hold
+        yield
+        return
+    failed = True
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+            failed = False
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not failed:
+                held.seek(0)
+                text = held.read()
+                if text:
+                    try:
+                        os.write(2, text)
+                    except OSError:
+                        pass
+
+
+def _quietly(function, *args):
+    """``function(*args)`` without ITK's warnings on stderr (the error we raise is the one line the user gets)."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return function(*args)
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def _check_is_3d_scalar(image: sitk.Image, path: PathLike, role: str) -> None:
@@ -156,7 +221,8 @@ def write_image(image: sitk.Image, path: PathLike, compress: bool = False) -> No
     try:
         sitk.WriteImage(image, str(path), compress)
     except RuntimeError as exc:  # ITK reports a failed write (full disk, no permission) as a RuntimeError
-        raise InputError(f"cannot write the image ({_itk_reason(exc)})", path) from None
+        _refuse_out_of_memory(exc, path, "writing")
+        raise InputError(f"cannot write the image ({_write_reason(exc, path)})", path) from None
 
 
 def displacement_transform(displacement_lps_mm: np.ndarray, grid: Grid) -> sitk.DisplacementFieldTransform:
@@ -176,9 +242,11 @@ def write_transform(displacement_lps_mm: np.ndarray, grid: Grid, path: PathLike)
 def save_transform(transform: sitk.Transform, path: PathLike) -> None:
     """``sitk.WriteTransform`` with a failed write (full disk, no permission) as an InputError naming the file."""
     try:
-        sitk.WriteTransform(transform, str(path))
+        with _native_stderr_dropped_on_failure():
+            sitk.WriteTransform(transform, str(path))
     except RuntimeError as exc:
-        raise InputError(f"cannot write the transform ({_itk_reason(exc)})", path) from None
+        _refuse_out_of_memory(exc, path, "writing")
+        raise InputError(f"cannot write the transform ({_write_reason(exc, path)})", path) from None
 
 
 def read_transform(path: PathLike, role: str = "transform") -> sitk.Transform:
@@ -186,8 +254,10 @@ def read_transform(path: PathLike, role: str = "transform") -> sitk.Transform:
     if not p.exists():
         raise InputError(f"{role} file not found", path)
     try:
-        return sitk.ReadTransform(str(p))
+        with _native_stderr_dropped_on_failure():
+            return sitk.ReadTransform(str(p))
     except RuntimeError as exc:
+        _refuse_out_of_memory(exc, path)
         raise InputError(f"{role} file cannot be read as an ITK transform ({str(exc).strip()[-200:]})", path) from None
 
 

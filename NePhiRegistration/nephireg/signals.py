@@ -16,9 +16,12 @@ action.
 
 from __future__ import annotations
 
+import importlib
 import signal
+import sys
 import threading
 from contextlib import contextmanager
+from types import ModuleType
 from typing import Callable, Iterator, List
 
 from nephireg.errors import Cancelled
@@ -88,3 +91,39 @@ def interrupting() -> Iterator[None]:
         finally:
             _interrupting[0] = False
 
+
+
+@contextmanager
+def held() -> Iterator[None]:
+    """In an :func:`interrupting` block: signals in this block are recorded, not raised. For the renames that
+    publish a complete output (the commit point: after them the command has succeeded) and for clean-up."""
+    was = _interrupting[0]
+    _interrupting[0] = False
+    try:
+        yield
+    finally:
+        _interrupting[0] = was
+
+
+def import_polling(name: str, check_cancel: Callable[[], None], every_s: float = 0.1) -> ModuleType:
+    """Import module ``name`` in a helper thread while this one calls ``check_cancel`` every ``every_s``: loading
+    torch takes a second or more, and a cancel must not wait for it. A cancel leaves the import running in its
+    (daemon) thread; the command line exits without waiting for it."""
+    done = threading.Event()
+    failure: List[BaseException] = []
+
+    def load() -> None:
+        try:
+            importlib.import_module(name)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            failure.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=load, name=f"import {name}", daemon=True).start()
+    while not done.wait(every_s):
+        check_cancel()
+    check_cancel()
+    if failure:
+        raise failure[0]
+    return sys.modules[name]

@@ -4,7 +4,7 @@ STANDARD LIBRARY ONLY (the model store uses it inside Slicer's process).
 
 A staged path's name carries its owner: ``<prefix><host>-<pid>-<token><suffix>``. A run that is killed outright
 (SIGKILL, power loss) cannot remove its staged files; the next writer into the same folder removes those whose
-owner process is gone (same host, the pid no longer runs) or, for another host's, those untouched for
+owner process is gone (same host and pid namespace, the pid no longer runs) or, for another host's, those untouched for
 :data:`FOREIGN_STALE_S`. Live writers' staged paths are never touched.
 """
 
@@ -24,7 +24,13 @@ FOREIGN_STALE_S = 24 * 3600.0  # staged paths of another host's run are stale af
 
 
 def _host() -> str:
-    return "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"
+    """This machine's name, and on Linux its process-id namespace: a container sharing the host's name (host
+    networking) numbers its processes apart, so its pids must not be judged by this process's view."""
+    name = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"
+    try:
+        return f"{name}_{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # not Linux, or no /proc
+        return name
 
 
 def staged_name(prefix: str, suffix: str = "") -> str:

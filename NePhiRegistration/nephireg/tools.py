@@ -206,9 +206,11 @@ def _check_unique_ids(rows: List[dict], path: Path) -> None:
     seen: dict = {}
     for number, row in enumerate(rows):
         pair = tuple(row[key] for key in PAIR_COLUMNS)
-        first = seen.setdefault(row["id"], (number, pair))
+        first = seen.setdefault(row["id"].casefold(), (number, pair))  # "A" and "a": one folder on macOS, Windows
         if first[1] != pair:
-            raise InputError(f"rows {first[0]} and {number} share the id {row['id']!r} but name different pairs", path)
+            ids = repr(row["id"]) if rows[first[0]]["id"] == row["id"] else f"{rows[first[0]]['id']!r} / {row['id']!r}"
+            raise InputError(f"rows {first[0]} and {number} share the id {ids} but name different pairs (an id is a "
+                             "folder name, and case does not tell folders apart everywhere)", path)
 
 
 def _done_already(out: Path, row: dict) -> str:

@@ -8,18 +8,19 @@ as soon as they are read, before anything is allocated from them. Every refusal 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, List, Optional
 
 import numpy as np
 
 from nephireg.errors import InputError
 from nephireg.geometry import Grid
 from nephireg.options import Rule
-from nephireg.protocol import DEVICES, METHODS, PREALIGN_MODES, PRESETS, RESULT_MANIFEST
+from nephireg.protocol import DEVICES, METHODS, OUTPUT_FILES, PREALIGN_MODES, PRESETS, RESULT_MANIFEST
 from nephireg.staging import nearest_existing
 
 # Options with their own flag are checked even by methods that ignore them (a typo should not pass silently).
@@ -27,7 +28,8 @@ COMMON_RULES = {"grid_spacing_mm": Rule("float", 0, 1000, low_open=True, optiona
 SEED_RULE = Rule("int", 0, 2**32 - 1)
 MIN_LEVEL_VOXELS = 2  # voxels along every axis of the coarsest pooled level a method uses
 SPACING_RANGE_MM = (1e-4, 1e4)  # plausible voxel spacings of a medical image (0.1 um .. 10 m)
-SPACE_MARGIN = 1.2  # free space asked for: the estimated result size times this
+TRANSFORM_BYTES_PER_VOXEL = 24  # float64 3-vectors (transform.h5 on the fixed grid, inverse.h5 on the moving)
+IMAGE_BYTES_PER_VOXEL = 4  # float32 maps on the fixed grid (jacobian.nrrd, warped.nrrd, uncompressed)
 
 
 def check_request(request: Any) -> None:
@@ -46,6 +48,31 @@ def check_request(request: Any) -> None:
     for name, rule in COMMON_RULES.items():
         rule.parse(name, request.options.get(name))
     check_output_folder(request.out, request.overwrite)
+    check_inputs_survive(request)
+
+
+def check_inputs_survive(request: Any) -> None:
+    """No input is a file a result in ``--out`` would replace (e.g. ``--moving out/warped.nrrd --out out
+    --overwrite``, refining a result): it would be gone after the run, whatever ``--overwrite`` says."""
+    out = os.path.realpath(os.fspath(request.out))
+    replaced = set(OUTPUT_FILES.values()) | set(listed_files(Path(out) / RESULT_MANIFEST))
+    for flag, path in (("--fixed", request.fixed), ("--moving", request.moving),
+                       ("--fixed-mask", request.fixed_mask), ("--moving-mask", request.moving_mask)):
+        if path is None:
+            continue
+        relative = os.path.relpath(os.path.realpath(os.fspath(path)), out)
+        if Path(relative).as_posix() in replaced:
+            raise InputError(f"{flag} is a file of the result in --out, which this run replaces; copy it "
+                             "elsewhere or choose another --out", path)
+
+
+def listed_files(manifest: Path) -> List[str]:
+    """The file names a result manifest lists (as written; empty when it cannot be read)."""
+    try:
+        listed = json.loads(manifest.read_text(encoding="utf-8")).get("files", {})
+        return [str(name) for name in listed.values()]
+    except (OSError, ValueError, AttributeError):
+        return []
 
 
 def method_settings(request: Any) -> Any:
@@ -99,7 +126,10 @@ def _short(path: Path) -> str:
 
 def check_output_folder(out: Any, overwrite: bool) -> None:
     """``--out`` can receive a result: a folder (or creatable), not a dangling link, writable, and free of a
-    result unless ``overwrite``."""
+    result - or of files a result would replace - unless ``overwrite``.
+
+    First it puts back a previous result that a killed run left half-replaced
+    (:func:`nephireg.resultdir.restore_interrupted_swap`), so the answer is about the folder as it should be."""
     if not isinstance(out, (str, os.PathLike)) or not os.fspath(out).strip():
         raise InputError("--out is empty; give the output folder")
     folder = Path(os.fspath(out))
@@ -108,9 +138,26 @@ def check_output_folder(out: Any, overwrite: bool) -> None:
         raise InputError("output path is a dangling symbolic link", folder)
     if folder.exists() and not folder.is_dir():
         raise InputError("output path exists and is not a folder", folder)
-    if (folder / RESULT_MANIFEST).exists() and not overwrite:
+    if folder.is_dir():
+        from nephireg.resultdir import restore_interrupted_swap  # resultdir imports this module
+
+        restore_interrupted_swap(folder)
+    if overwrite:
+        check_writable(folder)
+        return
+    if (folder / RESULT_MANIFEST).exists():
         raise InputError("output folder already holds a result (result.json); use --overwrite to replace it", folder)
+    check_no_unlisted_outputs(folder, OUTPUT_FILES.values())
     check_writable(folder)
+
+
+def check_no_unlisted_outputs(folder: Path, names: Iterable[str]) -> None:
+    """Without ``--overwrite`` a result only goes where it replaces nothing: refuse a folder (without a
+    ``result.json``) that holds files with the names of outputs - someone's own files, never ours to delete."""
+    present = sorted(name for name in names if os.path.lexists(folder / name))
+    if present:
+        raise InputError(f"output folder holds {', '.join(present)} but no result.json; a result would replace "
+                         "them: use --overwrite to replace them, or another folder", folder)
 
 
 def check_output_file(path: Any, overwrite: bool, inputs: Iterable[Any] = (), flag: str = "--out") -> None:
@@ -129,7 +176,7 @@ def check_output_file(path: Any, overwrite: bool, inputs: Iterable[Any] = (), fl
             raise InputError(f"{flag} is one of the command's inputs ({given}); choose another output file", target)
     if target.exists() and not overwrite:
         raise InputError("output file exists; use --overwrite to replace it", target)
-    check_writable(target.parent)
+    check_writable(target.parent, named=target)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -141,18 +188,20 @@ def _same_file(a: Path, b: Path) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def check_writable(folder: Path) -> None:
+def check_writable(folder: Path, named: Optional[Path] = None) -> None:
     """Create and remove a probe in ``folder``'s closest existing ancestor: the real test (permission bits say
-    nothing to root, a read-only mount or a full inode table does)."""
+    nothing to root, a read-only mount or a full inode table does). ``named``: the path the message names
+    (default ``folder``; the output file for single-file commands)."""
     existing = nearest_existing(folder.absolute())
     if existing is None or not existing.is_dir():
-        raise InputError(f"cannot create the output: {existing} is not a folder", folder)
+        raise InputError(f"cannot create the output: {existing} is not a folder", named or folder)
     probe = existing / f".nephireg-probe-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         probe.mkdir()
         probe.rmdir()
     except OSError as exc:
-        raise InputError(f"output location is not writable ({_reason(exc)} in {existing})", folder) from None
+        raise InputError(f"output location is not writable ({_reason(exc)} in {existing})",
+                         named or folder) from None
 
 
 def _reason(exc: OSError) -> str:
@@ -160,21 +209,24 @@ def _reason(exc: OSError) -> str:
 
 
 def check_free_space(folder: Path, needed_bytes: float) -> None:
-    """Refuse to start a run whose result cannot fit: ``needed_bytes`` (an estimate) times :data:`SPACE_MARGIN`."""
+    """Refuse to start a run whose result cannot fit: fewer bytes free than ``needed_bytes`` (a lower bound, so
+    a result that fits is never refused; a disk that fills anyway is cleaned up by the writer)."""
     existing = nearest_existing(folder.absolute())
     try:
         free = shutil.disk_usage(existing).free
     except (OSError, TypeError):
         return  # unknown: the writer still cleans up if the disk fills
-    if free < needed_bytes * SPACE_MARGIN:
-        raise InputError(f"not enough free space for the result: about {needed_bytes * SPACE_MARGIN / 1e6:.1f} MB "
-                         f"needed, {free / 1e6:.1f} MB free", folder)
+    if free < needed_bytes:
+        raise InputError(f"not enough free space for the result: at least {needed_bytes / 1e6:.1f} MB needed, "
+                         f"{free / 1e6:.1f} MB free", folder)
 
 
-def result_bytes(fixed: Grid, moving: Grid) -> float:
-    """Estimated size of a result folder: float64 vectors and float32 maps on the fixed grid (transform,
-    Jacobian, warped image), a float64 vector field on the moving grid (room for an inverse), 1 MB of rest."""
-    return 40.0 * _voxels(fixed) + 24.0 * _voxels(moving) + 1e6
+def result_bytes(fixed: Grid, moving: Grid, write_warped: bool = True) -> float:
+    """The least a result folder takes: the uncompressed transform and Jacobian (and warped image) on the fixed
+    grid and the inverse on the moving grid. Headers, overview.png and files other steps add are not counted (a
+    lower bound)."""
+    per_fixed_voxel = TRANSFORM_BYTES_PER_VOXEL + IMAGE_BYTES_PER_VOXEL * (2 if write_warped else 1)
+    return float(per_fixed_voxel) * _voxels(fixed) + float(TRANSFORM_BYTES_PER_VOXEL) * _voxels(moving)
 
 
 def _voxels(grid: Grid) -> float:
@@ -198,7 +250,7 @@ def check_geometry(request: Any, settings: Any, fixed: Grid, moving: Grid, worki
 
     coarsest = method_module(request.method).coarsest_pooling(settings, working)
     check_working_grid(working, coarsest, request.preset, request.method, request.fixed, fixed.extent_mm())
-    check_free_space(Path(os.fspath(request.out)), result_bytes(fixed, moving))
+    check_free_space(Path(os.fspath(request.out)), result_bytes(fixed, moving, request.write_warped))
 
 
 def check_working_grid(working: Grid, coarsest_factor: int, preset: str, method: str, fixed_path: str,
@@ -212,8 +264,9 @@ def check_working_grid(working: Grid, coarsest_factor: int, preset: str, method:
     extent = "" if extent_mm is None else f"{_fmt(extent_mm)} mm, "
     raise InputError(f"fixed image is physically too small for the {preset} preset with {method}: its field of "
                      f"view ({extent}working grid {working.size} voxels of {spacing:.3g} mm) needs at least {needed} "
-                     f"voxels along every axis (about {needed * spacing:.3g} mm); check the header's spacing or use "
-                     "a preset with a finer working grid", fixed_path)
+                     f"voxels along every axis (about {needed * spacing:.3g} mm); check the header's spacing, use "
+                     "a preset with a finer working grid, or pool less (adam: --option levels=[2]; nephi: "
+                     "--option coarse_level=2)", fixed_path)
 
 
 def _fmt(values) -> str:

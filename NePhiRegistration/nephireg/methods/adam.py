@@ -103,6 +103,7 @@ def run(pair: PreparedPair, options: Mapping[str, Any], reporter: Reporter) -> D
     reporter.stage("features", "MIND-SSC features")
     with torch.no_grad():
         fixed_features = mind_ssc(pair.fixed, settings.mind_radius, settings.mind_dilation)
+        reporter.check_cancel()  # each takes a second on a big working grid
         moving_features = mind_ssc(pair.moving, settings.mind_radius, settings.mind_dilation)
     factors = level_factors(settings, pair.grid)
     field: Optional[DenseField] = None
