@@ -133,6 +133,10 @@ def test_registry_names_paths_and_preset_defaults(cache, tmp_path, brain_model):
     (cache / "mine.pt").write_bytes(brain_model.read_bytes())
     assert modelstore.intended_use("mine", registry) == BRAIN_USE
     assert {m["name"]: m for m in modelstore.list_models(registry)}["mine"]["preset"] == "brain-mri"
+    # the model a run without --model uses: its preset's default, else the overall default
+    registry["defaults"]["brain-mri"] = "mine"
+    assert modelstore.resolve_model(None, registry=registry, preset="brain-mri") == str(cache / "mine.pt")
+    assert modelstore.resolve_model(None, registry=registry, preset="generic") == str(shipped)
 
 
 def test_the_shipped_registry_states_every_models_use_and_a_default_per_preset_it_has():
@@ -187,3 +191,19 @@ def test_the_command_line_shows_the_warning_and_the_manifest_keeps_it(tmp_path, 
     assert "warning: NePhi model nephi-lung-synth-v2 was trained for lung CT (preset lung-ct)" in proc.stderr
     manifest = json.loads((out / "result.json").read_text())
     assert [w["code"] for w in manifest["warnings"]] == [MODEL_PRESET_MISMATCH]
+
+
+def test_models_listing_shows_each_models_use_and_the_presets_it_is_default_for(capsys, cache):
+    from nephireg.cli import main
+
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    registry = modelstore.load_registry()
+    for entry in registry["models"]:
+        line = next(line for line in lines if f" {entry['name']} " in line)
+        assert f" {entry['anatomy']} " in line and f" {entry['preset']} " in line
+        presets = sorted(p for p, name in registry.get("defaults", {}).items() if name == entry["name"])
+        assert line.endswith(f"(default for {', '.join(presets)})") if presets else "(default for" not in line
+    assert main(["models", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {m["name"]: m["preset"] for m in listed} == {e["name"]: e["preset"] for e in registry["models"]}
