@@ -72,7 +72,7 @@ class NePhiRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = NePhiRegistrationLogic()
-        self.panel = RegistrationPanel(self.ui, lambda: self._parameterNode)
+        self.panel = RegistrationPanel(self.ui, lambda: self._parameterNode, sceneio.slicerLogics())
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
@@ -102,7 +102,7 @@ class NePhiRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.fixedVolume:
-            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            first = sceneio.defaultFixedVolume(slicer.mrmlScene)  # a plain scalar volume, as the selector lists
             if first:
                 self._parameterNode.fixedVolume = first
 
@@ -139,19 +139,21 @@ class NePhiRegistrationLogic(ScriptedLoadableModuleLogic):
 
     def startRegistration(self, fixedNode, movingNode, method="adam", preset="generic", fixedMask=None,
                           movingMask=None, outputTransform=None, createWarpedVolume=False, createJacobianVolume=True,
-                          applyTransformToMoving=True, showJacobianHeatmap=True, callback=None, onFinished=None,
-                          installTorch=True, python=None, **expert):
+                          applyTransformToMoving=True, showJacobianHeatmap=True, importInverse=False, callback=None,
+                          onFinished=None, installTorch=True, python=None, **expert):
         """Start a run and return its :class:`RegistrationJob` (call ``job.poll()`` regularly, or ``job.wait()``).
-        ``callback(progressState)`` gets progress; ``expert``: iterations, regularization, gridSpacingMm,
-        affinePrealignment, device, modelPath, keepTemporaryFiles, seed."""
+        ``callback(progressState)`` gets progress; ``importInverse``: also load the inverse map (moving -> fixed)
+        as a second transform node; ``expert``: iterations, regularization, gridSpacingMm, affinePrealignment,
+        device, modelPath, keepTemporaryFiles, seed. A moving volume under a linear transform is registered
+        starting from it, and the result replaces that parent."""
         settings = RegistrationSettings.fromOptions(method, preset, writeWarped=createWarpedVolume, **expert)
         if installTorch and python is None:
             runLogic.ensureTorch(askConfirmation=not slicer.app.testingEnabled())
         options = sceneio.ImportOptions(createWarpedVolume, createJacobianVolume, applyTransformToMoving,
-                                        showJacobianHeatmap, 0.5)
+                                        showJacobianHeatmap, 0.5, importInverse)
         job = runLogic.RegistrationJob(fixedNode, movingNode, settings, fixedMask, movingMask, outputTransform, options,
                                        python=python, processFactory=self.processFactory, onProgress=callback,
-                                       onFinished=onFinished)
+                                       onFinished=onFinished, logics=sceneio.slicerLogics())
         job.start()
         return job
 
@@ -167,7 +169,8 @@ class NePhiRegistrationLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(job.error or outcome.describe())
         result = job.result
         return {"transform": result.transform, "warpedVolume": result.warpedVolume,
-                "jacobianVolume": result.jacobianVolume, "metrics": result.metrics}
+                "jacobianVolume": result.jacobianVolume, "inverseTransform": result.inverseTransform,
+                "metrics": result.metrics}
 
 
 class NePhiRegistrationTest(ScriptedLoadableModuleTest):
@@ -179,6 +182,8 @@ class NePhiRegistrationTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_importSyntheticField()
+        self.setUp()
+        self.test_linearParentIsTheInitialTransformAndIsReplaced()
         self.setUp()
         self.test_failedRunLeavesSceneUnchanged()
         self.setUp()
@@ -207,7 +212,7 @@ class NePhiRegistrationTest(ScriptedLoadableModuleTest):
         folder = tempfile.mkdtemp(prefix="NePhi test ünïcode ")
         try:
             manifest, displacement = selftest.writeSyntheticResult(os.path.join(folder, "out"))
-            nodes = sceneio.importResult(manifest, fixed, moving, None, sceneio.ImportOptions())
+            nodes = sceneio.importResult(sceneio.slicerLogics(), manifest, fixed, moving, None, sceneio.ImportOptions())
             itkTransform = sitk.ReadTransform(manifest["files"]["transform"])
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -216,22 +221,28 @@ class NePhiRegistrationTest(ScriptedLoadableModuleTest):
         self.assertEqual(transformNode.GetNodeReferenceID(transformNode.GetFixedNodeReferenceRole()), fixed.GetID())
         self.assertEqual(moving.GetTransformNodeID(), transformNode.GetID())
         self.assertIsNone(transformNode.GetStorageNode())  # not tied to the deleted temp file
-        # The node maps points like ITK maps the file (RAS = LPS with x, y negated), and like route B.
+        # The node maps points like ITK maps the file (RAS = LPS with x, y negated), and like route B: both
+        # interpolate trilinearly (the imported node is set to linear), so they agree to float precision, at voxel
+        # centres and between them (a cubic node would differ by up to 0.1 mm between centres).
+        self.assertEqual(transformNode.GetTransformFromParent().GetInterpolationModeAsString(), "Linear")
         grid = selftest.TEST_GRID
         image, direction = resultLib.displacementToVtk(displacement, grid)
         routeB = slicer.vtkOrientedGridTransform()
         routeB.SetGridDirectionMatrix(direction)
         routeB.SetDisplacementGridData(image)
-        for index in ((3.2, 4.7, 2.1), (10.0, 8.5, 6.3), (15.5, 12.2, 9.9)):
+        routeB.SetInterpolationModeToLinear()
+        for index in ((3.2, 4.7, 2.1), (10.0, 8.5, 6.3), (15.5, 12.2, 9.9), (4.0, 5.0, 6.0), (11.0, 9.0, 3.0)):
             lps = grid.index_to_physical()[:3, :3] @ np.array(index) + np.array(grid.origin)
             expected = np.array(itkTransform.TransformPoint(tuple(lps))) * [-1, -1, 1]
             ras = lps * [-1, -1, 1]
             got = np.array(transformNode.GetTransformFromParent().TransformPoint(tuple(ras)))
-            np.testing.assert_allclose(got, expected, atol=1e-3)
-            np.testing.assert_allclose(np.array(routeB.TransformPoint(tuple(ras))), expected, atol=1e-3)
+            np.testing.assert_allclose(got, expected, atol=1e-4)
+            np.testing.assert_allclose(np.array(routeB.TransformPoint(tuple(ras))), expected, atol=1e-4)
         jacobian = nodes.jacobianVolume
         display = jacobian.GetDisplayNode()
         self.assertEqual(display.GetColorNodeID(), resultLib.JACOBIAN_COLOR_NODE_ID)
+        self.assertIsNotNone(slicer.mrmlScene.GetNodeByID(resultLib.JACOBIAN_COLOR_NODE_ID))  # the node exists
+        self.assertIsNotNone(display.GetColorNode())
         self.assertAlmostEqual(display.GetWindow(), 2.0)
         self.assertAlmostEqual(display.GetLevel(), 1.0)
         np.testing.assert_allclose(slicer.util.arrayFromVolume(jacobian), selftest.analyticJacobian(), rtol=1e-5)
@@ -239,7 +250,36 @@ class NePhiRegistrationTest(ScriptedLoadableModuleTest):
             self.assertEqual(composite.GetForegroundVolumeID(), jacobian.GetID())
             self.assertEqual(composite.GetBackgroundVolumeID(), fixed.GetID())
         sceneio.showTransformGrid(transformNode, fixed)
+        self.assertEqual(jacobian.GetName(), "moving Jacobian determinant")  # named once, no "_1"
         self.delayDisplay("Synthetic field imported")
+
+    def test_linearParentIsTheInitialTransformAndIsReplaced(self):
+        import numpy as np
+        import SimpleITK as sitk
+
+        from NePhiRegistrationLib import selftest
+
+        self.delayDisplay("A moving volume under a linear transform: the run starts from it, the result replaces it")
+        fixed, moving = self._volumes()
+        manual = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "manual alignment")
+        shift = vtk.vtkMatrix4x4()
+        shift.SetElement(0, 3, 5.0)  # RAS mm, moving -> world
+        manual.SetMatrixTransformToParent(shift)
+        moving.SetAndObserveTransformNodeID(manual.GetID())
+        logics = sceneio.slicerLogics()
+        folder = tempfile.mkdtemp(prefix="NePhi test ")
+        try:
+            paths = sceneio.writeInputs(logics, folder, fixed, moving)
+            initial = sitk.ReadTransform(paths["initialTransform"])  # fixed -> moving in LPS: x_LPS + 5
+            np.testing.assert_allclose(initial.TransformPoint((0.0, 0.0, 0.0)), (5.0, 0.0, 0.0), atol=1e-9)
+            manifest, _ = selftest.writeSyntheticResult(os.path.join(folder, "out"))
+            nodes = sceneio.importResult(logics, manifest, fixed, moving)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.assertEqual(moving.GetTransformNodeID(), nodes.transform.GetID())
+        self.assertIsNone(nodes.transform.GetParentTransformNode())
+        self.assertEqual(nodes.transform.GetNodeReferenceID(sceneio.INITIAL_TRANSFORM_ROLE), manual.GetID())
+        self.delayDisplay("Linear parent handled")
 
     def _sceneNodeIDs(self):
         return {slicer.mrmlScene.GetNthNode(i).GetID() for i in range(slicer.mrmlScene.GetNumberOfNodes())}

@@ -92,7 +92,7 @@ def oblique_pair(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method, options", [
-    ("adam", {"iterations": 40, "coarse_iterations": 20}),
+    ("adam", {"iterations": 40, "coarse_iterations": 20, "regularization": 1.0}),  # lambda of the measurements below
     ("nephi-io", {"iterations": 25, "similarity_points": 2000, "gradicon_points": 100}),
 ])
 def test_every_run_writes_an_inverse_that_maps_back(oblique_pair, method, options):

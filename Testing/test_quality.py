@@ -112,6 +112,26 @@ def test_a_pre_alignment_that_mirrors_back_is_a_reflection_not_an_orientation_mi
     assert [w["code"] for w in reporter.warnings] == [quality.PREALIGN_REFLECTION]
 
 
+def test_a_mirroring_initial_transform_warns_of_the_reflection_end_to_end(tmp_path, one_torch_thread):
+    """``--initial-transform`` (helper i12) replaces the pre-alignment: a mirror there is reported as such."""
+    from nephireg.compose import affine_transform
+
+    fixed = blobs(GRID)
+    mirrored = io.image_from_array(np.ascontiguousarray(sitk.GetArrayFromImage(fixed)[:, :, ::-1]), GRID)
+    mirror = np.eye(4)
+    mirror[0, 0], mirror[0, 3] = -1.0, 2 * GRID.center_physical()[0]
+    initial = str(tmp_path / "mirror.tfm")
+    sitk.WriteTransform(affine_transform(mirror), initial)
+    manifest = run(tmp_path, fixed, mirrored, initial_transform=initial, options={"iterations": 5,
+                                                                                  "coarse_iterations": 5})
+    assert manifest["parameters"]["prealign"] == "initial-transform"
+    assert manifest["metrics"]["ncc_prealigned"] > 0.99 > manifest["metrics"]["ncc_before"] + 0.5
+    assert manifest["metrics"]["folding_percent"] > 99 and manifest["metrics"]["std_log_jacobian"] is None
+    assert quality.PREALIGN_REFLECTION in codes(manifest)
+    assert not {quality.ORIENTATION_MISMATCH, quality.FOLDING} & set(codes(manifest))  # the reflection says it all
+    json.loads((tmp_path / "out" / "result.json").read_text())  # strict JSON: the mirror's rotation is null
+
+
 def test_pair_the_deformable_step_cannot_help_warns(tmp_path, one_torch_thread):
     """An unrelated image: no deformation explains it, so the similarity barely moves (or drops)."""
     manifest = run(tmp_path, blobs(GRID, seed=0), blobs(GRID, seed=5))

@@ -1,8 +1,12 @@
-"""RegistrationJob (the module's run logic) with a stand-in ``slicer`` module and real child processes.
+"""RegistrationJob (the module's run logic) on a real MRML scene (slicer-core) with real child processes.
 
-The scene side (``sceneio``) is replaced by recorders, so these tests check the flow that Slicer cannot show us
-here: output nodes are created only after success, a GPU out-of-memory exit is retried once on the CPU, the temp
-folder (spaces, non-ASCII) is removed unless "keep temporary files", cancel finishes the job at once.
+The child is a small fake engine that speaks the protocol and writes a real result folder (an ITK displacement
+field, a Jacobian map, result.json: ``selftest.writeSyntheticResult``), so the real ``sceneio`` writes the inputs
+and imports the result through Slicer's own logics. Only what belongs to Slicer's application (its temp folder,
+its startup environment, dialogs, the PyTorch extension) is replaced. Checked: output nodes are created only after
+success, a GPU out-of-memory exit is retried once on the CPU, the temp folder (spaces, non-ASCII) is removed unless
+"keep temporary files", cancel finishes the job at once, a linear parent of the moving volume reaches the engine as
+``--initial-transform``.
 """
 
 import importlib
@@ -12,15 +16,18 @@ import textwrap
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-MODULE_DIR = REPO / "NePhiRegistration"
-sys.path.insert(0, str(MODULE_DIR))
+from slicer_scene import MODULE_DIR, add_volume, new_app, node_ids, require_slicer_core
 
 
 @pytest.fixture
 def fake_slicer(tmp_path, monkeypatch):
+    require_slicer_core()
+    import slicer
+
+    from NePhiRegistrationLib import selftest
+
     temp_root = tmp_path / "Slicer temp ünï"
     temp_root.mkdir()
     counter = iter(range(1000))
@@ -30,33 +37,18 @@ def fake_slicer(tmp_path, monkeypatch):
         path.mkdir()
         return str(path)
 
-    slicer = types.ModuleType("slicer")
-    slicer.util = types.SimpleNamespace(tempDirectory=temp_directory, startupEnvironment=lambda: dict(os.environ))
-    monkeypatch.setitem(sys.modules, "slicer", slicer)
-    for name in ("NePhiRegistrationLib.logic", "NePhiRegistrationLib.sceneio"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    # import_module, not "from package import": the package attribute may still hold a module bound to another stand-in
-    sceneio = importlib.import_module("NePhiRegistrationLib.sceneio")  # first: logic then binds this one
+    # the application's parts of slicer.util (slicer.app has no object here)
+    monkeypatch.setattr(slicer.util, "tempDirectory", temp_directory, raising=False)
+    monkeypatch.setattr(slicer.util, "startupEnvironment", lambda: dict(os.environ), raising=False)
+    app = new_app()
+    monkeypatch.delitem(sys.modules, "NePhiRegistrationLib.logic", raising=False)
     logic = importlib.import_module("NePhiRegistrationLib.logic")
-
-    imported = []
-
-    def write_inputs(folder, fixed, moving, fixedMask=None, movingMask=None):
-        for name in ("fixed.nrrd", "moving.nrrd"):
-            Path(folder, name).write_bytes(b"")
-        return {"fixed": os.path.join(folder, "fixed.nrrd"), "moving": os.path.join(folder, "moving.nrrd"),
-                "fixedMask": None, "movingMask": None}
-
-    def import_result(manifest, fixed, moving, outputTransform=None, options=None, metrics=None):
-        assert os.path.isfile(manifest["files"]["transform"]), "import must happen before the temp folder goes"
-        imported.append((manifest, metrics))
-        return sceneio.ResultNodes(transform="transform-node", metrics=dict(metrics or {}))
-
-    monkeypatch.setattr(sceneio, "writeInputs", write_inputs)
-    monkeypatch.setattr(sceneio, "importResult", import_result)
-    yield types.SimpleNamespace(logic=logic, sceneio=sceneio, imported=imported, temp_root=temp_root)
-    for name in ("NePhiRegistrationLib.logic", "NePhiRegistrationLib.sceneio"):  # bound to the stand-in slicer
-        sys.modules.pop(name, None)
+    fixedArray, movingArray = selftest.volumeArraysOnGrid()
+    fixed = add_volume(app.scene, fixedArray, selftest.TEST_GRID.ijk_to_ras(), "fixed")
+    moving = add_volume(app.scene, movingArray, selftest.TEST_GRID.ijk_to_ras(), "moving")
+    yield types.SimpleNamespace(logic=logic, sceneio=app.sceneio, logics=app.logics, scene=app.scene, fixed=fixed,
+                                moving=moving, temp_root=temp_root)
+    sys.modules.pop("NePhiRegistrationLib.logic", None)
 
 
 CHILD = """
@@ -77,10 +69,11 @@ if behaviour == "fail" or (behaviour == "oom-then-ok" and device != "cpu") or be
     message = "moving image is empty" if behaviour == "fail" else "out of memory"
     print(protocol.encode_event("error", code=code, kind="x", message=message), flush=True)
     sys.exit(code)
-os.makedirs(out, exist_ok=True)
-open(os.path.join(out, "transform.h5"), "w").close()
+from NePhiRegistrationLib import selftest
+selftest.writeSyntheticResult(out)
 metrics = {{"folding_percent": 0.0, "device": device}}
-path = protocol.write_manifest(out, {{"files": {{"transform": "transform.h5"}}, "metrics": metrics}})
+files = {{key: protocol.OUTPUT_FILES[key] for key in ("transform", "jacobian")}}
+path = protocol.write_manifest(out, {{"files": files, "metrics": metrics}})
 print(protocol.encode_event("result", manifest=path, metrics=metrics), flush=True)
 """
 
@@ -105,9 +98,9 @@ def run_job(env, factory, keep=False, device="auto", progress=None):
     logs, finished = [], []
     settings = RegistrationSettings(device=device, keepTemporaryFiles=keep)
     onProgress = (lambda state: progress.append(state.message)) if progress is not None else None
-    job = env.logic.RegistrationJob("fixed-node", "moving-node", settings, python=sys.executable,
+    job = env.logic.RegistrationJob(env.fixed, env.moving, settings, python=sys.executable,
                                     processFactory=factory, onLog=logs.append, onFinished=finished.append,
-                                    onProgress=onProgress)
+                                    onProgress=onProgress, logics=env.logics)
     job.start()
     return job, logs, finished
 
@@ -124,18 +117,20 @@ def test_out_of_memory_is_retried_on_cpu_then_imported_and_temp_removed(fake_sli
     # visible outside the log: the status line (progress message) and the job's notice (result summary)
     assert fake_slicer.logic.CPU_RETRY_NOTICE in progress
     assert job.notice == fake_slicer.logic.CPU_RETRY_NOTICE
-    (manifest, metrics), = fake_slicer.imported
+    metrics = job.result.metrics
     assert metrics["device"] == "cpu" and "runtime_s" in metrics
-    assert job.result.transform == "transform-node"
+    assert job.result.transform.GetName() == "moving to fixed (NePhi)"
+    assert fake_slicer.moving.GetParentTransformNode() is job.result.transform
     assert not Path(job.folder).exists() and "ü" in job.folder and " " in job.folder
 
 
 def test_failure_creates_no_nodes_and_reports_the_engine_message(fake_slicer, tmp_path):
     factory, _ = make_factory(tmp_path, "fail")
+    before = node_ids(fake_slicer.scene)
     job, _, finished = run_job(fake_slicer, factory)
     outcome = job.wait()
     assert outcome.status.value == "failed" and finished == [job]
-    assert fake_slicer.imported == [] and job.result is None
+    assert node_ids(fake_slicer.scene) == before and job.result is None
     assert "moving image is empty" in job.error
     assert not Path(job.folder).exists()
 
@@ -164,17 +159,39 @@ def test_keep_temporary_files(fake_slicer, tmp_path):
 
 def test_cancel_with_wait_finishes_at_once_without_import(fake_slicer, tmp_path):
     factory, _ = make_factory(tmp_path, "slow")
+    before = node_ids(fake_slicer.scene)
     job, _, finished = run_job(fake_slicer, factory)
     job.poll()
     job.cancel(wait=True)
     assert job.done and job.outcome.status.value == "cancelled" and finished == [job]
-    assert fake_slicer.imported == [] and not Path(job.folder).exists()
+    assert node_ids(fake_slicer.scene) == before and not Path(job.folder).exists()
+
+
+def test_a_linear_parent_of_the_moving_volume_reaches_the_engine_and_is_replaced_by_the_result(fake_slicer,
+                                                                                                 tmp_path):
+    import SimpleITK as sitk
+    from slicer_scene import matrix4
+
+    manual = fake_slicer.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "manual alignment")
+    shift = np.eye(4)
+    shift[:3, 3] = (5.0, -3.0, 2.0)  # RAS mm, moving -> world
+    manual.SetMatrixTransformToParent(matrix4(shift))
+    fake_slicer.moving.SetAndObserveTransformNodeID(manual.GetID())
+    factory, commands = make_factory(tmp_path, "ok")
+    job, _, _ = run_job(fake_slicer, factory, keep=True)
+    assert job.wait().status.value == "succeeded"
+    command, = commands
+    initial = command[command.index("--initial-transform") + 1]
+    lps = np.array(sitk.ReadTransform(initial).TransformPoint((0.0, 0.0, 0.0)))
+    np.testing.assert_allclose(lps, [5.0, -3.0, -2.0], atol=1e-9)  # fixed -> moving = -shift, in LPS
+    assert fake_slicer.moving.GetParentTransformNode() is job.result.transform  # replaces the parent
 
 
 def fake_pytorch_install(fake_slicer, monkeypatch, confirm=True):
     """Stand-ins for the PyTorch extension and Slicer's dialogs; returns the ordered list of what happened."""
+    import slicer
+
     events = []
-    slicer = sys.modules["slicer"]
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text: events.append("confirm") or confirm,
                         raising=False)
     monkeypatch.setattr(slicer, "app", types.SimpleNamespace(processEvents=lambda: events.append("processEvents")),

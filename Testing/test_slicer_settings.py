@@ -90,3 +90,52 @@ def test_downloadable_default_model_keeps_nephi_predict_available(monkeypatch):
     assert state.available and "downloaded on first use" in state.reason
     monkeypatch.setattr(availability, "listModels", lambda: [{"name": "x", "default": True, "installed": False}])
     assert not availability.methodAvailability("")["nephi"].available
+
+
+def test_initial_transform_reaches_the_command_line():
+    args = RegistrationSettings().engineArguments("f.nrrd", "m.nrrd", "out", initialTransform="/t/initial.tfm")
+    assert option(args, "--initial-transform") == "/t/initial.tfm" and option(args, "--prealign") == "preset"
+    assert "--initial-transform" not in RegistrationSettings().engineArguments("f.nrrd", "m.nrrd", "out")
+
+
+LUNG = {"anatomy": "lung", "modality": "CT", "preset": "lung-ct"}
+
+
+def test_model_preset_mismatch_is_named_only_when_a_model_is_used_for_another_preset():
+    mismatch = availability.modelPresetMismatch
+    reason = mismatch("nephi", "brain-mri", use=LUNG)
+    assert "meant for lung CT (preset Lung CT)" in reason and "Brain MRI" in reason
+    assert mismatch("nephi", "lung-ct", use=LUNG) == ""
+    assert mismatch("adam", "brain-mri", use=LUNG) == ""  # no model
+    assert mismatch("nephi-io", "brain-mri", use=LUNG) == ""  # nephi-io without a chosen model starts from identity
+    assert mismatch("nephi-io", "brain-mri", "/m/lung.pt", use=LUNG) != ""
+    assert mismatch("nephi", "brain-mri", use={"anatomy": "lung"}) == ""  # intended preset unknown: nothing to say
+
+
+def test_intended_use_of_the_default_model_follows_the_preset_as_the_engine_picks_it():
+    from nephireg import modelstore
+
+    default = modelstore.intended_use(modelstore.default_model_name("lung-ct"))
+    assert availability.intendedUse("", "lung-ct") == default and default["preset"] == "lung-ct"
+    path = modelstore.default_model_path(preset="lung-ct")
+    assert availability.intendedUse(path, "brain-mri") == default  # a file: what it is, whatever the preset
+    assert availability.modelPresetMismatch("nephi", "lung-ct", path) == ""
+    assert "meant for lung CT" in availability.modelPresetMismatch("nephi-io", "brain-mri", path)
+
+
+def test_clear_model_cache_deletes_only_model_files_and_partial_downloads(tmp_path):
+    for name in ("a.pt", ".a.k3j.part", "README.txt", "a.pt.sha256", "settings.json"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "folder.pt").mkdir()  # a folder is never removed, whatever its name
+    deleted = availability.clearModelCache(str(tmp_path))
+    assert sorted(Path(p).name for p in deleted) == [".a.k3j.part", "a.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.txt", "a.pt.sha256", "folder.pt", "settings.json"]
+    assert availability.clearModelCache(str(tmp_path / "missing")) == []
+
+
+def test_a_warning_event_shows_in_the_status_line_and_the_log():
+    state = ProgressState()
+    state.update({"event": "warning", "code": "mask-fallback", "message": "no lung found in the moving image"})
+    assert state.warnings == ["no lung found in the moving image"]
+    assert state.message == "Warning: no lung found in the moving image"
+    assert state.takeLogLines() == ["Warning: no lung found in the moving image"]

@@ -1,20 +1,19 @@
-"""The Register panel (widget.py) with stand-in ``qt``/``slicer`` modules and a recording stand-in UI.
+"""The Register panel (widget.py) on a real MRML scene (slicer-core), with a stand-in ``qt`` and a recording
+stand-in UI (Qt widgets have no real object here).
 
 Checks the panel's own logic: the transform-grid button is unchecked before the previous result is forgotten,
-method availability is read once per model choice (and again after enter()/clearing the cache), the model path
-shows empty (never "."), the CPU-retry notice reaches the result summary, and an input under a transform disables
-Register with the reason.
+method availability is read once per model choice (and again after enter()/clearing the cache, which deletes only
+model files), the model path shows empty (never "."), the CPU-retry notice and warning events reach the result
+summary, a model meant for another preset is shown with the reason, and a transform around the run that blocks it
+disables Register with the reason.
 """
 
 import importlib
 import sys
 import types
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "NePhiRegistration"))
+from slicer_scene import new_app, require_slicer_core
 
 
 class Signal:
@@ -68,26 +67,25 @@ class UI:
 
 @pytest.fixture
 def panel_env(monkeypatch):
+    """The panel on a real scene (slicer-core); stand-ins only for Qt and the application's Python parts that
+    the wheel lacks (``slicer.i18n``, ``slicer.parameterNodeWrapper``, dialogs)."""
+    require_slicer_core()
+    import slicer
+
     qt = types.ModuleType("qt")
     qt.QTimer = lambda: types.SimpleNamespace(setInterval=lambda ms: None, timeout=Signal(), start=lambda: None,
                                               stop=lambda: None)
     qt.Qt = types.SimpleNamespace(ToolTipRole=3)
-    slicer = types.ModuleType("slicer")
-    slicer.util = types.SimpleNamespace(confirmOkCancelDisplay=lambda *a, **k: True, infoDisplay=lambda *a, **k: None,
-                                        errorDisplay=lambda *a, **k: None)
-    slicer.mrmlScene = types.SimpleNamespace(IsNodePresent=lambda node: True)
-    for cls in ("vtkMRMLLabelMapVolumeNode", "vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode",
-                "vtkMRMLTransformNode"):
-        setattr(slicer, cls, type(cls, (), {}))
-    i18n = types.ModuleType("slicer.i18n")
-    i18n.tr = lambda text: text
+    for name, value in (("confirmOkCancelDisplay", lambda *a, **k: True), ("infoDisplay", lambda *a, **k: None),
+                        ("errorDisplay", lambda *a, **k: None)):
+        monkeypatch.setattr(slicer.util, name, value, raising=False)
     wrapper = types.ModuleType("slicer.parameterNodeWrapper")
     wrapper.parameterNodeWrapper = lambda cls: cls
     wrapper.Choice = wrapper.WithinRange = lambda *args: None
-    for name, module in (("qt", qt), ("slicer", slicer), ("slicer.i18n", i18n),
-                         ("slicer.parameterNodeWrapper", wrapper)):
+    for name, module in (("qt", qt), ("slicer.parameterNodeWrapper", wrapper)):
         monkeypatch.setitem(sys.modules, name, module)
-    names = [f"NePhiRegistrationLib.{m}" for m in ("sceneio", "parameters", "logic", "widget")]
+    app = new_app()
+    names = [f"NePhiRegistrationLib.{m}" for m in ("parameters", "logic", "widget")]
     for name in names:
         monkeypatch.delitem(sys.modules, name, raising=False)
     modules = {name.split(".")[1]: importlib.import_module(name) for name in names}  # in dependency order
@@ -96,35 +94,38 @@ def panel_env(monkeypatch):
     monkeypatch.setattr(widget.availability, "methodAvailability",
                         lambda modelPath="": calls.append(modelPath) or {
                             m: widget.availability.Availability(True) for m in widget.protocol.METHODS})
-    node = types.SimpleNamespace(modelPath="", method="adam", fixedVolume=None, movingVolume=None)
+    node = types.SimpleNamespace(modelPath="", method="adam", preset="generic", fixedVolume=None, movingVolume=None,
+                                 outputTransform=None)
     ui = UI()
-    panel = widget.RegistrationPanel(ui, lambda: node)
-    yield types.SimpleNamespace(widget=widget, sceneio=modules["sceneio"], panel=panel, ui=ui, node=node,
-                                calls=calls)
+    panel = widget.RegistrationPanel(ui, lambda: node, app.logics)
+    yield types.SimpleNamespace(widget=widget, sceneio=app.sceneio, panel=panel, ui=ui, node=node, calls=calls,
+                                scene=app.scene)
     for name in names:
         sys.modules.pop(name, None)
 
 
-def finished_job(name, notice=""):
-    transform = types.SimpleNamespace(GetName=lambda: name)
+def finished_job(env, name, notice=""):
+    transform = env.scene.AddNewNodeByClass("vtkMRMLGridTransformNode", name)
+    fixed = env.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fixed")
     result = types.SimpleNamespace(transform=transform, metrics={"folding_percent": 0.0})
-    return types.SimpleNamespace(result=result, fixed="fixed", notice=notice, outcome=None, error="")
+    return types.SimpleNamespace(result=result, fixed=fixed, notice=notice, outcome=None, error="",
+                                 progress=types.SimpleNamespace(warnings=[]))
 
 
 def test_grid_button_is_unchecked_while_the_previous_result_is_still_known(panel_env, monkeypatch):
     shown = []
     monkeypatch.setattr(panel_env.sceneio, "showTransformGrid",
                         lambda transform, fixed, visible=True: shown.append((transform.GetName(), visible)))
-    panel_env.panel.onFinished(finished_job("first"))
+    panel_env.panel.onFinished(finished_job(panel_env, "first"))
     panel_env.ui.showTransformGridButton.checked = True
-    panel_env.panel.onFinished(finished_job("second"))
+    panel_env.panel.onFinished(finished_job(panel_env, "second"))
     assert shown == [("first", True), ("first", False)]  # the first result's grid was hidden
     assert panel_env.panel.lastResult[0].transform.GetName() == "second"
 
 
 def test_cpu_retry_notice_is_in_the_result_summary(panel_env):
     notice = "The GPU ran out of memory; running again on the CPU (slower)."
-    panel_env.panel.onFinished(finished_job("r", notice=notice))
+    panel_env.panel.onFinished(finished_job(panel_env, "r", notice=notice))
     assert panel_env.ui.resultSummaryLabel.text.startswith("The GPU ran out of memory")
 
 
@@ -142,10 +143,14 @@ def test_method_availability_is_cached_per_model_and_invalidated(panel_env, tmp_
     assert panel_env.calls == ["", node.modelPath, node.modelPath]
     cache = tmp_path / "cache"
     cache.mkdir()
-    (cache / "m.pt").write_bytes(b"")
+    for name in ("m.pt", ".m.x1y2.part", "notes.txt", "registry.json"):
+        (cache / name).write_bytes(b"")
+    (cache / "sub").mkdir()
     monkeypatch.setattr(panel_env.widget.availability, "modelCacheDir", lambda: str(cache))
     panel.onClearModelCache()
-    assert not cache.exists() and len(panel_env.calls) == 4  # read again after clearing
+    # only the model and the partial download go, wherever NEPHIREG_CACHE_DIR points
+    assert sorted(p.name for p in cache.iterdir()) == ["notes.txt", "registry.json", "sub"]
+    assert len(panel_env.calls) == 4  # read again after clearing
 
 
 def test_model_path_is_empty_not_a_dot_and_edits_reach_the_parameter_node(panel_env):
@@ -160,16 +165,59 @@ def test_model_path_is_empty_not_a_dot_and_edits_reach_the_parameter_node(panel_
     assert ui.modelPathLineEdit.currentPath == ""
 
 
-def test_register_is_disabled_with_the_reason_when_an_input_is_under_a_transform(panel_env):
-    def volume(name, parent=None):
-        return types.SimpleNamespace(GetName=lambda: name, GetID=lambda: name, GetParentTransformNode=lambda: parent)
+def test_register_is_disabled_with_the_reason_when_a_transform_around_the_run_blocks_it(panel_env):
+    from slicer_scene import add_volume
 
-    users = types.SimpleNamespace(GetName=lambda: "manual", GetAttribute=lambda key: None,
-                                  GetParentTransformNode=lambda: None)
-    panel_env.node.fixedVolume, panel_env.node.movingVolume = volume("fixed"), volume("moving", users)
+    from NePhiRegistrationLib import selftest
+
+    scene, node, ui = panel_env.scene, panel_env.node, panel_env.ui
+    arrays = selftest.volumeArraysOnGrid()
+    node.fixedVolume = add_volume(scene, arrays[0], selftest.TEST_GRID.ijk_to_ras(), "fixed")
+    node.movingVolume = add_volume(scene, arrays[1], selftest.TEST_GRID.ijk_to_ras(), "moving")
+    warp = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "manual warp")
+    node.movingVolume.SetAndObserveTransformNodeID(warp.GetID())
     panel_env.panel.updateState()
-    assert panel_env.ui.registerButton.enabled is False
-    assert "'manual'" in panel_env.ui.registerButton.toolTip and "Harden" in panel_env.ui.registerButton.toolTip
-    panel_env.node.movingVolume = volume("moving")
+    assert ui.registerButton.enabled is False
+    assert "'manual warp'" in ui.registerButton.toolTip and "Harden" in ui.registerButton.toolTip
+    linear = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "manual alignment")
+    node.movingVolume.SetAndObserveTransformNodeID(linear.GetID())  # a pre-alignment: the run starts from it
     panel_env.panel.updateState()
-    assert panel_env.ui.registerButton.enabled is True
+    assert ui.registerButton.enabled is True
+    node.outputTransform = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "out")
+    node.outputTransform.SetAndObserveTransformNodeID(linear.GetID())
+    panel_env.panel.updateState()
+    assert ui.registerButton.enabled is False and "'out' is under the transform" in ui.registerButton.toolTip
+
+
+def test_a_model_meant_for_another_preset_is_shown_with_the_reason(panel_env, monkeypatch):
+    panel, node, ui = panel_env.panel, panel_env.node, panel_env.ui
+    lung = {"anatomy": "lung", "modality": "CT", "preset": "lung-ct"}
+    monkeypatch.setattr(panel_env.widget.availability, "intendedUse", lambda modelPath="", preset=None: lung)
+    node.method, node.preset = "nephi", "brain-mri"
+    panel.updateState()
+    index = panel_env.widget.protocol.METHODS.index("nephi")
+    assert "model for another preset" in ui.methodComboBox.items[index]
+    assert "meant for lung CT" in ui.methodStatusLabel.text and "Brain MRI" in ui.methodStatusLabel.text
+    node.preset = "lung-ct"
+    panel.updateState()
+    assert "another preset" not in ui.methodComboBox.items[index] and "Warning" not in ui.methodStatusLabel.text
+
+
+def test_warning_events_are_in_the_summary_and_the_status_line(panel_env):
+    job = finished_job(panel_env, "r")
+    job.progress = types.SimpleNamespace(warnings=["no lung found in the moving image; running without its mask"])
+    panel_env.panel.onFinished(job)
+    assert panel_env.ui.resultSummaryLabel.text.startswith("Warning: no lung found in the moving image")
+    assert "1 warning(s)" in panel_env.ui.statusLabel.text
+
+
+def test_a_warning_in_the_manifest_and_in_the_events_is_shown_once(panel_env):
+    """summaryLines shows the manifest's warnings (with their codes); the same run's events do not repeat them."""
+    job = finished_job(panel_env, "r")
+    message = "the deformable step made the similarity worse"
+    job.result.metrics = {"folding_percent": 0.0, "warnings": [{"code": "deformable-worse", "message": message}]}
+    job.progress = types.SimpleNamespace(warnings=[message])
+    panel_env.panel.onFinished(job)
+    text = panel_env.ui.resultSummaryLabel.text
+    assert text.startswith(f"Warning: {message} [deformable-worse]") and text.count(message) == 1
+    assert "1 warning(s)" in panel_env.ui.statusLabel.text

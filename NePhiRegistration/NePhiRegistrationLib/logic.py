@@ -18,16 +18,18 @@ from typing import Callable, Optional
 import slicer
 
 from NePhiRegistrationLib import availability, engine, sceneio
+from NePhiRegistrationLib.i18n import _
 from NePhiRegistrationLib.progress import ProgressState
 from NePhiRegistrationLib.result import manifestMetrics
 from NePhiRegistrationLib.runner import EngineProcess, RunOutcome, RunStatus
 from NePhiRegistrationLib.settings import RegistrationSettings
 
 TORCH_REQUIREMENT = ">=2.1"
-CPU_RETRY_NOTICE = "The GPU ran out of memory; running again on the CPU (slower)."
+CPU_RETRY_NOTICE = _("The GPU ran out of memory; running again on the CPU (slower).")
 
 
-INSTALLING_TORCH = "Installing PyTorch (several minutes)..."
+INSTALLING_TORCH = _("Installing PyTorch (several minutes)...")
+NO_TORCH = _("PyTorch is not installed; the registration cannot run without it.")
 
 
 def ensureTorch(askConfirmation: bool = True, onStatus: Optional[Callable[[str], None]] = None) -> None:
@@ -40,25 +42,25 @@ def ensureTorch(askConfirmation: bool = True, onStatus: Optional[Callable[[str],
     try:
         import PyTorchUtils
     except ImportError:
-        raise RuntimeError("NePhi Registration needs PyTorch. Install the 'PyTorch' extension from the "
-                           "Extensions Manager, restart Slicer and try again.") from None
+        raise RuntimeError(_("NePhi Registration needs PyTorch. Install the 'PyTorch' extension from the "
+                             "Extensions Manager, restart Slicer and try again.")) from None
     if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-            "NePhi Registration needs PyTorch. Download and install it now through the PyTorch extension? "
-            "This takes several minutes, during which Slicer does not respond."):
-        raise RuntimeError("PyTorch is not installed; the registration cannot run without it.")
+            _("NePhi Registration needs PyTorch. Download and install it now through the PyTorch extension? "
+              "This takes several minutes, during which Slicer does not respond.")):
+        raise RuntimeError(NO_TORCH)
     if onStatus is not None:
         onStatus(INSTALLING_TORCH)
     slicer.app.processEvents()  # paint the message before the blocking install
     installed = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
                                                               torchVersionRequirement=TORCH_REQUIREMENT)
     if installed is None or not availability.torchFound():
-        raise RuntimeError("PyTorch is not installed; the registration cannot run without it.")
+        raise RuntimeError(NO_TORCH)
 
 
 def pythonSlicer() -> str:
     found = engine.findPythonSlicer()
     if not found:
-        raise RuntimeError("PythonSlicer was not found next to the Slicer executable.")
+        raise RuntimeError(_("PythonSlicer was not found next to the Slicer executable."))
     return found
 
 
@@ -75,9 +77,10 @@ class RegistrationJob:
                  outputTransform=None, importOptions: Optional[sceneio.ImportOptions] = None,
                  python: Optional[str] = None, processFactory: Callable = EngineProcess,
                  onProgress: Optional[Callable] = None, onLog: Optional[Callable] = None,
-                 onFinished: Optional[Callable] = None) -> None:
+                 onFinished: Optional[Callable] = None, logics: Optional[sceneio.SceneLogics] = None) -> None:
         if fixed is None or moving is None:
-            raise ValueError("Select a fixed and a moving volume.")
+            raise ValueError(_("Select a fixed and a moving volume."))
+        self.logics = logics or sceneio.slicerLogics()  # the scene and module logics the run reads and writes
         self.fixed, self.moving = fixed, moving
         self.fixedMask, self.movingMask = fixedMask, movingMask
         self.outputTransform = outputTransform
@@ -105,7 +108,8 @@ class RegistrationJob:
         self.started = time.monotonic()
         self.folder = newTempFolder()
         try:
-            self._inputs = sceneio.writeInputs(self.folder, self.fixed, self.moving, self.fixedMask, self.movingMask)
+            self._inputs = sceneio.writeInputs(self.logics, self.folder, self.fixed, self.moving, self.fixedMask,
+                                               self.movingMask, self.outputTransform)
             self._launch(self.settings.device)
         except Exception:
             self._cleanup()
@@ -114,7 +118,8 @@ class RegistrationJob:
     def _launch(self, device: str) -> None:
         out = os.path.join(self.folder, f"result-{device}")
         args = self.settings.engineArguments(self._inputs["fixed"], self._inputs["moving"], out,
-                                             self._inputs["fixedMask"], self._inputs["movingMask"], device=device)
+                                             self._inputs["fixedMask"], self._inputs["movingMask"], device=device,
+                                             initialTransform=self._inputs.get("initialTransform"))
         command = engine.engineCommand(self.python or pythonSlicer(), args)
         env = engine.childEnvironment(slicer.util.startupEnvironment(), device=device)
         self._log("Running: " + " ".join(f'"{c}"' if " " in c else c for c in command))
@@ -151,7 +156,8 @@ class RegistrationJob:
                 self._launch("cpu")
             except Exception as exc:  # e.g. the temp folder vanished: end the job, never raise into a timer
                 self._complete(RunOutcome(RunStatus.FAILED, outcome.exitCode,
-                                          f"The GPU ran out of memory and the CPU retry could not start: {exc}",
+                                          _("The GPU ran out of memory and the CPU retry could not start: "
+                                            "{error}").format(error=exc),
                                           "retry", outcome.logTail))
             return
         self._complete(outcome)
@@ -168,13 +174,13 @@ class RegistrationJob:
             if outcome.status == RunStatus.SUCCEEDED:
                 metrics = manifestMetrics(outcome.manifest)
                 metrics.setdefault("runtime_s", round(time.monotonic() - self.started, 1))
-                self.result = sceneio.importResult(outcome.manifest, self.fixed, self.moving, self.outputTransform,
-                                                   self.importOptions, metrics)
+                self.result = sceneio.importResult(self.logics, outcome.manifest, self.fixed, self.moving,
+                                                   self.outputTransform, self.importOptions, metrics)
             else:
                 self.error = outcome.describe()
         except Exception as exc:  # import failed: report like an engine failure, scene already restored
             logging.exception("NePhiRegistration: result import failed")
-            self.error = f"The result could not be imported: {exc}"
+            self.error = _("The result could not be imported: {error}").format(error=exc)
             outcome = RunOutcome(RunStatus.FAILED, outcome.exitCode, self.error, "import", outcome.logTail)
         finally:
             self.outcome = outcome

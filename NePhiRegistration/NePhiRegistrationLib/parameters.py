@@ -44,6 +44,7 @@ class NePhiRegistrationParameterNode:
     applyTransformToMoving: bool = True
     showJacobianHeatmap: bool = True
     jacobianOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    importInverse: bool = False  # also load the inverse map (moving -> fixed) as a second transform node
 
 
 def settingsFromParameterNode(node: NePhiRegistrationParameterNode) -> RegistrationSettings:

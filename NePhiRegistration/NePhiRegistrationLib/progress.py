@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from nephireg import protocol
+from NePhiRegistrationLib.i18n import _
 
 
 def formatSeconds(seconds: Optional[float]) -> str:
@@ -27,7 +28,7 @@ class ProgressState:
     """Folds events into the current stage, percent (0..100 within the stage) and ETA."""
 
     stage: str = ""
-    message: str = "Starting..."
+    message: str = field(default_factory=lambda: _("Starting..."))
     percent: int = 0
     eta: str = ""
     elapsed: str = ""
@@ -39,7 +40,8 @@ class ProgressState:
         kind = event.get("event")
         if kind == protocol.Event.START.value:
             self.device = str(event.get("device", ""))
-            self.message = f"Started ({event.get('method', '')}, {event.get('preset', '')}, {self.device})"
+            self.message = _("Started ({method}, {preset}, {device})").format(
+                method=event.get("method", ""), preset=event.get("preset", ""), device=self.device)
             self.logLines.append(self.message)
         elif kind == protocol.Event.STAGE.value:
             self.stage = str(event.get("stage", ""))
@@ -53,14 +55,16 @@ class ProgressState:
             self.elapsed = formatSeconds(event.get("elapsed_s"))
         elif kind == protocol.Event.LOG.value:
             level = event.get("level", "info")
-            self.logLines.append(("Warning: " if level == "warning" else "") + str(event.get("message", "")))
+            text = str(event.get("message", ""))
+            self.logLines.append(_("Warning: {message}").format(message=text) if level == "warning" else text)
         elif kind == protocol.Event.WARNING.value:
             self.warnings.append(str(event.get("message", "")))
-            self.logLines.append("Warning: " + str(event.get("message", "")))
+            self.message = _("Warning: {message}").format(message=self.warnings[-1])  # the status line shows it
+            self.logLines.append(self.message)
         elif kind == protocol.Event.RESULT.value:
-            self.percent, self.eta, self.message = 100, "", "Done"
+            self.percent, self.eta, self.message = 100, "", _("Done")
         elif kind == protocol.Event.ERROR.value:
-            self.message = f"Error: {event.get('message', '')}"
+            self.message = _("Error: {message}").format(message=event.get("message", ""))
             self.logLines.append(self.message)
 
     def barText(self) -> str:

@@ -1,7 +1,7 @@
 """Engine results -> VTK objects and the summary text. numpy + vtk (both ship with Slicer); no slicer import.
 
 The engine writes an ITK displacement field (LPS mm, on the fixed grid, resampling direction fixed -> moving).
-Slicer normally loads it with ``slicer.util.loadTransform`` (route A, ``sceneio.py``); this module is route B,
+Slicer loads it with its transforms logic (``AddTransform``, route A, ``sceneio.py``); this module is route B,
 used as a fallback and to check the geometry in tests: the same field as a ``vtkImageData`` of RAS vectors plus
 the grid direction matrix that ``vtkOrientedGridTransform`` needs. vtkOrientedGridTransform maps a RAS point p
 to the continuous index ``inv(direction @ diag(spacing)) (p - origin)`` and adds the trilinearly interpolated

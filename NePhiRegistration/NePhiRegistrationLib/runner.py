@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence
 
 from nephireg import protocol
+from NePhiRegistrationLib.i18n import _
 
 EventCallback = Callable[[Dict[str, Any]], None]
 TextCallback = Callable[[str], None]
@@ -196,7 +197,7 @@ class EngineProcess:
         seconds = time.monotonic() - self._started
         tail = list(self._tail)
         if self._cancelRequested or returncode == int(protocol.ExitCode.CANCELLED):
-            outcome = RunOutcome(RunStatus.CANCELLED, returncode, "Registration cancelled.", "cancelled", tail,
+            outcome = RunOutcome(RunStatus.CANCELLED, returncode, _("Registration cancelled."), "cancelled", tail,
                                  seconds=seconds)
         elif returncode == 0:
             outcome = self._successOrMissingResult(returncode, tail, seconds)
@@ -209,17 +210,20 @@ class EngineProcess:
         try:
             manifest = protocol.read_manifest(self.outDir)
         except (OSError, ValueError) as exc:
-            return RunOutcome(RunStatus.FAILED, returncode, f"The engine finished but left no readable result ({exc}).",
+            message = _("The engine finished but left no readable result ({error}).").format(error=exc)
+            return RunOutcome(RunStatus.FAILED, returncode, message,
                               "no-result", tail, seconds=seconds)
-        return RunOutcome(RunStatus.SUCCEEDED, returncode, "Registration finished.", "", tail, manifest, seconds)
+        return RunOutcome(RunStatus.SUCCEEDED, returncode, _("Registration finished."), "", tail, manifest, seconds)
 
     def _failure(self, returncode: int, tail: List[str], seconds: float) -> RunOutcome:
         if self.lastError is not None:
-            message = str(self.lastError.get("message", "")) or f"The engine failed (exit code {returncode})."
+            message = (str(self.lastError.get("message", ""))
+                       or _("The engine failed (exit code {code}).").format(code=returncode))
             kind = str(self.lastError.get("kind", "error"))
         else:
             last = next((line for line in reversed(tail) if line.strip()), "")
-            message = f"The engine stopped with exit code {returncode}" + (f": {last}" if last else ".")
+            message = (_("The engine stopped with exit code {code}: {line}").format(code=returncode, line=last) if last
+                       else _("The engine stopped with exit code {code}.").format(code=returncode))
             kind = "crash" if returncode < 0 else "error"
         return RunOutcome(RunStatus.FAILED, returncode, message, kind, tail, seconds=seconds)
 

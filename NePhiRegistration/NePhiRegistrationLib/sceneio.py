@@ -1,14 +1,20 @@
-"""Scene <-> files for one registration run. Slicer only (imported by ``logic.py`` inside Slicer).
+"""Scene <-> files for one registration run, through the scene and module logics it is given (:class:`SceneLogics`).
 
-Inputs are written with temporary storage nodes of their own (never added to the scene), so the user's nodes are
-not re-pointed at temp files; a segmentation mask is exported on its volume's full grid and every helper node of
-the export is removed again. A volume under a transform the run would ignore or replace is refused with a clear
-message (:func:`checkInputTransforms`).
-Results are imported with ``slicer.util.loadTransform`` / ``loadVolume`` (route A of SLICER.md); the loaded
-transform object is handed to the output node and the volumes lose their storage nodes (the temp folder is
-deleted afterwards; a node still pointing at it would lose its data when the scene is saved). The user's output
-node is written last; if any earlier step fails, every node created so far is removed, so a failed import
-leaves the scene as it was.
+Inside Slicer the logics are ``slicer.mrmlScene`` and the modules' logics (:func:`slicerLogics`); the tests pass the
+same classes from Kitware's ``slicer-core`` wheel, so this code is tested on Slicer's own MRML and Logic libraries.
+
+Inputs are written with temporary storage nodes that never enter the scene, so the user's nodes are not re-pointed
+at temp files. A segmentation mask is exported in its own coordinates onto its volume's full stored grid, and every
+node the export adds (label map, display node, colour table) is removed again. A moving volume under a linear
+transform is registered starting from it (``--initial-transform``); the result then replaces that parent with the
+composed map. Any other transform above an input, or above the output node, is refused with a clear message.
+
+Results are read with the readers Slicer's own file dialogs use - the transforms logic's ``AddTransform`` and the
+volumes logic's ``AddArchetypeVolume`` - not the IO manager (no File > Recent entries for deleted temp files, no
+progress dialog). The grid transform is set to linear interpolation: the engine scored and warped with the
+trilinear field, and Slicer's reader defaults to cubic (up to 0.1 mm apart between voxel centres). Loaded nodes
+lose their storage nodes (the temp folder is deleted afterwards). The user's output node is written last; if
+anything earlier fails, every node created so far is removed, so a failed import leaves the scene as it was.
 """
 
 import logging
@@ -17,7 +23,9 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import slicer
+import vtk
 
+from NePhiRegistrationLib.i18n import _
 from NePhiRegistrationLib.result import (
     JACOBIAN_COLOR_NODE_ID,
     JACOBIAN_LEVEL,
@@ -25,6 +33,26 @@ from NePhiRegistrationLib.result import (
     displacementToVtk,
     readDisplacementTransform,
 )
+
+RESULT_ATTRIBUTE = "NePhiRegistration.Result"  # set on every transform node a run writes
+INITIAL_TRANSFORM_ROLE = "NePhiRegistration.InitialTransform"  # result -> the linear transform it started from
+INITIAL_TRANSFORM_FILE = "initial-transform.tfm"
+
+
+@dataclass
+class SceneLogics:
+    """The scene and the module logics the Lib works through (Slicer: :func:`slicerLogics`)."""
+
+    scene: object  # vtkMRMLScene
+    transforms: object  # vtkSlicerTransformLogic
+    volumes: object  # vtkSlicerVolumesLogic
+    segmentations: object  # vtkSlicerSegmentationsModuleLogic
+
+
+def slicerLogics() -> SceneLogics:
+    """The application's scene and logics (inside Slicer only)."""
+    return SceneLogics(slicer.mrmlScene, slicer.modules.transforms.logic(), slicer.modules.volumes.logic(),
+                       slicer.modules.segmentations.logic())
 
 
 @dataclass
@@ -34,6 +62,7 @@ class ImportOptions:
     applyTransformToMoving: bool = True
     showJacobianHeatmap: bool = True
     jacobianOpacity: float = 0.5
+    importInverse: bool = False  # the inverse map (files["inverse"], moving -> fixed) as a second transform node
 
 
 @dataclass
@@ -41,183 +70,282 @@ class ResultNodes:
     transform: object = None  # vtkMRMLTransformNode
     warpedVolume: object = None  # vtkMRMLScalarVolumeNode or None
     jacobianVolume: object = None  # vtkMRMLScalarVolumeNode or None
+    inverseTransform: object = None  # vtkMRMLTransformNode or None
     metrics: Dict[str, object] = field(default_factory=dict)
 
 
-RESULT_ATTRIBUTE = "NePhiRegistration.Result"  # set on every transform node a run writes
+# -- which transforms a run may start from or replace ------------------------------------------------------------
+def _isPreviousResult(transformNode, moving) -> bool:
+    """A NePhi result of this same moving volume, itself under no transform (re-running replaces it)."""
+    return (transformNode.GetAttribute(RESULT_ATTRIBUTE) == "1"
+            and transformNode.GetNodeReferenceID(transformNode.GetMovingNodeReferenceRole()) == moving.GetID()
+            and transformNode.GetParentTransformNode() is None)
 
 
-def _parentProblem(volume, role: str, moving=None) -> str:
-    """Why ``volume``'s parent transform blocks a run ("" = none). The engine registers the voxels as stored, so a
-    user's transform above an input would be ignored (fixed) or silently replaced (moving). Only a previous NePhi
-    result of this same moving volume may be replaced (re-running with other settings)."""
-    parent = volume.GetParentTransformNode()
+def initialTransformNode(moving):
+    """The linear transform a run of ``moving`` starts from (None = none): its parent when that is linear all the
+    way to the world, or - when the parent is a previous NePhi result - the linear transform that result started
+    from (still in the scene and still linear)."""
+    parent = moving.GetParentTransformNode()
     if parent is None:
-        return ""
-    if (moving is not None and parent.GetAttribute(RESULT_ATTRIBUTE) == "1"
-            and parent.GetNodeReferenceID(parent.GetMovingNodeReferenceRole()) == moving.GetID()
-            and parent.GetParentTransformNode() is None):
-        return ""
-    return (f"The {role} volume '{volume.GetName()}' is under the transform '{parent.GetName()}'. The registration "
-            "uses the voxels as stored, so that transform would be ignored or replaced. Harden it (Data module: "
-            "right-click the volume > Harden transform) or remove it, then register again.")
+        return None
+    if _isPreviousResult(parent, moving):
+        earlier = parent.GetNodeReference(INITIAL_TRANSFORM_ROLE)
+        return earlier if earlier is not None and earlier.IsTransformToWorldLinear() else None
+    return parent if parent.IsTransformToWorldLinear() else None
 
 
-def checkInputTransforms(fixed, moving) -> None:
-    """Raise ValueError when the fixed or moving volume is under a transform the run would ignore or replace."""
-    problem = _parentProblem(fixed, "fixed") or _parentProblem(moving, "moving", moving)
+def _harden(role: str, volume, parent) -> str:
+    return _("The {role} volume '{volume}' is under the transform '{transform}'. The registration uses the voxels "
+             "as stored, so that transform would be ignored or replaced. Harden it (Data module: right-click the "
+             "volume > Harden transform) or remove it, then register again.").format(
+        role=role, volume=volume.GetName(), transform=parent.GetName())
+
+
+def inputTransformProblem(fixed, moving, outputTransform=None) -> str:
+    """Why the transforms around a run block it ("" = none). The fixed volume must be under no transform; the
+    moving volume under none, a linear one (the run starts from it) or its own previous result (replaced); the
+    output node under none (the moving volume would be shown through parent o result)."""
+    fixedParent = fixed.GetParentTransformNode()
+    if fixedParent is not None:
+        return _harden(_("fixed"), fixed, fixedParent)
+    movingParent = moving.GetParentTransformNode()
+    if (movingParent is not None and not _isPreviousResult(movingParent, moving)
+            and not movingParent.IsTransformToWorldLinear()):
+        return _harden(_("moving"), moving, movingParent)
+    if outputTransform is not None and outputTransform.GetParentTransformNode() is not None:
+        return _("The output transform '{output}' is under the transform '{parent}', so the moving volume would be "
+                 "shown through both. Choose an output transform that is under no transform (or create a new "
+                 "one).").format(output=outputTransform.GetName(),
+                                 parent=outputTransform.GetParentTransformNode().GetName())
+    return ""
+
+
+def checkInputTransforms(fixed, moving, outputTransform=None) -> None:
+    """Raise ValueError when :func:`inputTransformProblem` names a problem."""
+    problem = inputTransformProblem(fixed, moving, outputTransform)
     if problem:
         raise ValueError(problem)
 
 
-def writeVolume(node, path: str) -> str:
-    """Write a volume (scalar or label map) as uncompressed NRRD without touching the node's own storage."""
+# -- inputs -> files ---------------------------------------------------------------------------------------------
+def _writeWithStorage(logics: SceneLogics, storageClass: str, node, path: str) -> str:
     # A storage node that never enters the scene (CreateNodeByClass + UnRegister, as SlicerTotalSegmentator
     # does): the user's node keeps its own file name and the scene sees no add/remove events.
-    storage = slicer.mrmlScene.CreateNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage = logics.scene.CreateNodeByClass(storageClass)
     try:
         storage.SetFileName(path)
-        storage.SetUseCompression(False)
+        if storage.IsA("vtkMRMLVolumeArchetypeStorageNode"):
+            storage.SetUseCompression(False)
         if not storage.WriteData(node):
-            raise RuntimeError(f"Could not write {node.GetName()} to {path}")
+            raise RuntimeError(_("Could not write {name} to {path}").format(name=node.GetName(), path=path))
     finally:
         storage.UnRegister(None)  # CreateNodeByClass hands Python an owning reference
     return path
 
 
-def _exportedNodeIDs(labelmap) -> List[str]:
-    """IDs of the display and colour nodes the segmentation export added for ``labelmap``."""
-    ids = []
-    for index in range(labelmap.GetNumberOfDisplayNodes()):
-        display = slicer.mrmlScene.GetNodeByID(labelmap.GetNthDisplayNodeID(index))
-        if display is None:
-            continue
-        ids.append(display.GetID())
-        if display.GetColorNodeID():
-            color = slicer.mrmlScene.GetNodeByID(display.GetColorNodeID())
-            # only the "<name>_ColorTable" the export made, never a shared colour node (e.g. GenericAnatomyColors)
-            if color is not None and color.GetName() == f"{labelmap.GetName()}_ColorTable":
-                ids.append(color.GetID())
-    return ids
+def writeVolume(logics: SceneLogics, node, path: str) -> str:
+    """Write a volume (scalar or label map) as uncompressed NRRD without touching the node's own storage."""
+    return _writeWithStorage(logics, "vtkMRMLVolumeArchetypeStorageNode", node, path)
 
 
-def writeMask(maskNode, referenceVolume, path: str) -> str:
+def writeInitialTransform(logics: SceneLogics, transformNode, path: str) -> str:
+    """Write ``transformNode``'s transform to the world (linear) as an ITK file: Slicer's transform writer stores
+    the resampling direction (FromParent: fixed -> moving) in LPS, as ``--initial-transform`` takes it."""
+    toWorld = vtk.vtkMatrix4x4()
+    transformNode.GetMatrixTransformToWorld(toWorld)
+    flat = slicer.vtkMRMLLinearTransformNode()  # the whole chain as one node, outside the scene
+    flat.SetMatrixTransformToParent(toWorld)
+    flat.SetName(transformNode.GetName())
+    return _writeWithStorage(logics, "vtkMRMLTransformStorageNode", flat, path)
+
+
+def _colorNodeIDs(scene) -> set:
+    nodes = scene.GetNodesByClass("vtkMRMLColorNode")
+    return {nodes.GetItemAsObject(index).GetID() for index in range(nodes.GetNumberOfItems())}
+
+
+def _exportReference(logics: SceneLogics, maskNode, referenceVolume):
+    """A scene volume with ``referenceVolume``'s stored grid (its image shared, not copied) under the mask's own
+    parent transform: the export then maps the segments in their own coordinates, so neither a transform above
+    the mask nor one above the volume (a previous result, a pre-alignment) shifts the exported mask."""
+    reference = logics.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "NePhiRegistrationTempReference")
+    matrix = vtk.vtkMatrix4x4()
+    referenceVolume.GetIJKToRASMatrix(matrix)
+    reference.SetIJKToRASMatrix(matrix)
+    reference.SetAndObserveImageData(referenceVolume.GetImageData())
+    reference.SetAndObserveTransformNodeID(maskNode.GetTransformNodeID())
+    return reference
+
+
+def writeMask(logics: SceneLogics, maskNode, referenceVolume, path: str) -> str:
     """A label map mask as is; a segmentation's visible segments exported on the reference volume's full grid
     (the engine rejects a mask whose size/origin differ from its image). Every node the export adds (label map,
-    its display node, its ``<name>_ColorTable``) is removed again, also when the export fails."""
+    display node, colour tables - ``<segmentation>_ColorTable`` on Slicer 5.10+) is removed again, also when the
+    export fails. A segmentation with no visible segment is refused (the export would take all of them)."""
     if maskNode.IsA("vtkMRMLLabelMapVolumeNode"):
-        return writeVolume(maskNode, path)
-    if maskNode.GetDisplayNode() is None:  # the export reads the visible segments from the display node
-        raise ValueError(f"The segmentation '{maskNode.GetName()}' has no display node; show it once in the "
-                         "Segmentations module (or use a label map mask).")
-    labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "NePhiRegistrationTempMask")
+        return writeVolume(logics, maskNode, path)
+    display = maskNode.GetDisplayNode()
+    if display is None:  # the export reads the visible segments from the display node
+        raise ValueError(_("The segmentation '{name}' has no display node; show it once in the Segmentations "
+                           "module (or use a label map mask).").format(name=maskNode.GetName()))
+    visibleIDs = vtk.vtkStringArray()
+    display.GetVisibleSegmentIDs(visibleIDs)
+    visible = [visibleIDs.GetValue(index) for index in range(visibleIDs.GetNumberOfValues())]
+    if not visible:
+        raise ValueError(_("The segmentation '{name}' has no visible segment; show the segments to use as the "
+                           "mask.").format(name=maskNode.GetName()))
+    scene = logics.scene
+    colorsBefore = _colorNodeIDs(scene)
+    added = [scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "NePhiRegistrationTempMask")]
     try:
-        exported = slicer.modules.segmentations.logic().ExportVisibleSegmentsToLabelmapNode(
-            maskNode, labelmap, referenceVolume, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
+        added.append(_exportReference(logics, maskNode, referenceVolume))
+        exported = logics.segmentations.ExportSegmentsToLabelmapNode(
+            maskNode, visible, added[0], added[1], slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
         if not exported:
-            raise RuntimeError(f"Could not export segmentation {maskNode.GetName()} to a label map")
-        return writeVolume(labelmap, path)
+            raise RuntimeError(_("Could not export segmentation {name} to a label map").format(
+                name=maskNode.GetName()))
+        return writeVolume(logics, added[0], path)
     finally:
-        extra = _exportedNodeIDs(labelmap)
-        slicer.mrmlScene.RemoveNode(labelmap)
-        for nodeID in extra:
-            node = slicer.mrmlScene.GetNodeByID(nodeID)
+        labelmap = added[0]
+        displayIDs = [labelmap.GetNthDisplayNodeID(i) for i in range(labelmap.GetNumberOfDisplayNodes())]
+        for node in added:
+            scene.RemoveNode(node)
+        newColors = _colorNodeIDs(scene) - colorsBefore
+        for nodeID in displayIDs + sorted(newColors):
+            node = scene.GetNodeByID(nodeID)
             if node is not None:
-                slicer.mrmlScene.RemoveNode(node)
+                scene.RemoveNode(node)
 
 
-def writeInputs(folder: str, fixed, moving, fixedMask=None, movingMask=None) -> Dict[str, Optional[str]]:
-    """Write the inputs into ``folder``; returns the engine's file arguments. Raises ValueError (before writing
-    anything) when an input volume is under a transform the run would ignore or replace."""
-    checkInputTransforms(fixed, moving)
+def writeInputs(logics: SceneLogics, folder: str, fixed, moving, fixedMask=None, movingMask=None,
+                outputTransform=None) -> Dict[str, Optional[str]]:
+    """Write the inputs into ``folder``; returns the engine's file arguments (``initialTransform``: the moving
+    volume's linear parent, or None). Raises ValueError (before writing anything) when a transform around the
+    run blocks it (:func:`inputTransformProblem`)."""
+    checkInputTransforms(fixed, moving, outputTransform)
     paths = {
-        "fixed": writeVolume(fixed, os.path.join(folder, "fixed.nrrd")),
-        "moving": writeVolume(moving, os.path.join(folder, "moving.nrrd")),
+        "fixed": writeVolume(logics, fixed, os.path.join(folder, "fixed.nrrd")),
+        "moving": writeVolume(logics, moving, os.path.join(folder, "moving.nrrd")),
         "fixedMask": None,
         "movingMask": None,
+        "initialTransform": None,
     }
     if fixedMask is not None:
-        paths["fixedMask"] = writeMask(fixedMask, fixed, os.path.join(folder, "fixed-mask.nrrd"))
+        paths["fixedMask"] = writeMask(logics, fixedMask, fixed, os.path.join(folder, "fixed-mask.nrrd"))
     if movingMask is not None:
-        paths["movingMask"] = writeMask(movingMask, moving, os.path.join(folder, "moving-mask.nrrd"))
+        paths["movingMask"] = writeMask(logics, movingMask, moving, os.path.join(folder, "moving-mask.nrrd"))
+    initial = initialTransformNode(moving)
+    if initial is not None:
+        paths["initialTransform"] = writeInitialTransform(logics, initial, os.path.join(folder, INITIAL_TRANSFORM_FILE))
     return paths
 
 
-def _detachStorage(node) -> None:
+# -- files -> scene ----------------------------------------------------------------------------------------------
+def _detachStorage(scene, node) -> None:
     """Forget the (temp) file a node was read from; saving the scene then writes it anew."""
     storage = node.GetStorageNode()
     if storage is not None:
         node.SetAndObserveStorageNodeID(None)
-        slicer.mrmlScene.RemoveNode(storage)
+        scene.RemoveNode(storage)
 
 
-def _loadVolume(path: str, name: str):
-    node = slicer.util.loadVolume(path, {"name": slicer.mrmlScene.GenerateUniqueName(name), "show": False})
-    _detachStorage(node)
+def _loadVolume(logics: SceneLogics, path: str, name: str):
+    """A scalar volume read by the volumes logic; it makes ``name`` unique itself (so no second "_1")."""
+    node = logics.volumes.AddArchetypeVolume(path, name, 0)
+    if node is None:
+        raise RuntimeError(_("Could not read the volume {path}").format(path=path))
+    _detachStorage(logics.scene, node)
     return node
 
 
-def _readTransform(path: str):
-    """The file's resampling transform as a VTK transform (RAS): route A, Slicer's own ITK reader; route B (our
-    conversion, ``result.displacementToVtk``) if that reader fails. The loaded node is removed at once; the
-    transform object it held is returned as is (no DeepCopy: a second copy of the grid would double the memory)."""
-    try:
-        loaded = slicer.util.loadTransform(path)
-    except Exception as exc:
-        logging.warning(f"NePhiRegistration: loadTransform failed ({exc}); converting the displacement field directly")
+def _linear(transform):
+    """Trilinear interpolation on a grid transform (the field the engine scored); other transforms as they are."""
+    if transform is not None and transform.IsA("vtkOrientedGridTransform"):
+        transform.SetInterpolationModeToLinear()
+    return transform
+
+
+def readTransform(logics: SceneLogics, path: str):
+    """The file's resampling transform as a VTK transform (RAS), linearly interpolated: read by the transforms
+    logic (Slicer's ITK reader); our conversion (``result.displacementToVtk``) if that reader fails. The loaded
+    node is removed at once; the transform object it held is returned as is (no copy of the grid)."""
+    loaded = logics.transforms.AddTransform(path, logics.scene)
+    if loaded is None:
+        logging.warning(f"NePhiRegistration: the transforms logic could not read {path}; converting the "
+                        "displacement field directly")
         displacement, grid = readDisplacementTransform(path)
         image, direction = displacementToVtk(displacement, grid)
         transform = slicer.vtkOrientedGridTransform()
         transform.SetGridDirectionMatrix(direction)
         transform.SetDisplacementGridData(image)
-        return transform
+        return _linear(transform)
     try:
-        return loaded.GetTransformFromParent()  # our reference keeps it alive after the node is gone
+        return _linear(loaded.GetTransformFromParent())  # our reference keeps it alive after the node is gone
     finally:
-        _detachStorage(loaded)
-        slicer.mrmlScene.RemoveNode(loaded)
+        _detachStorage(logics.scene, loaded)
+        logics.scene.RemoveNode(loaded)
 
 
-def importResult(manifest: Dict, fixed, moving, outputTransform=None, options: Optional[ImportOptions] = None,
-                 metrics: Optional[Dict] = None) -> ResultNodes:
+def _newTransformNode(scene, name: str, transform, fixedRole, movingRole):
+    node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", scene.GenerateUniqueName(name))
+    node.SetAndObserveTransformFromParent(transform)
+    node.SetNodeReferenceID(node.GetMovingNodeReferenceRole(), movingRole.GetID())
+    node.SetNodeReferenceID(node.GetFixedNodeReferenceRole(), fixedRole.GetID())
+    return node
+
+
+def importResult(logics: SceneLogics, manifest: Dict, fixed, moving, outputTransform=None,
+                 options: Optional[ImportOptions] = None, metrics: Optional[Dict] = None) -> ResultNodes:
     """Bring a finished run into the scene. ``outputTransform`` None = create a new node.
 
     Everything that can fail (reading the files, loading the volumes) happens before the user's output node is
-    written, so a failed import leaves that node (and the scene) as it was."""
+    written, so a failed import leaves that node (and the scene) as it was. The moving volume's linear parent (the
+    run's initial transform) is replaced by the result, which holds the composed map."""
     options = options or ImportOptions()
     files = manifest["files"]
-    if options.applyTransformToMoving:  # the moving volume may have been put under a transform during the run
-        checkInputTransforms(fixed, moving)
+    scene = logics.scene
+    checkInputTransforms(fixed, moving, outputTransform)  # transforms may have been changed during the run
+    initial = initialTransformNode(moving)
     created: List = []
     try:
         result = ResultNodes(metrics=dict(metrics or {}))
-        transform = _readTransform(files["transform"])
+        transform = readTransform(logics, files["transform"])
         if options.createWarpedVolume and files.get("warped") and os.path.exists(files["warped"]):
-            result.warpedVolume = _loadVolume(files["warped"], f"{moving.GetName()} warped")
+            result.warpedVolume = _loadVolume(logics, files["warped"], f"{moving.GetName()} warped")
             created.append(result.warpedVolume)
         if options.createJacobianVolume or options.showJacobianHeatmap:
-            result.jacobianVolume = _loadVolume(files["jacobian"], f"{moving.GetName()} Jacobian determinant")
+            result.jacobianVolume = _loadVolume(logics, files["jacobian"], f"{moving.GetName()} Jacobian determinant")
             created.append(result.jacobianVolume)
             styleJacobian(result.jacobianVolume)
+        if options.importInverse:
+            if not files.get("inverse"):
+                raise RuntimeError(_("The engine wrote no inverse transform (result.json lists none)."))
+            result.inverseTransform = _newTransformNode(scene, f"{fixed.GetName()} to {moving.GetName()} (NePhi "
+                                                        "inverse)", readTransform(logics, files["inverse"]),
+                                                        fixedRole=moving, movingRole=fixed)
+            created.append(result.inverseTransform)
         target = outputTransform
         if target is None:
-            target = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLGridTransformNode", slicer.mrmlScene.GenerateUniqueName(
+            target = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", scene.GenerateUniqueName(
                 f"{moving.GetName()} to {fixed.GetName()} (NePhi)"))
             created.append(target)
     except Exception:
         for node in created:
-            slicer.mrmlScene.RemoveNode(node)
+            scene.RemoveNode(node)
         raise
     # last: the user's node changes only once everything else is in place
     target.SetAndObserveTransformFromParent(transform)
     target.SetNodeReferenceID(target.GetMovingNodeReferenceRole(), moving.GetID())
     target.SetNodeReferenceID(target.GetFixedNodeReferenceRole(), fixed.GetID())
+    target.SetNodeReferenceID(INITIAL_TRANSFORM_ROLE, initial.GetID() if initial is not None else None)
     target.SetAttribute(RESULT_ATTRIBUTE, "1")
     result.transform = target
-    showResult(result, fixed, moving, options)
+    showResult(scene, result, fixed, moving, options)
     return result
 
 
+# -- display -----------------------------------------------------------------------------------------------------
 def styleJacobian(volume) -> None:
     """Diverging colours over 0..2 centred on 1 (blue = compression, red = expansion)."""
     volume.CreateDefaultDisplayNodes()
@@ -228,18 +356,31 @@ def styleJacobian(volume) -> None:
     display.SetInterpolate(False)
 
 
-def showResult(result: ResultNodes, fixed, moving, options: ImportOptions) -> None:
+def setSliceLayers(scene, background=None, foreground=None, foregroundOpacity: Optional[float] = None) -> None:
+    """Set every slice view's layers (what ``slicer.util.setSliceViewerLayers`` does, on the given scene)."""
+    composites = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+    for index in range(composites.GetNumberOfItems()):
+        composite = composites.GetItemAsObject(index)
+        if background is not None:
+            composite.SetBackgroundVolumeID(background.GetID())
+        if foreground is not None:
+            composite.SetForegroundVolumeID(foreground.GetID())
+        if foregroundOpacity is not None:
+            composite.SetForegroundOpacity(foregroundOpacity)
+
+
+def showResult(scene, result: ResultNodes, fixed, moving, options: ImportOptions) -> None:
     if options.applyTransformToMoving:
         moving.SetAndObserveTransformNodeID(result.transform.GetID())
     if options.showJacobianHeatmap and result.jacobianVolume is not None:
-        slicer.util.setSliceViewerLayers(background=fixed, foreground=result.jacobianVolume,
-                                         foregroundOpacity=options.jacobianOpacity)
+        setSliceLayers(scene, background=fixed, foreground=result.jacobianVolume,
+                       foregroundOpacity=options.jacobianOpacity)
     else:
-        slicer.util.setSliceViewerLayers(background=fixed, foreground=moving, foregroundOpacity=0.5)
+        setSliceLayers(scene, background=fixed, foreground=moving, foregroundOpacity=0.5)
 
 
-def setJacobianOpacity(opacity: float) -> None:
-    slicer.util.setSliceViewerLayers(foregroundOpacity=opacity)
+def setJacobianOpacity(scene, opacity: float) -> None:
+    setSliceLayers(scene, foregroundOpacity=opacity)
 
 
 def showTransformGrid(transformNode, fixed, visible: bool = True) -> None:
@@ -250,3 +391,40 @@ def showTransformGrid(transformNode, fixed, visible: bool = True) -> None:
     display.SetVisualizationMode(slicer.vtkMRMLTransformDisplayNode.VIS_MODE_GRID)
     display.SetVisibility2D(visible)
     display.SetVisibility(visible)
+
+
+def holdsTransform(node) -> bool:
+    """True when a transform node already holds something other than identity (a result, a user's matrix). A fresh
+    grid or B-spline node (its displacement grid or coefficient image holds no point, or only zeros) holds
+    nothing."""
+    if node.IsLinear():
+        matrix = vtk.vtkMatrix4x4()
+        node.GetMatrixTransformToParent(matrix)
+        return any(abs(matrix.GetElement(r, c) - (1.0 if r == c else 0.0)) > 1e-9 for r in range(4) for c in range(4))
+    transform = node.GetTransformFromParent()
+    if transform is None:
+        return False
+    if transform.IsA("vtkOrientedGridTransform") or transform.IsA("vtkGridTransform"):
+        return _nonZero(transform.GetDisplacementGrid())
+    if transform.IsA("vtkOrientedBSplineTransform") or transform.IsA("vtkBSplineTransform"):
+        return _nonZero(transform.GetCoefficientData())
+    return True
+
+
+def _nonZero(image) -> bool:
+    """True when ``image`` has point scalars with a value other than 0 (a fresh node's grid is 1 zero voxel)."""
+    scalars = image.GetPointData().GetScalars() if image is not None else None
+    if scalars is None:
+        return False
+    return any(scalars.GetRange(component) != (0.0, 0.0) for component in range(scalars.GetNumberOfComponents()))
+
+
+def defaultFixedVolume(scene):
+    """The first plain scalar volume (the class the fixed-volume selector lists: no label map, vector volume or
+    other subclass), or None."""
+    volumes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+    for index in range(volumes.GetNumberOfItems()):
+        node = volumes.GetItemAsObject(index)
+        if node.GetClassName() == "vtkMRMLScalarVolumeNode":
+            return node
+    return None

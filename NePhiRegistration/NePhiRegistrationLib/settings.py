@@ -65,8 +65,10 @@ class RegistrationSettings:
         return dataclasses.asdict(self)
 
     def engineArguments(self, fixed: str, moving: str, out: str, fixedMask: Optional[str] = None,
-                        movingMask: Optional[str] = None, device: Optional[str] = None) -> List[str]:
-        """Arguments after ``python -m nephireg`` (``device`` overrides ``self.device``, for the CPU retry)."""
+                        movingMask: Optional[str] = None, device: Optional[str] = None,
+                        initialTransform: Optional[str] = None) -> List[str]:
+        """Arguments after ``python -m nephireg`` (``device`` overrides ``self.device``, for the CPU retry;
+        ``initialTransform``: the moving volume's linear parent written as an ITK file, or None)."""
         args = protocol.register_arguments(
             fixed=fixed,
             moving=moving,
@@ -85,6 +87,7 @@ class RegistrationSettings:
             overwrite=True,
             progress_jsonl=True,
             write_warped=self.writeWarped,
+            initial_transform=initialTransform,
         )
         for key, value in sorted(self.methodOptions.items()):
             args += ["--option", f"{key}={json.dumps(value)}"]

@@ -6,15 +6,13 @@ The module's widget (``NePhiRegistration.py``) loads the .ui, binds it to the pa
 """
 
 import os
-import shutil
 
 import qt
 import slicer
-import vtk
-from slicer.i18n import tr as _
 
 from nephireg import protocol
 from NePhiRegistrationLib import availability, logic, sceneio
+from NePhiRegistrationLib.i18n import _
 from NePhiRegistrationLib.parameters import settingsFromParameterNode
 from NePhiRegistrationLib.result import summaryLines
 
@@ -22,9 +20,10 @@ POLL_INTERVAL_MS = 100
 
 
 class RegistrationPanel:
-    def __init__(self, ui, parameterNodeGetter) -> None:
+    def __init__(self, ui, parameterNodeGetter, logics=None) -> None:
         self.ui = ui
         self._parameterNode = parameterNodeGetter  # callable: the current parameter node or None
+        self.logics = logics or sceneio.slicerLogics()  # scene + module logics the runs read and write
         self.job = None
         self.lastResult = None
         self._availability = {}  # modelPath -> method availability (reads the model store: not on every change)
@@ -82,7 +81,15 @@ class RegistrationPanel:
             self.ui.methodComboBox.setItemData(index, state.reason or label, qt.Qt.ToolTipRole)
         chosen = states[node.method]
         status = chosen.reason if chosen.available else _("Cannot run: {reason}.").format(reason=chosen.reason)
+        mismatch = availability.modelPresetMismatch(node.method, node.preset, modelPath) if chosen.available else ""
+        if mismatch:  # runnable, but never silently: the method is shown with the reason
+            status = _("Warning: {reason}.").format(reason=mismatch)
+            index = protocol.METHODS.index(node.method)
+            label = protocol.METHOD_LABELS[node.method]
+            self.ui.methodComboBox.setItemText(index, _("{label} (model for another preset)").format(label=label))
+            self.ui.methodComboBox.setItemData(index, status, qt.Qt.ToolTipRole)
         self.ui.methodStatusLabel.text = status
+        self.ui.methodStatusLabel.toolTip = status
         reason = ""
         if not node.fixedVolume or not node.movingVolume:
             reason = _("Select a fixed and a moving volume.")
@@ -91,7 +98,7 @@ class RegistrationPanel:
         elif not chosen.available:
             reason = chosen.reason
         else:
-            reason = inputTransformProblem(node.fixedVolume, node.movingVolume)
+            reason = sceneio.inputTransformProblem(node.fixedVolume, node.movingVolume, node.outputTransform)
         self.ui.registerButton.enabled = not reason
         self.ui.registerButton.toolTip = reason or _("Register the moving volume to the fixed volume.")
 
@@ -106,16 +113,18 @@ class RegistrationPanel:
     def start(self) -> None:
         node = self._parameterNode()
         output = node.outputTransform
-        if output is not None and holdsTransform(output):
+        if output is not None and sceneio.holdsTransform(output):
             if not slicer.util.confirmOkCancelDisplay(
                     _("Replace the transform stored in '{name}' with the new result?").format(name=output.GetName())):
                 return
         logic.ensureTorch(askConfirmation=True, onStatus=self.showStatus)
         options = sceneio.ImportOptions(node.createWarpedVolume, node.createJacobianVolume,
-                                        node.applyTransformToMoving, node.showJacobianHeatmap, node.jacobianOpacity)
+                                        node.applyTransformToMoving, node.showJacobianHeatmap, node.jacobianOpacity,
+                                        importInverse=node.importInverse)
         job = logic.RegistrationJob(node.fixedVolume, node.movingVolume, settingsFromParameterNode(node),
                                     node.fixedMask, node.movingMask, output, options,
-                                    onProgress=self.onProgress, onLog=self.appendLog, onFinished=self.onFinished)
+                                    onProgress=self.onProgress, onLog=self.appendLog, onFinished=self.onFinished,
+                                    logics=self.logics)
         self.ui.logTextEdit.clear()
         job.start()  # raises (shown by tryWithErrorDisplay) before the panel switches to "running"
         self.job = job
@@ -154,9 +163,15 @@ class RegistrationPanel:
             # unchecked while lastResult is still the previous result, so its grid is the one hidden
             self.ui.showTransformGridButton.checked = False
             self.lastResult = (job.result, job.fixed)
-            self.ui.resultSummaryLabel.text = "\n".join(([job.notice] if job.notice else [])
-                                                        + summaryLines(job.result.metrics))
-            self.ui.statusLabel.text = _("Done: {name}").format(name=job.result.transform.GetName())
+            lines = summaryLines(job.result.metrics)  # the result manifest's warnings first, with their codes
+            if not job.result.metrics.get("warnings"):  # a manifest without them: the run's warning events
+                lines = warningLines(job.progress.warnings) + lines
+            self.ui.resultSummaryLabel.text = "\n".join(([job.notice] if job.notice else []) + lines)
+            done = _("Done: {name}").format(name=job.result.transform.GetName())
+            if job.progress.warnings:
+                done = _("{done} ({count} warning(s): see the summary)").format(done=done,
+                                                                                  count=len(job.progress.warnings))
+            self.ui.statusLabel.text = done
             self.ui.showTransformGridButton.enabled = True
         else:
             message = job.outcome.message if job.outcome else ""
@@ -172,12 +187,12 @@ class RegistrationPanel:
         if self.lastResult is None:
             return
         result, fixed = self.lastResult
-        if slicer.mrmlScene.IsNodePresent(result.transform) and slicer.mrmlScene.IsNodePresent(fixed):
+        if self.logics.scene.IsNodePresent(result.transform) and self.logics.scene.IsNodePresent(fixed):
             sceneio.showTransformGrid(result.transform, fixed, bool(checked))
 
     def onOpacityChanged(self, value: float) -> None:
         if self.lastResult is not None:
-            sceneio.setJacobianOpacity(float(value))
+            sceneio.setJacobianOpacity(self.logics.scene, float(value))
 
     def onOpenModelFolder(self) -> None:
         folder = availability.modelCacheDir()
@@ -189,12 +204,13 @@ class RegistrationPanel:
 
     def onClearModelCache(self) -> None:
         folder = availability.modelCacheDir()
-        if not folder or not os.path.isdir(folder) or not os.listdir(folder):
+        if not folder or not os.path.isdir(folder) or not any(map(availability.isModelCacheFile, os.listdir(folder))):
             slicer.util.infoDisplay(_("The model cache is empty."))
             return
-        question = _("Delete every downloaded model in {folder}? They are downloaded again when needed.")
+        question = _("Delete every downloaded model (and partial download) in {folder}? They are downloaded again "
+                     "when needed; other files in the folder are kept.")
         if slicer.util.confirmOkCancelDisplay(question.format(folder=folder)):
-            shutil.rmtree(folder, ignore_errors=True)
+            availability.clearModelCache(folder)
             self.invalidateAvailability()
             self.updateState()
 
@@ -210,18 +226,6 @@ def modelPathText(node) -> str:
     return "" if text in ("", ".") else text
 
 
-def inputTransformProblem(fixed, moving) -> str:
-    try:
-        sceneio.checkInputTransforms(fixed, moving)
-    except ValueError as exc:
-        return str(exc)
-    return ""
-
-
-def holdsTransform(node) -> bool:
-    """True when a transform node already holds something other than identity (a result, a user's matrix)."""
-    if not node.IsLinear():
-        return True
-    matrix = vtk.vtkMatrix4x4()
-    node.GetMatrixTransformToParent(matrix)
-    return any(abs(matrix.GetElement(r, c) - (1.0 if r == c else 0.0)) > 1e-9 for r in range(4) for c in range(4))
+def warningLines(warnings) -> list:
+    """The run's warning events as summary lines (shown above the metrics, never only in the log)."""
+    return [_("Warning: {message}").format(message=text) for text in warnings]

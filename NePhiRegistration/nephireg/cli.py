@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--moving", required=True, help="moving image")
     reg.add_argument("--fixed-mask", help="fixed mask (label map; nonzero = inside)")
     reg.add_argument("--moving-mask", help="moving mask")
+    reg.add_argument("--initial-transform", metavar="FILE",
+                     help="ITK linear transform (fixed -> moving, LPS) to start from; replaces the pre-alignment")
     reg.add_argument("--out", required=True, help="output folder (result.json, transform.h5, jacobian.nrrd, ...)")
     reg.add_argument("--overwrite", action="store_true", help="replace a result already in --out")
     reg.add_argument("--no-warped", action="store_true", help="do not write the warped moving image")
@@ -135,7 +137,8 @@ def _request_from(args: argparse.Namespace, fixed: str, moving: str, fixed_mask:
                    fixed_mask=fixed_mask, moving_mask=moving_mask, device=args.device, prealign=args.prealign,
                    options=_parse_options(args), seed=args.seed, overwrite=args.overwrite,
                    write_warped=not getattr(args, "no_warped", False),
-                   write_overview=not getattr(args, "no_overview", False))
+                   write_overview=not getattr(args, "no_overview", False),
+                   initial_transform=getattr(args, "initial_transform", None))
 
 
 def _register_command(args: argparse.Namespace) -> int:
@@ -196,10 +199,15 @@ def _say(text: str, stream=None) -> None:
     say(text, stream)
 
 
+def _number(value: Optional[float], spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def _print_summary(manifest: Dict[str, Any]) -> None:
     m = manifest["metrics"]
     _say(f"folding {m['folding_percent']:.4f} %  det J [{m['jacobian_min']:.3f}, {m['jacobian_max']:.3f}]  "
-         f"SDlogJ {m['std_log_jacobian']:.4f}  time {manifest['timings_s']['total']:.1f} s  ({manifest['device']})")
+         f"SDlogJ {_number(m['std_log_jacobian'], '.4f')}  time {manifest['timings_s']['total']:.1f} s  "
+         f"({manifest['device']})")
     prealigned = f" -> {m['ncc_prealigned']:.3f} pre-aligned" if "ncc_prealigned" in m else ""
     _say(f"NCC {m['ncc_before']:.3f} before{prealigned} -> {m['ncc_after']:.3f} after the deformable step "
          f"({m.get('similarity_region', '')})")

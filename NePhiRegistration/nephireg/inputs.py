@@ -11,10 +11,12 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import SimpleITK as sitk
 
 from nephireg import io
 from nephireg.errors import InputError
+from nephireg.initial import read_initial_transform
 from nephireg.preprocess import dilate, normalise_intensities
 from nephireg.presets import Preset, get_preset
 from nephireg.progress import Reporter
@@ -38,6 +40,7 @@ class Request:
     overwrite: bool = False
     write_warped: bool = True
     write_overview: bool = True
+    initial_transform: Optional[str] = None  # ITK linear transform file, fixed -> moving (LPS), before the method
 
 
 @dataclass
@@ -57,6 +60,7 @@ class Inputs:
     # Masks of one definition for the pre-alignment, when they differ from fixed_mask / moving_mask (see
     # _alignment_masks); None: those two.
     alignment_masks: Optional[Tuple[Optional[sitk.Image], Optional[sitk.Image]]] = None
+    initial: Optional[np.ndarray] = None  # 4x4 fixed -> moving (LPS mm) of request.initial_transform
 
     def prealignment_masks(self) -> Tuple[Optional[sitk.Image], Optional[sitk.Image]]:
         """(fixed, moving) masks the pre-alignment uses (their centroids, for ``center``)."""
@@ -95,6 +99,7 @@ def _read(request: Request, preset: Preset, stage: StageCallback, warn: WarnCall
     moving = io.read_image(request.moving, "moving")
     fixed_mask = io.read_mask(request.fixed_mask, fixed, "fixed mask") if request.fixed_mask else None
     moving_mask = io.read_mask(request.moving_mask, moving, "moving mask") if request.moving_mask else None
+    initial = read_initial_transform(request.initial_transform) if request.initial_transform else None
     sources = ["none" if m is None else "given" for m in (fixed_mask, moving_mask)]
     alignment = None
     if preset.derive_lung_masks and (fixed_mask is None or moving_mask is None):
@@ -105,7 +110,8 @@ def _read(request: Request, preset: Preset, stage: StageCallback, warn: WarnCall
     regions = [None if m is None else dilate(m, preset.mask_dilation_mm) for m in (fixed_mask, moving_mask)]
     return Inputs(fixed, moving, normalise_intensities(fixed, preset, fixed_mask),
                   normalise_intensities(moving, preset, moving_mask), fixed_mask, moving_mask,
-                  "derived" in sources, *regions, mask_sources=(sources[0], sources[1]), alignment_masks=alignment)
+                  "derived" in sources, *regions, mask_sources=(sources[0], sources[1]), alignment_masks=alignment,
+                  initial=initial)
 
 
 def _derive_missing(request: Request, fixed: sitk.Image, moving: sitk.Image, fixed_mask: Optional[sitk.Image],

@@ -22,6 +22,7 @@ from nephireg.compose import affine_matrix, affine_transform, compose_prealignme
 from nephireg.errors import InputError, OutOfMemory
 from nephireg.fields import evaluate_on_grid
 from nephireg.geometry import Grid, overlap_fraction
+from nephireg.initial import INITIAL_MODE
 from nephireg.inputs import Inputs, PrefetchedInputs, Request, read_inputs
 from nephireg.inverse import InverseMap, invert, lattice_mm, write_inverse
 from nephireg.jacobian import jacobian_determinant, jacobian_summary
@@ -46,7 +47,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def prealign_matrix(request: Request, preset: Preset, inputs: Inputs, reporter: Reporter) -> Tuple[str, np.ndarray]:
-    """The pre-alignment mode used and its 4x4 matrix (fixed -> moving, LPS mm)."""
+    """The pre-alignment mode used and its 4x4 matrix (fixed -> moving, LPS mm). An initial transform file
+    replaces the automatic pre-alignment."""
+    if inputs.initial is not None:  # checked with the request (validate.check_initial_transform)
+        return INITIAL_MODE, inputs.initial
     mode = preset.prealign if request.prealign == "preset" else request.prealign
     if mode not in PREALIGN_MODES or mode == "preset":
         raise InputError(f"unknown pre-alignment {mode!r}; choose one of {', '.join(PREALIGN_MODES)}")

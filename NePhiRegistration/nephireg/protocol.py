@@ -121,6 +121,7 @@ def register_arguments(
     overwrite: bool = False,
     progress_jsonl: bool = True,
     write_warped: bool = True,
+    initial_transform: Optional[str] = None,
 ) -> List[str]:
     """Arguments after ``python -m nephireg`` for one registration (the caller prepends the interpreter).
 
@@ -140,6 +141,7 @@ def register_arguments(
         "--grid-spacing-mm": grid_spacing_mm,
         "--model": model,
         "--seed": seed,
+        "--initial-transform": initial_transform,
     }
     for flag, value in optional.items():
         if value is not None:

@@ -69,8 +69,8 @@ def check_prealignment(linear: Dict[str, Optional[float]], reporter: Reporter) -
     det = linear["prealign_determinant"]
     if det <= 0:
         reporter.warn(PREALIGN_REFLECTION,
-                      f"the pre-alignment mirrors the moving image (determinant {det:.2f} < 0): no anatomy does that "
-                      f"between two scans; {HEADER_ADVICE}")
+                      f"the pre-alignment mirrors the moving image (determinant {det:.2f} < 0; so det J < 0 and the "
+                      f"folding % counts the mirror): no anatomy does that between two scans; {HEADER_ADVICE}")
         return
     angle, low, high = (linear[k] for k in ("prealign_rotation_deg", "prealign_scale_min", "prealign_scale_max"))
     if angle > MAX_ROTATION_DEG or low < SCALE_RANGE[0] or high > SCALE_RANGE[1] or high > MAX_ANISOTROPY * low:
@@ -284,5 +284,6 @@ def assess(inputs, grid: Grid, prealign: np.ndarray, warped_norm: np.ndarray, fo
     check_prealignment(metrics, reporter)
     check_overlap(metrics["overlap_prealigned"], reporter)
     check_deformable_gain(metrics["ncc_before"], metrics["ncc_prealigned"], metrics["ncc_after"], reporter)
-    check_folding(folding_percent, reporter)
+    if metrics["prealign_determinant"] > 0:  # under a mirror det J < 0 everywhere: the reflection warning says so
+        check_folding(folding_percent, reporter)
     return metrics

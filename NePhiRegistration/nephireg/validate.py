@@ -44,6 +44,8 @@ def check_request(request: Any) -> None:
     for flag, path in (("--fixed-mask", request.fixed_mask), ("--moving-mask", request.moving_mask)):
         if path is not None:
             check_input_path(path, flag, flag[2:].replace("-", " "))
+    if getattr(request, "initial_transform", None) is not None:
+        check_initial_transform(request.initial_transform, request.prealign)
     SEED_RULE.parse("seed", request.seed)
     for name, rule in COMMON_RULES.items():
         rule.parse(name, request.options.get(name))
@@ -89,6 +91,18 @@ def method_settings(request: Any) -> Any:
     if model and (os.sep in model or model.endswith(".pt")) and not os.path.isfile(model):
         raise InputError("--model file not found", model)
     return settings
+
+
+def check_initial_transform(path: Any, prealign: str) -> None:
+    """``--initial-transform``: a readable, linear, invertible ITK transform file, and no automatic pre-alignment
+    asked for beside it (the file replaces it)."""
+    from nephireg.initial import read_initial_transform
+
+    check_input_path(path, "--initial-transform", "initial transform")
+    if prealign not in ("preset", "none"):
+        raise InputError(f"--initial-transform replaces the pre-alignment; drop --prealign {prealign} (or the "
+                         "initial transform)", path)
+    read_initial_transform(path)
 
 
 def check_input_path(path: Any, flag: str, role: str) -> None:

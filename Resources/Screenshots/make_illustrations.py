@@ -1,15 +1,10 @@
-"""Regenerates the extension's icons and the README illustration.
+"""Regenerates the extension's icons and the demo pair's thumbnail (matplotlib). From the repository root:
 
-The illustration is a matplotlib render of a real engine result on the shipped synthetic demo pair - not a
-screenshot of 3D Slicer (Slicer could not run where this was made). From the repository root:
+    python Resources/Screenshots/make_illustrations.py
 
-    python -m nephireg register --fixed NePhiRegistration/Resources/SampleData/NePhiDemoFixed.nrrd \\
-        --moving NePhiRegistration/Resources/SampleData/NePhiDemoMoving.nrrd --out /tmp/demo --preset generic
-    python Resources/Screenshots/make_illustrations.py /tmp/demo
+The screenshot (README, ExtensionsIndex) is rendered by Slicer's own slice views: ``render_slice_views.py``.
 """
 
-import json
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -69,40 +64,13 @@ def thumbnail(fixed, moving, k, path):
     plt.close(fig)
 
 
-def illustration(out_dir, path):
+def demo_thumbnail():
     fixed, moving = array(SAMPLES / "NePhiDemoFixed.nrrd"), array(SAMPLES / "NePhiDemoMoving.nrrd")
-    warped, jacobian = array(Path(out_dir) / "warped.nrrd"), array(Path(out_dir) / "jacobian.nrrd")
-    manifest = json.loads((Path(out_dir) / "result.json").read_text())
-    metrics, seconds = manifest["metrics"], manifest["timings_s"]["total"]
-    k = fixed.shape[0] // 2
-    fig, axes = plt.subplots(1, 4, figsize=(13, 3.9), dpi=100)
-    panels = ((fixed, "Fixed (synthetic thorax CT)"), (moving, "Moving (known smooth deformation)"),
-              (warped, "Moving warped by the result"))
-    for ax, (image, title) in zip(axes, panels):
-        ax.imshow(image[k], **CT_WINDOW)
-        ax.set_title(title, fontsize=9)
-        ax.axis("off")
-    ax = axes[3]
-    ax.imshow(fixed[k], **CT_WINDOW)
-    heat = ax.imshow(jacobian[k], cmap="coolwarm", vmin=0, vmax=2, alpha=0.5)
-    ax.set_title("det J over the fixed image", fontsize=9)
-    ax.axis("off")
-    fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.02)
-    fig.suptitle(f"Continuous Adam, {manifest['preset']} preset, {manifest['device'].upper()}: "
-                 f"NCC {metrics['ncc_before']:.2f} -> {metrics['ncc_after']:.2f}, "
-                 f"folding {metrics['folding_percent']:.4f} %, "
-                 f"det J [{metrics['jacobian_min']:.2f}, {metrics['jacobian_max']:.2f}], "
-                 f"{seconds:.0f} s (shared 2-core machine)", fontsize=10)
-    fig.text(0.5, 0.01, "Illustration rendered with matplotlib from a real NePhiRegistration engine result on the "
-             "synthetic demo pair (axial slice). Not a screenshot of 3D Slicer.", ha="center", fontsize=8,
-             style="italic")
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    thumbnail(fixed, moving, k, REPO / "NePhiRegistration" / "Resources" / "Icons" / "NePhiDemoPair.png")
+    thumbnail(fixed, moving, fixed.shape[0] // 2, REPO / "NePhiRegistration" / "Resources" / "Icons" /
+              "NePhiDemoPair.png")
 
 
 if __name__ == "__main__":
     icon(REPO / "NePhiRegistration" / "Resources" / "Icons" / "NePhiRegistration.png")
     icon(REPO / "Resources" / "NePhiRegistration.png")
-    if len(sys.argv) > 1:
-        illustration(sys.argv[1], REPO / "Resources" / "Screenshots" / "NePhiRegistration-demo-result.png")
+    demo_thumbnail()

@@ -53,7 +53,7 @@ TARGETS = {
 
 
 # -- peers (run inside the child process: ``bench_lung.py --peer NAME --peer-out DIR``) ---------------------
-def run_convexadam(out: Path) -> Dict[str, object]:
+def run_convexadam(out: Path, fixed_path: Path = FIXED, moving_path: Path = MOVING) -> Dict[str, object]:
     """convexAdam with its defaults on the moving image resampled (identity, physical space) onto the fixed grid.
 
     convexAdam needs both images on one voxel grid; its output ``disp`` (Z, Y, X, 3) is in fixed-grid voxels along
@@ -67,8 +67,8 @@ def run_convexadam(out: Path) -> Dict[str, object]:
     from nephireg.geometry import Grid
     from nephireg.io import write_transform
 
-    fixed = sitk.ReadImage(str(FIXED), sitk.sitkFloat32)
-    moving = sitk.ReadImage(str(MOVING), sitk.sitkFloat32)
+    fixed = sitk.ReadImage(str(fixed_path), sitk.sitkFloat32)
+    moving = sitk.ReadImage(str(moving_path), sitk.sitkFloat32)
     air = float(sitk.GetArrayViewFromImage(moving).min())
     moving_on_fixed = sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, air)
     disp = convex_adam_pt(sitk.GetArrayFromImage(fixed), sitk.GetArrayFromImage(moving_on_fixed),
@@ -85,7 +85,7 @@ def run_convexadam(out: Path) -> Dict[str, object]:
             "torch_threads": torch.get_num_threads()}
 
 
-def run_elastix(out: Path) -> Dict[str, object]:
+def run_elastix(out: Path, fixed_path: Path = FIXED, moving_path: Path = MOVING) -> Dict[str, object]:
     """itk-elastix, default 'affine' then default 'bspline' parameter maps, physical space (no resampling first).
 
     transformix's deformation field is T(x) - x in physical mm on the fixed grid (fixed -> moving), which is
@@ -97,15 +97,15 @@ def run_elastix(out: Path) -> Dict[str, object]:
     from nephireg.geometry import Grid
     from nephireg.io import write_transform
 
-    fixed = itk.imread(str(FIXED), itk.F)
-    moving = itk.imread(str(MOVING), itk.F)
+    fixed = itk.imread(str(fixed_path), itk.F)
+    moving = itk.imread(str(moving_path), itk.F)
     parameters = itk.ParameterObject.New()
     parameters.AddParameterMap(parameters.GetDefaultParameterMap("affine"))
     parameters.AddParameterMap(parameters.GetDefaultParameterMap("bspline"))
     _warped, result = itk.elastix_registration_method(fixed, moving, parameter_object=parameters,
                                                 log_to_console=False, output_directory=str(out))
     field = itk.transformix_deformation_field(moving, result)
-    grid = Grid.of(sitk.ReadImage(str(FIXED)))
+    grid = Grid.of(sitk.ReadImage(str(fixed_path)))
     field_grid = (tuple(int(s) for s in itk.size(field)), tuple(float(s) for s in itk.spacing(field)),
                   tuple(float(o) for o in itk.origin(field)))
     if field_grid[0] != grid.size or not np.allclose(field_grid[1], grid.spacing) \
@@ -179,6 +179,8 @@ def run_child(cmd: List[str], log: Path, timeout_s: float) -> Dict[str, object]:
     child.returncode = os.waitstatus_to_exitcode(status)  # keep Popen from waiting on a reaped pid
     tail = log.read_text(errors="replace").strip().splitlines()[-3:]
     return {"wall_s": round(wall, 2), "exit_code": child.returncode,
+            # CPU seconds of the child and its children (user + system): far less sensitive to other load than wall
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
             # VmHWM (polled every 50 ms) is the child's own peak after exec; ru_maxrss is not reset by exec, so it
             # carries this (large) harness's RSS at fork time: used only where /proc is absent.
             "peak_rss_gib": round((high_water_kib or usage.ru_maxrss) / 1024 ** 2, 3),
@@ -203,11 +205,17 @@ def error_message(method: str, out: Path, exit_code: int, timeout_s: float) -> s
 def score(transform_path: Path) -> Dict[str, object]:
     import SimpleITK as sitk
 
+    return score_transform(sitk.ReadTransform(str(transform_path)))
+
+
+def score_transform(transform) -> Dict[str, object]:
+    """Landmark errors and folding of a SimpleITK transform (fixed -> moving) on the lung pair."""
+    import SimpleITK as sitk
+
     from nephireg.geometry import Grid
     from nephireg.io import displacement_of
     from nephireg.jacobian import jacobian_determinant
 
-    transform = sitk.ReadTransform(str(transform_path))
     errors = landmark_errors(transform)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(FIXED))
@@ -229,13 +237,13 @@ def landmark_errors(transform) -> np.ndarray:
     return errors(transform, *(read_points(p) for p in LANDMARKS))
 
 
-def verify_convexadam(out: Path) -> Dict[str, float]:
+def verify_convexadam(out: Path, fixed_path: Path = FIXED, moving_path: Path = MOVING) -> Dict[str, float]:
     """Compare convexAdam's own warp (its apply_convex) with SimpleITK resampling through our converted transform."""
     import SimpleITK as sitk
     from convexAdam.apply_convex import apply_convex
 
-    fixed = sitk.ReadImage(str(FIXED), sitk.sitkFloat32)
-    moving = sitk.ReadImage(str(MOVING), sitk.sitkFloat32)
+    fixed = sitk.ReadImage(str(fixed_path), sitk.sitkFloat32)
+    moving = sitk.ReadImage(str(moving_path), sitk.sitkFloat32)
     air = float(sitk.GetArrayViewFromImage(moving).min())
     on_fixed = sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, air)
     disp = np.load(out / "disp_voxels.npy").astype(np.float64)

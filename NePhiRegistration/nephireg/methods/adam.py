@@ -2,15 +2,19 @@
 
 METHODS.md, method 1. Per pyramid level (pooling factor f of the working grid):
 
-* features: MIND-SSC of both images on the working grid, block-averaged by f onto the level grid G;
+* features: MIND-SSC of both images on the working grid (``similarity="mind"``), or MIND-SSC plus the normalised
+  intensities (``"mind+intensity"``, the intensity channel weighted as much as the 12 MIND channels together),
+  block-averaged by f onto the level grid G;
 * unknown: ``p`` (1, 3, Zg, Yg, Xg) mm on G; the displacement used is ``u = S(p)``, S = ``smoothing_passes`` 3x3x3
   box filters (approximates a B-spline);
 * loss: ``mean_w((MIND_F - MIND_M o (x + u))^2) + lambda * mean(|grad u|^2)`` with forward differences in mm/mm
   and ``w`` the fixed mask on G (all ones without mask);
+* ``parameterisation="svf"``: ``S(p)`` is a stationary velocity ``v`` instead, ``u`` the displacement of exp(v)
+  (:func:`nephireg.svf.exp_velocity`, scaling and squaring: diffeomorphic), and the diffusion term acts on ``v``;
 * Adam with :class:`nephireg.schedule.ConstantCosineLinear`, stretched to the level's iteration count.
 
-The coarse level's result initialises the next one. Returns a :class:`nephireg.fields.DenseField` on the finest
-level grid (trilinear interpolation upsamples it).
+The coarse level's result (displacement or velocity) initialises the next one. Returns a
+:class:`nephireg.fields.DenseField` on the finest level grid (trilinear interpolation upsamples it).
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ from nephireg.sampling import (
     sample_flat,
 )
 from nephireg.schedule import ConstantCosineLinear
+from nephireg.svf import exp_velocity
+
+PARAMETERISATIONS = ("displacement", "svf")
+SIMILARITIES = ("mind", "mind+intensity")  # squared differences of these features
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,9 @@ class Settings:
     cosine_floor: float = 0.433
     final_fraction: float = 0.0333
     grid_spacing_mm: Optional[float] = None  # if set, the finest level's spacing (overrides the last level)
+    parameterisation: str = "displacement"  # or "svf": a stationary velocity field, exp by scaling and squaring
+    svf_steps: int = 5  # squarings of the svf parameterisation (2^5 = 32 sub-steps; measured on brain MRI)
+    similarity: str = "mind"  # features compared by squared differences: SIMILARITIES
 
     def __post_init__(self) -> None:
         check_settings(self, OPTION_RULES, INVARIANTS)
@@ -85,6 +96,9 @@ OPTION_RULES = {
     "cosine_floor": Rule("float", 0, 1),
     "final_fraction": Rule("float", 0, 1, low_open=True),
     "grid_spacing_mm": Rule("float", 0, 1000, low_open=True, optional=True),
+    "parameterisation": Rule("choice", choices=PARAMETERISATIONS),
+    "svf_steps": Rule("int", 0, 12),
+    "similarity": Rule("choice", choices=SIMILARITIES),
 }
 INVARIANTS = ((lambda s: s.constant_until <= s.cosine_until,
                "--option constant_until must not exceed --option cosine_until (schedule breakpoints of 270 steps)"),
@@ -102,9 +116,9 @@ def run(pair: PreparedPair, options: Mapping[str, Any], reporter: Reporter) -> D
     settings = Settings.from_options(options)
     reporter.stage("features", "MIND-SSC features")
     with torch.no_grad():
-        fixed_features = mind_ssc(pair.fixed, settings.mind_radius, settings.mind_dilation)
+        fixed_features = features(pair.fixed, settings)
         reporter.check_cancel()  # each takes a second on a big working grid
-        moving_features = mind_ssc(pair.moving, settings.mind_radius, settings.mind_dilation)
+        moving_features = features(pair.moving, settings)
     factors = level_factors(settings, pair.grid)
     field: Optional[DenseField] = None
     for number, factor in enumerate(factors, start=1):
@@ -114,7 +128,19 @@ def run(pair: PreparedPair, options: Mapping[str, Any], reporter: Reporter) -> D
         reporter.stage("optimise", f"Adam level {number}/{len(factors)}: grid 1/{factor}, {steps} iterations")
         field = _optimise_level(pair, fixed_features, moving_features, factor, steps, field, settings, reporter)
     assert field is not None
+    if settings.parameterisation == "svf":  # the levels carry the velocity; the result is its exponential
+        with torch.no_grad():
+            field = DenseField(field.grid, exp_velocity(field.values_mm, field.grid, settings.svf_steps))
     return field
+
+
+def features(image: torch.Tensor, settings: Settings) -> torch.Tensor:
+    """The compared features of a (1, 1, Z, Y, X) image: (1, C, Z, Y, X), C = 12 (MIND-SSC) or 13."""
+    mind = mind_ssc(image, settings.mind_radius, settings.mind_dilation)
+    if settings.similarity == "mind":
+        return mind
+    # sqrt(C): the squared difference of the intensity channel weighs as much as those of all MIND channels
+    return torch.cat([mind, image * float(mind.shape[1]) ** 0.5], dim=1)
 
 
 def level_factors(settings: Settings, grid: Grid) -> Tuple[int, ...]:
@@ -140,8 +166,9 @@ def _optimise_level(pair: PreparedPair, fixed_features: torch.Tensor, moving_fea
     for step in range(1, steps + 1):
         optimiser.groups[0]["lr"] = schedule(step)
         optimiser.zero_grad()
-        u = smooth(params, settings.smoothing_passes)
-        loss = data_term(u) + settings.regularization * diffusion(u, spacing)
+        state = smooth(params, settings.smoothing_passes)  # displacement, or velocity with svf
+        u = exp_velocity(state, grid, settings.svf_steps) if settings.parameterisation == "svf" else state
+        loss = data_term(u) + settings.regularization * diffusion(state, spacing)
         loss.backward()
         optimiser.step()
         reporter.step(step, steps, float(loss.detach()))

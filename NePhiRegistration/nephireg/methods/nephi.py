@@ -23,6 +23,8 @@ from nephireg import quality
 from nephireg.errors import InputError
 from nephireg.fields import DisplacementField, evaluate_on_grid
 from nephireg.geometry import Grid
+from nephireg.methods.adam import PARAMETERISATIONS as ADAM_PARAMETERISATIONS
+from nephireg.methods.adam import SIMILARITIES as ADAM_SIMILARITIES
 from nephireg.options import Rule, check_settings, settings_from
 from nephireg.pair import PreparedPair
 from nephireg.progress import Reporter
@@ -55,6 +57,8 @@ class Settings:
     coarse_iterations: int = 60  # at each level of the coarse step
     coarse_level: int = 4  # finest pooling factor of the coarse step: 4 = the 1/4 grid only, 2 = 1/4 then 1/2
     coarse_regularization: float = 1.0  # diffusion weight of the coarse Adam step (see methods.adam.Settings)
+    coarse_similarity: str = "mind"  # features of the coarse Adam step (methods.adam.SIMILARITIES)
+    coarse_parameterisation: str = "displacement"  # of the coarse Adam step (methods.adam.PARAMETERISATIONS)
     output_lattice: float = 2.0  # dense output sampled on a lattice of this x working spacing; 0 = exact
     threads: int = 1  # torch CPU threads during the IO loop (restored after); 0 = leave as is
 
@@ -85,6 +89,8 @@ OPTION_RULES = {
     "coarse_iterations": Rule("int", 0, 100_000),
     "coarse_level": Rule("choice", choices=COARSE_LEVELS),
     "coarse_regularization": Rule("float", 0, 1e6),
+    "coarse_similarity": Rule("choice", choices=ADAM_SIMILARITIES),
+    "coarse_parameterisation": Rule("choice", choices=ADAM_PARAMETERISATIONS),
     "output_lattice": Rule("float", 1, 64, also=(0,)),
     "threads": Rule("int", 0, 1024),
 }
@@ -221,7 +227,9 @@ def _coarse_step(pair: PreparedPair, settings: Settings, reporter: Reporter):
 
     field = adam.run(pair, {"levels": coarse_levels(settings.coarse_level), "iterations": settings.coarse_iterations,
                             "coarse_iterations": settings.coarse_iterations,
-                            "regularization": settings.coarse_regularization}, reporter)
+                            "regularization": settings.coarse_regularization,
+                            "similarity": settings.coarse_similarity,
+                            "parameterisation": settings.coarse_parameterisation}, reporter)
     values = torch.from_numpy(evaluate_on_grid(field, pair.grid, pair.device, cancel=reporter.check_cancel)
                               ).to(pair.fixed)
     points = grid_points_mm(pair.grid, device=pair.device) + values
