@@ -259,7 +259,8 @@ def test_provenance_names_the_model_file_and_the_values_used(tmp_path, one_torch
 
 def test_no_model_and_resolved_settings_without_one(good):
     assert good["model"] is None
-    assert good["parameters"]["settings"] == asdict(adam.Settings.from_options(FAST))
+    resolved = adam.Settings.from_options(get_preset("generic").options_for("adam", FAST))  # preset, then user's
+    assert good["parameters"]["settings"] == asdict(resolved) and good["parameters"]["settings"]["iterations"] == 40
     assert good["parameters"]["preset_values"]["prealign"] == "center"
 
 
