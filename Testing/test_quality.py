@@ -113,7 +113,7 @@ def test_a_pre_alignment_that_mirrors_back_is_a_reflection_not_an_orientation_mi
 
 
 def test_a_mirroring_initial_transform_warns_of_the_reflection_end_to_end(tmp_path, one_torch_thread):
-    """``--initial-transform`` (helper i12) replaces the pre-alignment: a mirror there is reported as such."""
+    """``--initial-transform`` replaces the pre-alignment: a mirror there is reported as such."""
     from nephireg.compose import affine_transform
 
     fixed = blobs(GRID)
@@ -292,7 +292,7 @@ def test_panel_and_terminal_summaries_show_an_engine_warning(tmp_path, capsys, o
 
 
 def test_model_preset_mismatch_reaches_both_summaries(tmp_path, capsys, one_torch_thread):
-    """Helper i10c's warning (the lung model on another preset) shows like every other warning."""
+    """The model-preset-mismatch warning (the lung model on another preset) shows like every other warning."""
     from nephireg.cli import _print_summary
 
     fixed = blobs(GRID)
