@@ -151,6 +151,37 @@ def test_deformable_gain_thresholds():
     assert [w["code"] for w in reporter.warnings] == [quality.DEFORMABLE_WORSE, quality.DEFORMABLE_LITTLE_GAIN]
 
 
+def test_inverted_contrast_is_judged_by_the_magnitude_of_the_similarity():
+    reporter = SilentReporter()
+    quality.check_deformable_gain(-0.2, -0.464, -1.0, reporter)  # inverted contrast, perfectly aligned: a gain
+    assert reporter.warnings == []
+    quality.check_deformable_gain(-0.2, -0.90, -0.80, reporter)  # the alignment got worse
+    assert [w["code"] for w in reporter.warnings] == [quality.DEFORMABLE_WORSE]
+
+
+def assess_codes(tmp_path, prealign: np.ndarray, folding_percent: float) -> list:
+    """The warning codes :func:`quality.assess` raises for a pair of identical volumes under ``prealign``."""
+    from nephireg.compose import affine_transform
+    from nephireg.inputs import read_inputs
+
+    image = blobs(GRID)
+    request = Request(write(tmp_path, "fixed", image), write(tmp_path, "moving", image), str(tmp_path / "out"))
+    inputs = read_inputs(request, get_preset("generic"), SilentReporter())
+    warped = sitk.GetArrayFromImage(io.resample_to(inputs.moving_norm, GRID, affine_transform(prealign)))
+    reporter = SilentReporter()
+    quality.assess(inputs, GRID, prealign, warped, folding_percent, reporter)
+    return [w["code"] for w in reporter.warnings]
+
+
+def test_assess_warns_of_folding_and_of_an_implausible_prealignment(tmp_path):
+    assert quality.FOLDING not in assess_codes(tmp_path, np.eye(4), 0.0)
+    assert quality.FOLDING in assess_codes(tmp_path, np.eye(4), 2 * quality.MAX_FOLDING_PERCENT)
+    squashed = np.diag([1.0, 1.0, 0.6, 1.0])  # a 0.6 scaling along z: outside SCALE_RANGE and MAX_ANISOTROPY
+    squashed[2, 3] = 0.4 * GRID.center_physical()[2]  # about the centre, so the images still overlap
+    assert quality.PREALIGN_IMPLAUSIBLE in assess_codes(tmp_path, squashed, 0.0)
+    assert quality.PREALIGN_IMPLAUSIBLE not in assess_codes(tmp_path, np.eye(4), 0.0)
+
+
 def test_low_overlap_after_prealignment_warns(tmp_path, good, one_torch_thread):
     fixed = blobs(GRID)
     far = shifted(fixed, (0.55 * 39 * 2.5, 0, 0))  # 55 % of the x extent away; no pre-alignment brings it back

@@ -192,7 +192,13 @@ MIN_NCC_ROOM = 0.02  # ... unless pre-alignment left less room than this (then n
 
 
 def check_deformable_gain(before: float, prealigned: float, after: float, reporter: Reporter) -> None:
-    """Warn when the deformable step lowered the similarity reached by pre-alignment alone, or barely raised it."""
+    """Warn when the deformable step lowered the similarity reached by pre-alignment alone, or barely raised it.
+
+    When the result is anti-correlated (``after`` < 0: inverted contrast, e.g. T1 against T2, or another modality)
+    a better alignment makes the NCC more negative, so the checks compare magnitudes.
+    """
+    if after < 0:
+        before, prealigned, after = abs(before), abs(prealigned), abs(after)
     if after < prealigned - NCC_WORSE_TOLERANCE:
         reporter.warn(DEFORMABLE_WORSE,
                       f"the deformable step made the similarity worse: NCC {prealigned:.3f} after pre-alignment alone, "
