@@ -17,6 +17,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from nephireg.geometry import LPS_TO_RAS, Grid
+from NePhiRegistrationLib.i18n import _
 
 # Jacobian heatmap: 0..2 centred on 1 (1 = volume preserved, <1 compression, >1 expansion, <=0 folding).
 JACOBIAN_WINDOW = 2.0
@@ -102,31 +103,33 @@ def summaryLines(metrics: Mapping[str, Any], seconds: Optional[float] = None) ->
     ``metrics``: flat metrics (:func:`manifestMetrics`), which also carry the manifest's ``warnings`` (a list of
     ``{code, message}``) and ``model`` (a dict or None), neither of them flattened.
     """
-    lines = [f"Warning: {w.get('message', '')} [{w.get('code', '')}]" for w in metrics.get("warnings") or ()]
+    lines = [_("Warning: {message} [{code}]").format(message=w.get("message", ""), code=w.get("code", ""))
+             for w in metrics.get("warnings") or ()]
     shown = {"warnings", "model"}
     for key, label, unit in _LABELS:
         if key in metrics:
-            lines.append(f"{label}: {_fmt(metrics[key])}{unit}")
+            lines.append(f"{_(label)}: {_fmt(metrics[key])}{unit}")
             shown.add(key)
     before = {k[: -len("_before")]: v for k, v in metrics.items() if k.endswith("_before")}
     for name, value in sorted(before.items()):
         after = metrics.get(name + "_after")
         if after is not None:
-            steps = [f"{_fmt(value)} before"]
+            steps = [_("{value} before").format(value=_fmt(value))]
             if metrics.get(name + "_prealigned") is not None:
-                steps.append(f"{_fmt(metrics[name + '_prealigned'])} pre-aligned")
-            steps.append(f"{_fmt(after)} after")
+                steps.append(_("{value} pre-aligned").format(value=_fmt(metrics[name + "_prealigned"])))
+            steps.append(_("{value} after").format(value=_fmt(after)))
             lines.append(f"{name.replace('_', ' ')}: {' -> '.join(steps)}")
             shown.update({name + "_before", name + "_prealigned", name + "_after"})
     model = metrics.get("model")
     if isinstance(model, Mapping):
         use = ", ".join(str(model[k]) for k in ("anatomy", "modality") if model.get(k))
-        preset = f", preset {model['preset']}" if model.get("preset") else ""
-        lines.append(f"Model: {model.get('name', '')}" + (f" ({use}{preset})" if use or preset else ""))
+        preset = _(", preset {preset}").format(preset=model["preset"]) if model.get("preset") else ""
+        details = f" ({use}{preset})" if use or preset else ""
+        lines.append(_("Model: {name}").format(name=model.get("name", "")) + details)
     runtime = metrics.get("runtime_s", metrics.get("seconds", seconds))
     shown.update({"runtime_s", "seconds"})
     if runtime is not None:
-        lines.append(f"Runtime: {_fmt(float(runtime))} s")
+        lines.append(_("Runtime: {seconds} s").format(seconds=_fmt(float(runtime))))
     for key in sorted(k for k in metrics if k not in shown and isinstance(metrics[k], (int, float, str))):
         lines.append(f"{key.replace('_', ' ')}: {_fmt(metrics[key])}")
     return lines
