@@ -120,8 +120,8 @@ def test_no_mask_at_all_runs_without_masks_and_the_manifest_says_so(small_pair, 
     request = Request(fixed, moving, str(tmp_path / "out"), method="adam", preset="lung-ct",
                       options={"iterations": 4, "coarse_iterations": 2}, write_overview=False)
     manifest = register(request)  # a valid image is never refused for its lung mask
-    codes = [w["code"] for w in manifest["warnings"]]
-    assert codes == [LUNG_MASK_NOT_DERIVED, LUNG_MASK_NOT_DERIVED]
-    assert all("without masks" in w["message"] for w in manifest["warnings"])
+    # the mask warnings (4 iterations may also leave a result-quality warning: nephireg.quality)
+    mask_warnings = [w for w in manifest["warnings"] if w["code"] == LUNG_MASK_NOT_DERIVED]
+    assert len(mask_warnings) == 2 and all("without masks" in w["message"] for w in mask_warnings)
     assert manifest["parameters"]["masks"] == "none"
     assert manifest["metrics"]["similarity_region"] == "whole fixed image"

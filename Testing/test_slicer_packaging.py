@@ -400,3 +400,20 @@ def test_ui_loads_in_real_qt_with_every_parameter_name():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == str(sorted(set(parameter_fields()) - set(MANUALLY_BOUND)))
+
+
+def test_lib_strings_are_translated_in_the_callers_context(monkeypatch):
+    """``_()`` of the Lib translates as ``slicer.i18n.tr`` would in the calling file (Slicer's ``tr`` takes the context
+    from its caller's file, so calling it from the wrapper would put every string in the wrapper's context)."""
+    import types
+
+    from NePhiRegistrationLib.i18n import _
+
+    seen = []
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.getContext = lambda source_file: seen.append(source_file) or "context-of-" + Path(source_file).stem
+    i18n.translate = lambda context, text: f"{context}:{text}"
+    assert _("Register") == "Register"  # outside Slicer: as is
+    monkeypatch.setitem(sys.modules, "slicer.i18n", i18n)
+    assert _("Register") == f"context-of-{Path(__file__).stem}:Register"
+    assert seen == [__file__]

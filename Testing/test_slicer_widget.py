@@ -209,3 +209,15 @@ def test_warning_events_are_in_the_summary_and_the_status_line(panel_env):
     panel_env.panel.onFinished(job)
     assert panel_env.ui.resultSummaryLabel.text.startswith("Warning: no lung found in the moving image")
     assert "1 warning(s)" in panel_env.ui.statusLabel.text
+
+
+def test_a_warning_in_the_manifest_and_in_the_events_is_shown_once(panel_env):
+    """summaryLines shows the manifest's warnings (with their codes); the same run's events do not repeat them."""
+    job = finished_job(panel_env, "r")
+    message = "the deformable step made the similarity worse"
+    job.result.metrics = {"folding_percent": 0.0, "warnings": [{"code": "deformable-worse", "message": message}]}
+    job.progress = types.SimpleNamespace(warnings=[message])
+    panel_env.panel.onFinished(job)
+    text = panel_env.ui.resultSummaryLabel.text
+    assert text.startswith(f"Warning: {message} [deformable-worse]") and text.count(message) == 1
+    assert "1 warning(s)" in panel_env.ui.statusLabel.text

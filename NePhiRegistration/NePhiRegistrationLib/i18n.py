@@ -9,8 +9,15 @@ import sys
 
 
 def _(text: str) -> str:
+    """``text`` translated in the caller's context, as ``slicer.i18n.tr`` would called from the caller's file.
+
+    ``tr`` itself cannot be called from here: it takes the context from its caller's file, which would be this one.
+    """
     i18n = sys.modules.get("slicer.i18n")
-    return i18n.tr(text) if i18n is not None else text
+    if i18n is None:
+        return text
+    caller_file = sys._getframe(1).f_code.co_filename
+    return i18n.translate(i18n.getContext(caller_file), text)
 
 
 __all__ = ["_"]

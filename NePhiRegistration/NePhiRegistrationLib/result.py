@@ -17,6 +17,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from nephireg.geometry import LPS_TO_RAS, Grid
+from NePhiRegistrationLib.i18n import _
 
 # Jacobian heatmap: 0..2 centred on 1 (1 = volume preserved, <1 compression, >1 expansion, <=0 folding).
 JACOBIAN_WINDOW = 2.0
@@ -96,30 +97,47 @@ _LABELS = (
 
 
 def summaryLines(metrics: Mapping[str, Any], seconds: Optional[float] = None) -> list:
-    """Human-readable result summary: folding %, det J range, runtime, similarity before/after."""
-    lines = []
-    shown = set()
+    """Human-readable result summary: the run's warnings first, then folding %, det J range, similarity after each
+    step (before -> pre-aligned -> after), the model used, runtime and any other metric.
+
+    ``metrics``: flat metrics (:func:`manifestMetrics`), which also carry the manifest's ``warnings`` (a list of
+    ``{code, message}``) and ``model`` (a dict or None), neither of them flattened.
+    """
+    lines = [_("Warning: {message} [{code}]").format(message=w.get("message", ""), code=w.get("code", ""))
+             for w in metrics.get("warnings") or ()]
+    shown = {"warnings", "model"}
     for key, label, unit in _LABELS:
         if key in metrics:
-            lines.append(f"{label}: {_fmt(metrics[key])}{unit}")
+            lines.append(f"{_(label)}: {_fmt(metrics[key])}{unit}")
             shown.add(key)
     before = {k[: -len("_before")]: v for k, v in metrics.items() if k.endswith("_before")}
     for name, value in sorted(before.items()):
         after = metrics.get(name + "_after")
         if after is not None:
-            lines.append(f"{name.replace('_', ' ')}: {_fmt(value)} before -> {_fmt(after)} after")
-            shown.update({name + "_before", name + "_after"})
+            steps = [_("{value} before").format(value=_fmt(value))]
+            if metrics.get(name + "_prealigned") is not None:
+                steps.append(_("{value} pre-aligned").format(value=_fmt(metrics[name + "_prealigned"])))
+            steps.append(_("{value} after").format(value=_fmt(after)))
+            lines.append(f"{name.replace('_', ' ')}: {' -> '.join(steps)}")
+            shown.update({name + "_before", name + "_prealigned", name + "_after"})
+    model = metrics.get("model")
+    if isinstance(model, Mapping):
+        use = ", ".join(str(model[k]) for k in ("anatomy", "modality") if model.get(k))
+        preset = _(", preset {preset}").format(preset=model["preset"]) if model.get("preset") else ""
+        details = f" ({use}{preset})" if use or preset else ""
+        lines.append(_("Model: {name}").format(name=model.get("name", "")) + details)
     runtime = metrics.get("runtime_s", metrics.get("seconds", seconds))
     shown.update({"runtime_s", "seconds"})
     if runtime is not None:
-        lines.append(f"Runtime: {_fmt(float(runtime))} s")
+        lines.append(_("Runtime: {seconds} s").format(seconds=_fmt(float(runtime))))
     for key in sorted(k for k in metrics if k not in shown and isinstance(metrics[k], (int, float, str))):
         lines.append(f"{key.replace('_', ' ')}: {_fmt(metrics[key])}")
     return lines
 
 
 def manifestMetrics(manifest: Mapping[str, Any]) -> Dict[str, Any]:
-    """The flat metrics of a result manifest (nested dicts flattened with ``_``)."""
+    """The flat metrics of a result manifest (nested dicts flattened with ``_``), plus the manifest's ``warnings``
+    and ``model`` as they are, when it has them (what :func:`summaryLines` shows besides the numbers)."""
     flat: Dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -130,4 +148,7 @@ def manifestMetrics(manifest: Mapping[str, Any]) -> Dict[str, Any]:
             flat[prefix] = value
 
     walk("", manifest.get("metrics", {}))
+    for key in ("warnings", "model"):
+        if manifest.get(key):
+            flat[key] = manifest[key]
     return flat

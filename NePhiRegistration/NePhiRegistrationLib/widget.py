@@ -163,9 +163,10 @@ class RegistrationPanel:
             # unchecked while lastResult is still the previous result, so its grid is the one hidden
             self.ui.showTransformGridButton.checked = False
             self.lastResult = (job.result, job.fixed)
-            self.ui.resultSummaryLabel.text = "\n".join(([job.notice] if job.notice else [])
-                                                        + warningLines(job.progress.warnings)
-                                                        + summaryLines(job.result.metrics))
+            lines = summaryLines(job.result.metrics)  # the result manifest's warnings first, with their codes
+            if not job.result.metrics.get("warnings"):  # a manifest without them: the run's warning events
+                lines = warningLines(job.progress.warnings) + lines
+            self.ui.resultSummaryLabel.text = "\n".join(([job.notice] if job.notice else []) + lines)
             done = _("Done: {name}").format(name=job.result.transform.GetName())
             if job.progress.warnings:
                 done = _("{done} ({count} warning(s): see the summary)").format(done=done,

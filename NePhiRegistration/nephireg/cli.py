@@ -199,11 +199,24 @@ def _say(text: str, stream=None) -> None:
     say(text, stream)
 
 
+def _number(value: Optional[float], spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def _print_summary(manifest: Dict[str, Any]) -> None:
     m = manifest["metrics"]
     _say(f"folding {m['folding_percent']:.4f} %  det J [{m['jacobian_min']:.3f}, {m['jacobian_max']:.3f}]  "
-         f"SDlogJ {m['std_log_jacobian']:.4f}  NCC {m['ncc_before']:.3f} -> {m['ncc_after']:.3f}  "
-         f"time {manifest['timings_s']['total']:.1f} s  ({manifest['device']})")
+         f"SDlogJ {_number(m['std_log_jacobian'], '.4f')}  time {manifest['timings_s']['total']:.1f} s  "
+         f"({manifest['device']})")
+    prealigned = f" -> {m['ncc_prealigned']:.3f} pre-aligned" if "ncc_prealigned" in m else ""
+    _say(f"NCC {m['ncc_before']:.3f} before{prealigned} -> {m['ncc_after']:.3f} after the deformable step "
+         f"({m.get('similarity_region', '')})")
+    if manifest.get("model"):
+        model = manifest["model"]
+        _say(f"model {model['name']} ({model.get('anatomy') or '?'} {model.get('modality') or '?'}, preset "
+             f"{model.get('preset') or '?'}; sha256 {str(model.get('sha256'))[:12]}...)")
+    for warning in manifest.get("warnings", []):
+        _say(f"warning [{warning['code']}]: {warning['message']}")
     if "demo_error_mm" in manifest:
         e = manifest["demo_error_mm"]
         _say(f"demo: error inside the lungs {e['before_mean']:.2f} mm before -> mean {e['mean']:.2f} mm, "

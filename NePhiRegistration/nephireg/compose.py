@@ -25,6 +25,14 @@ def affine_matrix(transform: sitk.Transform) -> np.ndarray:
     return matrix
 
 
+def affine_transform(matrix4: np.ndarray) -> sitk.AffineTransform:
+    """A 4x4 (LPS mm) as a SimpleITK transform: the inverse of :func:`affine_matrix`."""
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(tuple(float(v) for v in np.asarray(matrix4)[:3, :3].ravel()))
+    transform.SetTranslation(tuple(float(v) for v in np.asarray(matrix4)[:3, 3]))
+    return transform
+
+
 def compose_prealignment(grid: Grid, displacement_mm: np.ndarray, prealign: np.ndarray) -> np.ndarray:
     """Displacement of phi(x) = A(x + u(x)) - x at ``grid``'s voxels, for u (Z, Y, X, 3) and A a 4x4; LPS mm.
 

@@ -41,11 +41,12 @@ def jacobian_determinant(displacement_mm: np.ndarray, grid: Grid) -> np.ndarray:
 
 
 def jacobian_summary(det: np.ndarray) -> Dict[str, float]:
-    """Folding % (det <= 0, whole field), std of log det over det > 0 (SDlogJ), min, max, mean."""
+    """Folding % (det <= 0, whole field), std of log det over det > 0 (SDlogJ; None without any), min, max, mean."""
     positive = det[det > 0]
     return {
         "folding_percent": float(100.0 * np.count_nonzero(det <= 0) / det.size),
-        "std_log_jacobian": float(np.std(np.log(positive))) if positive.size else float("nan"),
+        # None, not NaN, where no det > 0 (a mirroring transform): manifests and events are strict JSON
+        "std_log_jacobian": float(np.std(np.log(positive))) if positive.size else None,
         "jacobian_min": float(det.min()),
         "jacobian_max": float(det.max()),
         "jacobian_mean": float(det.mean()),

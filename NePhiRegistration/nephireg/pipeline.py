@@ -17,8 +17,8 @@ import SimpleITK as sitk
 import torch
 
 import nephireg
-from nephireg import io, validate
-from nephireg.compose import affine_matrix, compose_prealignment
+from nephireg import io, quality, validate
+from nephireg.compose import affine_matrix, affine_transform, compose_prealignment
 from nephireg.errors import InputError, OutOfMemory
 from nephireg.fields import evaluate_on_grid
 from nephireg.geometry import Grid, overlap_fraction
@@ -26,7 +26,7 @@ from nephireg.initial import INITIAL_MODE
 from nephireg.inputs import Inputs, PrefetchedInputs, Request, read_inputs
 from nephireg.inverse import InverseMap, invert, lattice_mm, write_inverse
 from nephireg.jacobian import jacobian_determinant, jacobian_summary
-from nephireg.methods import get_method
+from nephireg.methods import get_method, model_record
 from nephireg.overview import overview
 from nephireg.pair import PreparedPair
 from nephireg.preprocess import crop_to_mask, working_grid
@@ -76,9 +76,7 @@ def prepare(request: Request, inputs: Inputs, preset: Preset, prealign: np.ndarr
             ) -> PreparedPair:
     """The working-grid tensors a method receives (moving resampled through the pre-alignment)."""
     grid = working_grid_of(inputs, preset)
-    transform = sitk.AffineTransform(3)
-    transform.SetMatrix(tuple(prealign[:3, :3].ravel()))
-    transform.SetTranslation(tuple(prealign[:3, 3]))
+    transform = affine_transform(prealign)
     fixed = to_tensor(inputs.fixed_norm, grid, None, device)
     moving = to_tensor(inputs.moving_norm, grid, transform, device)
     fixed_mask = moving_mask = None
@@ -116,15 +114,8 @@ def to_tensor(image: sitk.Image, grid: Grid, transform: Optional[sitk.Transform]
     return torch.from_numpy(array)[None, None].to(device)
 
 
-def ncc(a: np.ndarray, b: np.ndarray, mask: Optional[np.ndarray] = None) -> float:
-    """Global normalised cross-correlation of two arrays (inside ``mask`` if given), in [-1, 1]."""
-    if mask is not None:
-        a, b = a[mask], b[mask]
-    a = a - a.mean()
-    b = b - b.mean()
-    return float((a * b).sum() / max(np.sqrt((a * a).sum() * (b * b).sum()), 1e-12))
-
-
+Prealignment = Tuple[str, np.ndarray]
+"""``(mode, 4x4 matrix)``: the pre-alignment used (fixed -> moving, LPS mm)."""
 BeforeCommit = Callable[[Dict[str, Any], Path], None]
 """``(manifest, staging folder)``: adds files (listed in ``manifest["files"]``) and keys before the commit."""
 
@@ -171,18 +162,18 @@ def register(request: Request, reporter: Optional[Reporter] = None,
     except torch.cuda.OutOfMemoryError as exc:
         raise OutOfMemory(f"the GPU ran out of memory ({exc}); run again with --device cpu") from None
     displacement = compose_prealignment(fixed_grid, displacement, prealign)
-    return _write_result(request, preset, mode, inputs, fixed_grid, displacement, inverse, options, device, reporter,
-                         started, before_commit)
+    return _write_result(request, preset, (mode, prealign), settings, inputs, fixed_grid, displacement, inverse,
+                         options, device, reporter, started, before_commit)
 
 
-def _write_result(request: Request, preset: Preset, mode: str, inputs: Inputs, grid: Grid, displacement: np.ndarray,
-                  inverse: InverseMap, options: Dict[str, Any], device: torch.device, reporter: Reporter,
-                  started: float, before_commit: Optional[BeforeCommit] = None) -> Dict[str, Any]:
+def _write_result(request: Request, preset: Preset, prealigned: Prealignment, settings: Any, inputs: Inputs, grid: Grid,
+                  displacement: np.ndarray, inverse: InverseMap, options: Dict[str, Any], device: torch.device,
+                  reporter: Reporter, started: float, before_commit: Optional[BeforeCommit] = None) -> Dict[str, Any]:
     """The outputs written through the one result writer (:class:`nephireg.resultdir.ResultFolder`)."""
     reporter.stage("write", "Writing the transform, Jacobian and warped image")
     with ResultFolder(request.out, request.overwrite) as result:
-        manifest = _write_files(request, preset, mode, inputs, grid, displacement, inverse, options, device,
-                                result.staging, reporter)
+        manifest = _write_files(request, preset, prealigned, settings, inputs, grid, displacement, inverse, options,
+                                device, result.staging, reporter)
         if before_commit is not None:
             before_commit(manifest, result.staging)
         reporter.check_cancel()
@@ -193,9 +184,9 @@ def _write_result(request: Request, preset: Preset, mode: str, inputs: Inputs, g
     return manifest
 
 
-def _write_files(request: Request, preset: Preset, mode: str, inputs: Inputs, grid: Grid, displacement: np.ndarray,
-                 inverse: InverseMap, options: Dict[str, Any], device: torch.device, folder: Path,
-                 reporter: Reporter) -> Dict[str, Any]:
+def _write_files(request: Request, preset: Preset, prealigned: Prealignment, settings: Any, inputs: Inputs, grid: Grid,
+                 displacement: np.ndarray, inverse: InverseMap, options: Dict[str, Any], device: torch.device,
+                 folder: Path, reporter: Reporter) -> Dict[str, Any]:
     files = {"transform": OUTPUT_FILES["transform"], "jacobian": OUTPUT_FILES["jacobian"]}
     transform = io.displacement_transform(displacement, grid)
     io.save_transform(transform, folder / files["transform"])
@@ -207,7 +198,6 @@ def _write_files(request: Request, preset: Preset, mode: str, inputs: Inputs, gr
     fixed_norm = sitk.GetArrayViewFromImage(inputs.fixed_norm)
     warped_norm = sitk.GetArrayFromImage(io.resample_to(inputs.moving_norm, grid, transform))
     mask = sitk.GetArrayViewFromImage(inputs.fixed_mask) > 0 if inputs.fixed_mask is not None else None
-    identity_norm = sitk.GetArrayFromImage(io.resample_to(inputs.moving_norm, grid))
     if request.write_warped:
         files["warped"] = OUTPUT_FILES["warped"]
         background = float(sitk.GetArrayViewFromImage(inputs.moving).min())  # e.g. air in CT, not 0 HU
@@ -217,12 +207,9 @@ def _write_files(request: Request, preset: Preset, mode: str, inputs: Inputs, gr
         files["overview"] = OUTPUT_FILES["overview"]
         overview(fixed_norm, warped_norm, det, grid.spacing, folder / files["overview"])
     metrics = jacobian_summary(det)
-    metrics.update({
-        "ncc_before": ncc(fixed_norm, identity_norm, mask),
-        "ncc_after": ncc(fixed_norm, warped_norm, mask),
-        "similarity_region": "fixed mask" if mask is not None else "whole fixed image",
-        "displacement_max_mm": float(np.linalg.norm(displacement, axis=-1).max()),
-    })
+    mode, prealign = prealigned
+    metrics.update(quality.assess(inputs, grid, prealign, warped_norm, metrics["folding_percent"], reporter))
+    metrics["displacement_max_mm"] = float(np.linalg.norm(displacement, axis=-1).max())
     files["inverse"] = OUTPUT_FILES["inverse"]
     metrics.update(write_inverse(inverse, displacement, grid, mask, folder / files["inverse"]))
     reporter.check_cancel()
@@ -231,7 +218,9 @@ def _write_files(request: Request, preset: Preset, mode: str, inputs: Inputs, gr
         "metrics": metrics,
         "method": request.method,
         "preset": preset.name,
-        "parameters": {"options": options, "prealign": mode, "seed": request.seed,
+        "model": model_record(request.method, settings, preset.name),
+        "parameters": {"options": options, "prealign": mode, "seed": request.seed, "preset_values": asdict(preset),
+                       "settings": asdict(settings),
                        "masks": inputs.describe_masks(),
                        "request": asdict(request)},
         "inputs": {"fixed": os.path.abspath(request.fixed), "moving": os.path.abspath(request.moving),

@@ -133,7 +133,7 @@ def _jacobian_command(args: argparse.Namespace) -> int:
         with staged_file(args.out, args.overwrite, inputs) as staged:
             io.write_image(io.image_from_array(det, grid), staged)
     summary = jacobian_summary(det)
-    _say(" ".join(f"{k}={v:.6g}" for k, v in summary.items()))
+    _say(" ".join(f"{k}={'n/a' if v is None else format(v, '.6g')}" for k, v in summary.items()))
     return int(ExitCode.SUCCESS)
 
 

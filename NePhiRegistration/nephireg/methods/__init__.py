@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Dict, Mapping, Optional
 
 from nephireg.protocol import METHODS
 
@@ -41,3 +41,10 @@ def method_availability(name: str) -> Mapping[str, Any]:
     module = importlib.import_module(_MODULES[name])
     check = getattr(module, "availability", None)
     return check() if check else {"available": True, "reason": ""}
+
+
+def model_record(name: str, settings: Any, preset: str) -> Optional[Dict[str, Any]]:
+    """Provenance of the trained model a run of method ``name`` with its resolved ``settings`` on ``preset`` uses
+    (``{name, file, sha256, card, anatomy, modality, preset}``), or None when it uses none."""
+    record = getattr(method_module(name), "model_record", None)
+    return record(name, settings, preset) if record else None

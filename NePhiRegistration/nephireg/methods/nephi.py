@@ -4,16 +4,22 @@ Both take a :class:`nephireg.pair.PreparedPair` and return a :class:`nephireg.fi
 ``nephi`` needs a trained model (``options["model"]``: a path or a registry name, default: the registry's default
 model of the run's preset); ``nephi-io`` starts from the model's codes and weights when one is given, otherwise from
 the identity (zero last layer, zero codes), so it works with no weights at all. A model trained for another preset
-than the run's still runs, with a ``model-preset-mismatch`` warning.
+than the run's still runs, with a ``model-preset-mismatch`` warning. ``nephi`` also runs the model on the fixed
+image registered to itself (:func:`identity_test_mm`, the right answer being no motion) and warns
+(``model-identity-bias``, :mod:`nephireg.quality`) when it moves it; :func:`model_record` is the provenance of the
+model file a run uses, for the result manifest.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 
+from nephireg import quality
 from nephireg.errors import InputError
 from nephireg.fields import DisplacementField, evaluate_on_grid
 from nephireg.geometry import Grid
@@ -108,15 +114,55 @@ def availability() -> Dict[str, Any]:
     return {"available": True, "reason": ""}
 
 
+def model_record(method: str, settings: Settings, preset: Optional[str]) -> Optional[Dict[str, Any]]:
+    """Provenance of the model file a run of ``method`` with ``settings`` on ``preset`` loads, or None (nephi-io
+    from identity): registry name (the file's stem outside the registry), absolute path, SHA-256, model card and
+    intended use (:func:`nephireg.modelstore.intended_use`; None fields when the model states none)."""
+    from nephireg import modelstore
+
+    path = _model_path(settings.model, required=method == "nephi", preset=preset)
+    if path is None:
+        return None
+    path = os.path.abspath(path)
+    listed = [m["name"] for m in modelstore.list_models() if m["path"] and os.path.abspath(m["path"]) == path]
+    name = listed[0] if listed else os.path.splitext(os.path.basename(path))[0]
+    entry = next((e for e in modelstore.load_registry()["models"] if listed and e["name"] == name), {})
+    use = modelstore.intended_use(path) or {}
+    return {"name": name, "file": path, "sha256": modelstore.sha256_of(path), "card": entry.get("card"),
+            **{key: use.get(key) for key in modelstore.INTENDED_USE_KEYS}}
+
+
 def run_predict(pair: PreparedPair, options: Mapping[str, Any], reporter: Reporter) -> DisplacementField:
-    """One encoder pass: latent codes from the pair, the field from the model's MLPs."""
+    """One encoder pass: latent codes from the pair, the field from the model's MLPs; then the identity test."""
     settings = Settings.from_options(options)
     reporter.stage("nephi-predict", "NePhi: predicting the deformation")
     images, coarse = _inputs(pair, settings, reporter, with_features=False)  # no similarity term in predict
     model = _load(settings.model, required=True, pair=pair, reporter=reporter)
-    codes = _predict_codes(model, images)
+    codes = _predict_codes(model, images.fixed, images.moving)
     reporter.step(1, 1)
+    bias_mm = identity_test_mm(model, images, pair)
+    reporter.log(f"identity test: the model moves the fixed image registered to itself by {bias_mm:.2f} mm on average")
+    quality.check_identity_bias(bias_mm, reporter)
     return _output(model.net, codes, pair, settings, coarse, reporter)
+
+
+IDENTITY_TEST_LATTICE = 8.0  # the identity test samples its field at this x the working spacing (docs/quality.md)
+
+
+def identity_test_mm(model, images, pair: PreparedPair) -> float:
+    """Mean |u| (mm) of the model's field for the fixed image registered to itself, over the fixed mask, else the
+    fixed image's foreground (:func:`nephireg.quality.identity_mean_mm`): 0 for an unbiased model."""
+    from nephireg.nephi.output import NePhiField
+    from nephireg.sampling import resample_volume
+
+    codes = _predict_codes(model, images.fixed, images.fixed)
+    lattice = pair.grid.resampled([s * IDENTITY_TEST_LATTICE for s in pair.grid.spacing])
+    values = evaluate_on_grid(NePhiField(model.net, codes, pair.grid), lattice, pair.device)  # (Z, Y, X, 3)
+    fixed = resample_volume(pair.fixed, pair.grid, lattice)[0, 0].cpu().numpy()
+    mask = None
+    if pair.fixed_mask is not None:
+        mask = resample_volume(pair.fixed_mask, pair.grid, lattice)[0, 0].cpu().numpy() > 0.5
+    return quality.identity_mean_mm(np.linalg.norm(values, axis=-1), fixed, mask)
 
 
 def run_instance_optimisation(pair: PreparedPair, options: Mapping[str, Any], reporter: Reporter
@@ -131,7 +177,7 @@ def run_instance_optimisation(pair: PreparedPair, options: Mapping[str, Any], re
     model = _load(settings.model, required=False, pair=pair, reporter=reporter)
     if model is not None:
         reporter.stage("nephi-predict", "NePhi: initial codes from the model")
-        net, codes = model.net, _predict_codes(model, images)
+        net, codes = model.net, _predict_codes(model, images.fixed, images.moving)
     else:
         from nephireg.nephi.field import FieldConfig
 
@@ -203,12 +249,19 @@ def coarse_levels(finest: int) -> Tuple[int, ...]:
     return (finest,) if finest >= 4 else tuple(f for f in (4, 2, 1) if f >= finest)
 
 
+def _model_path(name: Optional[str], required: bool, preset: Optional[str]) -> Optional[str]:
+    """The model file a run loads: ``name`` resolved (``preset``'s default when required and not given), else None."""
+    from nephireg import modelstore
+
+    return modelstore.resolve_model(name, preset=preset) if (name or required) else None
+
+
 def _load(name: Optional[str], required: bool, pair: PreparedPair, reporter: Reporter):
     """The model (``name``: path or registry name; None: the preset's default when ``required``), its intended
     use checked against the run's preset."""
     from nephireg import modelstore
 
-    path = modelstore.resolve_model(name, preset=pair.preset) if (name or required) else None
+    path = _model_path(name, required, pair.preset)
     if path is None:
         if required:
             raise InputError("NePhi predict needs a model: none is installed; use --method nephi-io or --model")
@@ -239,9 +292,9 @@ def check_intended_use(label: str, use: Optional[Mapping[str, str]], preset: Opt
                       f"trained for {preset} (nephireg models), or --method adam")
 
 
-def _predict_codes(model, images) -> Tuple[torch.Tensor, torch.Tensor]:
+def _predict_codes(model, fixed: torch.Tensor, moving: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
-        return model.predict_codes(images.fixed, images.moving)
+        return model.predict_codes(fixed, moving)
 
 
 def _output(net, codes, pair: PreparedPair, settings: Settings, coarse, reporter: Reporter) -> DisplacementField:
