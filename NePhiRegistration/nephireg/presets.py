@@ -72,7 +72,7 @@ _PRESETS = {
         # the intensities, a stationary velocity field (5 squarings), lambda 0.05, 40 + 40 iterations gave tissue
         # Dice 0.657 (ANTs SyN 0.571; MIND alone at lambda 0.05: 0.581, lambda 1: 0.553) with 0 % folding, and
         # 0.70 mm known-warp error (ANTs 0.82, lambda 1: 1.19). Without the velocity field the same similarity folds
-        # 0.12-0.13 % at lambda 0.05 and 0.02 % at 0.1. Session 6, same cases: adding the local NCC term (weight 0.1,
+        # 0.12-0.13 % at lambda 0.05 and 0.02 % at 0.1. Second round (same session), same cases: adding the local NCC term (weight 0.1,
         # radius 4 working voxels) gave 0.677 tissue Dice (mind+intensity 0.657) and 0.660 mm (0.695); weights 0.05-1
         # and lncc / mind+lncc were measured too (docs/adam-tuning.md).
         method_options={"adam": {"regularization": 0.05, "iterations": 40, "coarse_iterations": 40,
