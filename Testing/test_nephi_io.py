@@ -162,6 +162,17 @@ def test_coarse_regularization_reaches_the_coarse_adam_step(known_pair):
     assert spread[1000.0] < 0.5 * spread[0.2]  # a stiff coarse field varies far less over the points
 
 
+def test_coarse_lncc_weight_reaches_the_coarse_adam_step(known_pair):
+    grid, pair, pts = known_pair
+    spread = {}
+    for weight in (1.0, 1e-4):  # against the same regularisation, a tiny similarity weight leaves a stiff field
+        field = run_instance_optimisation(pair, {"coarse": "adam", "coarse_iterations": 30, "iterations": 0,
+                                                 "coarse_similarity": "lncc", "coarse_lncc_weight": weight},
+                                          SilentReporter())
+        spread[weight] = float(field.displacement_mm(pts).std(dim=0).sum())
+    assert spread[1e-4] < 0.5 * spread[1.0]
+
+
 def test_multi_resolution_coarse_adam_then_nephi(known_pair):
     grid, pair, pts = known_pair
     reporter = CallbackReporter(lambda event, fields: None)

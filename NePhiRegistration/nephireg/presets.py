@@ -72,14 +72,16 @@ _PRESETS = {
         # the intensities, a stationary velocity field (5 squarings), lambda 0.05, 40 + 40 iterations gave tissue
         # Dice 0.657 (ANTs SyN 0.571; MIND alone at lambda 0.05: 0.581, lambda 1: 0.553) with 0 % folding, and
         # 0.70 mm known-warp error (ANTs 0.82, lambda 1: 1.19). Without the velocity field the same similarity folds
-        # 0.12-0.13 % at lambda 0.05 and 0.02 % at 0.1. Second round (same session), same cases: adding the local NCC term (weight 0.1,
-        # radius 4 working voxels) gave 0.677 tissue Dice (mind+intensity 0.657) and 0.660 mm (0.695); weights 0.05-1
-        # and lncc / mind+lncc were measured too (docs/adam-tuning.md).
+        # 0.12-0.13 % at lambda 0.05 and 0.02 % at 0.1. Second round, same cases: adding the local NCC term
+        # (weight 0.1, radius 4 working voxels) gave 0.677 tissue Dice (mind+intensity 0.657) and 0.660 mm (0.695);
+        # weights 0.05-1 and lncc / mind+lncc were measured too (docs/adam-tuning.md).
         method_options={"adam": {"regularization": 0.05, "iterations": 40, "coarse_iterations": 40,
                                  "similarity": "mind+intensity+lncc", "lncc_weight": 0.1, "parameterisation": "svf"},
                         "nephi": {},
                         "nephi-io": {"coarse": "adam", "coarse_level": 2, "coarse_iterations": 40,
-                                     "coarse_regularization": 0.05, "coarse_similarity": "mind+intensity",
+                                     # the coarse step is continuous Adam with the adam default's similarity
+                                     "coarse_regularization": 0.05, "coarse_similarity": "mind+intensity+lncc",
+                                     "coarse_lncc_weight": 0.1,
                                      "coarse_parameterisation": "svf", "latent_stride": 4, "iterations": 110,
                                      "learning_rate": 5e-3, "code_learning_rate": 5e-2, "similarity_points": 6000,
                                      "similarity": "mind", "regularization": 0.5, "output_lattice": 3}},

@@ -58,6 +58,7 @@ class Settings:
     coarse_level: int = 4  # finest pooling factor of the coarse step: 4 = the 1/4 grid only, 2 = 1/4 then 1/2
     coarse_regularization: float = 1.0  # diffusion weight of the coarse Adam step (see methods.adam.Settings)
     coarse_similarity: str = "mind"  # features of the coarse Adam step (methods.adam.SIMILARITIES)
+    coarse_lncc_weight: float = 1.0  # weight of the coarse step's local NCC term, if its similarity has one
     coarse_parameterisation: str = "displacement"  # of the coarse Adam step (methods.adam.PARAMETERISATIONS)
     output_lattice: float = 2.0  # dense output sampled on a lattice of this x working spacing; 0 = exact
     threads: int = 1  # torch CPU threads during the IO loop (restored after); 0 = leave as is
@@ -90,6 +91,7 @@ OPTION_RULES = {
     "coarse_level": Rule("choice", choices=COARSE_LEVELS),
     "coarse_regularization": Rule("float", 0, 1e6),
     "coarse_similarity": Rule("choice", choices=ADAM_SIMILARITIES),
+    "coarse_lncc_weight": Rule("float", 0, 1e6, low_open=True),
     "coarse_parameterisation": Rule("choice", choices=ADAM_PARAMETERISATIONS),
     "output_lattice": Rule("float", 1, 64, also=(0,)),
     "threads": Rule("int", 0, 1024),
@@ -228,7 +230,7 @@ def _coarse_step(pair: PreparedPair, settings: Settings, reporter: Reporter):
     field = adam.run(pair, {"levels": coarse_levels(settings.coarse_level), "iterations": settings.coarse_iterations,
                             "coarse_iterations": settings.coarse_iterations,
                             "regularization": settings.coarse_regularization,
-                            "similarity": settings.coarse_similarity,
+                            "similarity": settings.coarse_similarity, "lncc_weight": settings.coarse_lncc_weight,
                             "parameterisation": settings.coarse_parameterisation}, reporter)
     values = torch.from_numpy(evaluate_on_grid(field, pair.grid, pair.device, cancel=reporter.check_cancel)
                               ).to(pair.fixed)
