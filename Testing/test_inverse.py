@@ -147,6 +147,18 @@ def test_warp_inverse_maps_points_and_images_into_fixed_space(oblique_pair, tmp_
     assert no_result.returncode == 2 and "needs a registration result" in no_result.stderr
 
 
+def test_warp_inverse_finds_the_inverse_of_a_result_given_by_a_relative_path(oblique_pair, monkeypatch):
+    from nephireg.tools import inverse_transform_path
+
+    out = oblique_pair["folder"] / "adam"
+    if not (out / "result.json").exists():
+        pytest.skip("needs the adam run of test_every_run_writes_an_inverse_that_maps_back")
+    monkeypatch.chdir(out.parent)
+    for given in ("adam", "adam/transform.h5"):
+        found = inverse_transform_path(given)
+        assert found.is_file() and found.resolve() == (out / "inverse.h5").resolve(), given
+
+
 def test_the_inversion_stops_when_cancelled():
     from nephireg.errors import Cancelled
 

@@ -103,7 +103,7 @@ def inverse_transform_path(result: str) -> Path:
     if not name:
         raise InputError("this result has no inverse transform (results of engines before the inverse was written "
                          "have none); run the registration again", folder / RESULT_MANIFEST)
-    return folder / name
+    return Path(name)  # read_manifest already joined it to the folder
 
 
 def _jacobian_command(args: argparse.Namespace) -> int:
