@@ -78,6 +78,10 @@ class Rule:
         return self.high is None or number <= self.high
 
 
+# Rules of options with their own flag that more than one place checks (the request and a method's settings).
+SEED_RULE = Rule("int", 0, 2**32 - 1)
+GRID_SPACING_RULE = Rule("float", 0, 1000, low_open=True, optional=True)  # mm
+
 _BAD = object()
 
 

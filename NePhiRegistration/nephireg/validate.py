@@ -19,13 +19,12 @@ import numpy as np
 
 from nephireg.errors import InputError
 from nephireg.geometry import Grid
-from nephireg.options import Rule
+from nephireg.options import GRID_SPACING_RULE, SEED_RULE
 from nephireg.protocol import DEVICES, METHODS, OUTPUT_FILES, PREALIGN_MODES, PRESETS, RESULT_MANIFEST
 from nephireg.staging import nearest_existing
 
 # Options with their own flag are checked even by methods that ignore them (a typo should not pass silently).
-COMMON_RULES = {"grid_spacing_mm": Rule("float", 0, 1000, low_open=True, optional=True)}
-SEED_RULE = Rule("int", 0, 2**32 - 1)
+COMMON_RULES = {"grid_spacing_mm": GRID_SPACING_RULE}
 MIN_LEVEL_VOXELS = 2  # voxels along every axis of the coarsest pooled level a method uses
 SPACING_RANGE_MM = (1e-4, 1e4)  # plausible voxel spacings of a medical image (0.1 um .. 10 m)
 TRANSFORM_BYTES_PER_VOXEL = 24  # float64 3-vectors (transform.h5 on the fixed grid, inverse.h5 on the moving)

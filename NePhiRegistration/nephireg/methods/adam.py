@@ -30,7 +30,7 @@ from nephireg.fields import DenseField
 from nephireg.geometry import Grid
 from nephireg.lncc import local_ncc
 from nephireg.optim import Adam
-from nephireg.options import Rule, check_settings, settings_from
+from nephireg.options import GRID_SPACING_RULE, Rule, check_settings, settings_from
 from nephireg.pair import PreparedPair
 from nephireg.progress import Reporter
 from nephireg.sampling import (
@@ -101,7 +101,7 @@ OPTION_RULES = {
     "cosine_until": Rule("int", 0, 270),
     "cosine_floor": Rule("float", 0, 1),
     "final_fraction": Rule("float", 0, 1, low_open=True),
-    "grid_spacing_mm": Rule("float", 0, 1000, low_open=True, optional=True),
+    "grid_spacing_mm": GRID_SPACING_RULE,
     "parameterisation": Rule("choice", choices=PARAMETERISATIONS),
     "svf_steps": Rule("int", 0, 12),
     "similarity": Rule("choice", choices=SIMILARITIES),

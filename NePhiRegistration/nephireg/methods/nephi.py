@@ -25,7 +25,7 @@ from nephireg.fields import DisplacementField, evaluate_on_grid
 from nephireg.geometry import Grid
 from nephireg.methods.adam import PARAMETERISATIONS as ADAM_PARAMETERISATIONS
 from nephireg.methods.adam import SIMILARITIES as ADAM_SIMILARITIES
-from nephireg.options import Rule, check_settings, settings_from
+from nephireg.options import SEED_RULE, Rule, check_settings, settings_from
 from nephireg.pair import PreparedPair
 from nephireg.progress import Reporter
 
@@ -77,7 +77,7 @@ OPTION_RULES = {
     "iterations": Rule("int", 0, 100_000),
     "regularization": Rule("float", 0, 1e6),
     "model": Rule("text", optional=True),
-    "seed": Rule("int", 0, 2**32 - 1),
+    "seed": SEED_RULE,
     "learning_rate": Rule("float", 0, 10, low_open=True),
     "code_learning_rate": Rule("float", 0, 10, low_open=True),
     "similarity_points": Rule("int", 16, MAX_POINTS),  # nephi.objective needs 16 for its statistics
