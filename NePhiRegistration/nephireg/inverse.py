@@ -107,6 +107,7 @@ def _invert_on(field: DisplacementField, displacement_mm: np.ndarray, fixed_grid
     """:func:`invert` at ``moving_grid``'s voxels: (v as (1, 3, Z, Y, X) float32 mm, iterations, started from)."""
     values = torch.from_numpy(np.ascontiguousarray(displacement_mm, dtype=np.float32)).to(device)
     to_norm = matrix_tensor(fixed_grid.physical_to_normalised(), values)
+    from_norm = matrix_tensor(fixed_grid.normalised_to_physical(), values)
     # u in normalised units of the fixed grid, (1, 3, Z, Y, X): the iteration then needs no conversion per step.
     u_norm = (values @ to_norm[:3, :3].T).permute(3, 0, 1, 2).unsqueeze(0).contiguous()
     y = grid_points_mm(moving_grid, device=device).reshape(-1, 3)
@@ -120,7 +121,6 @@ def _invert_on(field: DisplacementField, displacement_mm: np.ndarray, fixed_grid
             x_norm = start @ to_norm[:3, :3].T + to_norm[:3, 3]
         else:
             x_norm = z_norm - sample_flat(u_norm, z_norm).T
-        norm_to_mm = torch.linalg.inv(to_norm[:3, :3])
         active = torch.arange(len(x_norm), device=device)  # points still moving more than TOLERANCE_MM a step
         iterations = 0
         for iterations in range(1, MAX_ITERATIONS + 1):
@@ -131,10 +131,10 @@ def _invert_on(field: DisplacementField, displacement_mm: np.ndarray, fixed_grid
             if iterations > UNDAMPED_ITERATIONS:  # points that oscillate (|grad u| near 1) settle with half steps
                 step = 0.5 * step
             x_norm[active] = x_active + step
-            active = active[(step @ norm_to_mm.T).norm(dim=1) >= TOLERANCE_MM]
+            active = active[(step @ from_norm[:3, :3].T).norm(dim=1) >= TOLERANCE_MM]
             if len(active) == 0:
                 break
-        x = (x_norm - to_norm[:3, 3]) @ norm_to_mm.T
+        x = x_norm @ from_norm[:3, :3].T + from_norm[:3, 3]
     v = (x - y).reshape(*moving_grid.shape_zyx, 3).permute(3, 0, 1, 2).unsqueeze(0)
     return v, iterations, "backward map" if inverse is not None else "negated field"
 
