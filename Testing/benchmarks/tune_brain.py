@@ -59,13 +59,19 @@ def cache_prealignment() -> None:
     pipeline.prealign_matrix = cached
 
 
-def run_config(config: Dict, work: Path, volumes, tag: str, synthetic: Dict = None,
-               directions=DIRECTIONS) -> List[Dict]:
+def tuning_pairs(work: Path, volumes, synthetic: Dict = None, directions=DIRECTIONS) -> List[tuple]:
+    """(fixed name, moving name, fixed path, moving path, scorer) of every tuning case."""
     pairs = [(fixed, moving, t1_path(work, fixed), t1_path(work, moving),
               lambda t, f=fixed, m=moving: brain_cases.score(t, volumes[f], volumes[m]))
              for fixed, moving in directions]
     if synthetic:
         pairs.append(("robex-atlas", "robex-synthetic", synthetic["fixed"], synthetic["moving"], synthetic["scorer"]))
+    return pairs
+
+
+def run_config(config: Dict, work: Path, volumes, tag: str, synthetic: Dict = None,
+               directions=DIRECTIONS) -> List[Dict]:
+    pairs = tuning_pairs(work, volumes, synthetic, directions)
     rows = []
     for fixed, moving, fixed_path, moving_path, scorer in pairs:
         out = work / "runs" / f"{tag}-{fixed}-{moving}"
@@ -118,11 +124,7 @@ def synthetic_pair(work: Path, volumes) -> Dict:
 
 
 def run_ants(work: Path, volumes, synthetic: Dict = None, directions=DIRECTIONS) -> List[Dict]:
-    pairs = [(fixed, moving, t1_path(work, fixed), t1_path(work, moving),
-              lambda t, f=fixed, m=moving: brain_cases.score(t, volumes[f], volumes[m]))
-             for fixed, moving in directions]
-    if synthetic:
-        pairs.append(("robex-atlas", "robex-synthetic", synthetic["fixed"], synthetic["moving"], synthetic["scorer"]))
+    pairs = tuning_pairs(work, volumes, synthetic, directions)
     rows = []
     for fixed, moving, fixed_path, moving_path, scorer in pairs:
         case = bench_accuracy.Case(f"tune-{fixed}-{moving}", "brain-mri", fixed_path, moving_path, scorer, "")
