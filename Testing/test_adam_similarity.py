@@ -72,3 +72,38 @@ def test_adam_recovers_a_known_deformation_with_lncc(similarity, small_pair, tmp
 def test_bad_lncc_options_are_refused(option, value):
     with pytest.raises(InputError, match=option):
         Settings.from_options({"similarity": "lncc", option: value})
+
+
+def test_mind_on_a_pooled_grid_recovers_a_known_deformation(small_pair, tmp_path, one_torch_thread):
+    """mind_pooling 2: MIND-SSC of the images block-averaged by 2 (dilation 1 there = 2 working voxels), pooled on
+    to the level grids from there."""
+    out = tmp_path / "pooled"
+    manifest = register(Request(small_pair["fixed"], small_pair["moving"], str(out), method="adam", preset="generic",
+                                prealign="none", fixed_mask=small_pair["fixed_mask"], write_overview=False,
+                                options={"iterations": 60, "coarse_iterations": 40, "mind_pooling": 2,
+                                         "mind_dilation": 1, "mind_radius": 0}))
+    points = sample_mask(small_pair["mask"], 600)
+    before = warp_error_mm(sitk.Transform(3, sitk.sitkIdentity), small_pair["truth"], small_pair["grid"], points)
+    after = warp_error_mm(io.read_transform(out / "transform.h5"), small_pair["truth"], small_pair["grid"], points)
+    assert after.mean() < 0.6 * before.mean(), (before.mean(), after.mean())
+    assert manifest["metrics"]["folding_percent"] == 0.0
+
+
+def test_block_averages_compose_so_pooled_features_land_on_each_level():
+    from nephireg.geometry import Grid
+    from nephireg.sampling import pool, pooled_grid
+
+    volume = torch.rand(1, 2, 13, 18, 9, dtype=torch.float64)
+    assert torch.allclose(pool(pool(volume, 2), 2), pool(volume, 4))
+    grid = Grid((9, 18, 13), (1.5, 1.0, 2.0), (4.0, -3.0, 7.0), (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    twice, once = pooled_grid(pooled_grid(grid, 2), 2), pooled_grid(grid, 4)
+    assert twice.size == once.size and twice.spacing == once.spacing
+    assert all(abs(a - b) < 1e-9 for a, b in zip(twice.origin, once.origin))
+
+
+def test_mind_pooling_that_does_not_divide_the_levels_is_refused(small_pair, tmp_path):
+    with pytest.raises(InputError, match="mind_pooling=3 must divide"):
+        register(Request(small_pair["fixed"], small_pair["moving"], str(tmp_path / "out"), method="adam",
+                         preset="generic", prealign="none", write_overview=False,
+                         options={"mind_pooling": 3, "levels": [4, 2]}))
+    assert not (tmp_path / "out" / "transform.h5").exists()

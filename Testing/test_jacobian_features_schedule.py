@@ -200,3 +200,38 @@ def test_jacobian_stays_exact_far_from_the_origin_with_a_large_shift():
     a = np.array([[1.1, 0.05, 0.0], [0.02, 0.95, 0.03], [0.0, 0.04, 1.05]])
     displacement = points @ a.T - points + np.array([300.0, -250.0, 400.0])
     assert np.abs(jacobian_determinant(displacement, grid) - np.linalg.det(a)).max() < 1e-5
+
+
+def _pairwise_mind_distances(image: torch.Tensor, radius: int, dilation: int) -> torch.Tensor:
+    """The SSC patch distances by their definition, pair by pair: box_r (I(x + d a) - I(x + d b))^2, (1, 12, ...)."""
+    import torch.nn.functional as F
+
+    from nephireg.features import _box_filter
+
+    d = dilation
+    z, y, x = image.shape[2:]
+    padded = F.pad(image, (d,) * 6, mode="replicate")
+
+    def shifted(offset):
+        oz, oy, ox = (d + d * o for o in offset)
+        return padded[:, :, oz:oz + z, oy:oy + y, ox:ox + x]
+
+    return _box_filter(torch.cat([(shifted(a) - shifted(b)) ** 2 for a, b in ssc_pairs()], dim=1), radius)
+
+
+@pytest.mark.parametrize("radius, dilation", [(1, 2), (0, 1), (2, 1)])
+def test_mind_from_six_directions_equals_the_pairwise_definition_inside(radius, dilation):
+    """The 12 channels come from 6 box-filtered directions (features.mind_ssc): away from the border, where both
+    paddings agree, they equal MIND-SSC built pair by pair; at the border they stay close."""
+    torch.manual_seed(3)
+    image = torch.nn.functional.avg_pool3d(torch.rand(1, 1, 26, 22, 20, dtype=torch.float64), 3, 1, 1) + 0.2
+    ssd = _pairwise_mind_distances(image, radius, dilation)
+    ssd = ssd - ssd.min(dim=1, keepdim=True).values
+    variance = ssd.mean(dim=1, keepdim=True)  # a textured image: the clamp of mind_ssc does not act here
+    reference = torch.exp(-ssd / variance)
+    ours = mind_ssc(image, radius, dilation)
+    margin = 2 * dilation + radius
+    inside = (slice(None), slice(None)) + (slice(margin, -margin),) * 3
+    assert torch.allclose(ours[inside], reference[inside], atol=1e-10)
+    assert (ours - reference).abs().mean() < 0.1  # most of these small volumes lie within the margin
+    assert not torch.allclose(ours, mind_ssc(image.flip(2), radius, dilation))  # the channels are not symmetric

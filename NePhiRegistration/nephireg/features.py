@@ -30,26 +30,84 @@ def ssc_pairs() -> List[Tuple[Tuple[int, int, int], Tuple[int, int, int]]]:
 
 
 def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
-    """MIND-SSC of ``image`` (N, 1, Z, Y, X) -> (N, 12, Z, Y, X), values in (0, 1]."""
+    """MIND-SSC of ``image`` (N, 1, Z, Y, X) -> (N, 12, Z, Y, X), values in (0, 1].
+
+    The 12 pairs share 6 difference directions c = a - b (up to sign): D_ab(x) = box_r (I(y + d c) - I(y))^2 at
+    y = x + d b (or x + d a when a - b = -c). So 6 squared differences are box-filtered once, on the image
+    replicate-padded by 2d + r, and each pair's channel is a shifted view of its direction's result: half the work
+    of filtering 12 channels. Inside (more than 2d + r voxels from the border) the numbers equal the pairwise
+    definition; nearer the border the padded image stands in for the replicated distances.
+    """
     if image.ndim != 5 or image.shape[1] != 1:
         raise ValueError(f"mind_ssc expects (N, 1, Z, Y, X); got {tuple(image.shape)}")
-    d = dilation
-    z, y, x = image.shape[2:]
-    padded = F.pad(image, (d,) * 6, mode="replicate")
-
-    def shifted(offset: Tuple[int, int, int]) -> torch.Tensor:  # image(x + d * offset), a view
-        oz, oy, ox = (d + d * o for o in offset)
-        return padded[:, :, oz:oz + z, oy:oy + y, ox:ox + x]
-
-    diffs = torch.cat([(shifted(a) - shifted(b)) ** 2 for a, b in ssc_pairs()], dim=1)
-    ssd = _box_filter(diffs, radius)
-    del diffs
+    d, r = dilation, radius
+    margin = 2 * d + r
+    size = image.shape[2:]
+    padded = F.pad(image, (margin,) * 6, mode="replicate")
+    directions = ssc_directions()
+    # squared differences on the region y in [-(d + r), n + d + r) per axis, padded index y + margin
+    squares = torch.cat([(_window(padded, [d + d * ci for ci in c], [n + 2 * (d + r) for n in size])
+                          - _window(padded, [d] * 3, [n + 2 * (d + r) for n in size])) ** 2 for c in directions],
+                        dim=1)
+    boxed = _box_sum_valid(squares, r)  # (N, 6, n + 2d per axis), index j <-> y = j - d
+    del squares
+    ssd = torch.cat([_window(boxed[:, k:k + 1], [d + d * bi for bi in base], list(size))
+                     for k, base in ssc_pair_bases(directions)], dim=1)
+    del boxed
     # In place from here: the (N, 12, Z, Y, X) tensors are the largest of a run and nothing else holds them.
     ssd.sub_(ssd.min(dim=1, keepdim=True).values)
     variance = ssd.mean(dim=1, keepdim=True)
     global_mean = variance.mean()
     variance.clamp_(min=global_mean * 1e-3 + 1e-12, max=global_mean * 1e3 + 1e-12)
     return ssd.div_(variance).neg_().exp_()
+
+
+def ssc_directions() -> List[Tuple[int, int, int]]:
+    """The 6 directions c = a - b of the SSC pairs, each once up to sign (first non-zero component positive)."""
+    directions = []
+    for a, b in ssc_pairs():
+        c = tuple(p - q for p, q in zip(a, b))
+        if next(v for v in c if v != 0) < 0:
+            c = tuple(-v for v in c)
+        if c not in directions:
+            directions.append(c)
+    assert len(directions) == 6
+    return directions
+
+
+def ssc_pair_bases(directions: List[Tuple[int, int, int]]) -> List[Tuple[int, Tuple[int, int, int]]]:
+    """For each SSC pair (a, b) in :func:`ssc_pairs` order: (index of its direction c, base point e) with
+    I(x + d a) - I(x + d b) = +-(I(x + d e + d c) - I(x + d e))."""
+    bases = []
+    for a, b in ssc_pairs():
+        c = tuple(p - q for p, q in zip(a, b))
+        if c in directions:
+            bases.append((directions.index(c), b))
+        else:
+            bases.append((directions.index(tuple(-v for v in c)), a))
+    return bases
+
+
+def _window(volume: torch.Tensor, start: List[int], length: List[int]) -> torch.Tensor:
+    """The view volume[..., start_z : start_z + length_z, ...] over the last three axes."""
+    for axis, (first, count) in enumerate(zip(start, length)):
+        volume = volume.narrow(2 + axis, first, count)
+    return volume
+
+
+def _box_sum_valid(volume: torch.Tensor, radius: int) -> torch.Tensor:
+    """Mean over (2r+1)^3 boxes without padding: each of the last 3 axes shrinks by 2r."""
+    width = 2 * radius + 1
+    out = volume
+    for dim in (2, 3, 4):
+        size = out.shape[dim] - 2 * radius
+        if radius == 0:
+            break
+        summed = out.narrow(dim, 0, size) + out.narrow(dim, 1, size)
+        for shift in range(2, width):
+            summed += out.narrow(dim, shift, size)
+        out = summed
+    return out.div_(width ** 3) if radius > 0 else out.clone()
 
 
 def _box_filter(volume: torch.Tensor, radius: int) -> torch.Tensor:

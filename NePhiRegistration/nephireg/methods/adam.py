@@ -4,7 +4,9 @@ METHODS.md, method 1. Per pyramid level (pooling factor f of the working grid):
 
 * features: MIND-SSC of both images on the working grid (``similarity="mind"``), or MIND-SSC plus the normalised
   intensities (``"mind+intensity"``, the intensity channel weighted as much as the 12 MIND channels together),
-  block-averaged by f onto the level grid G;
+  block-averaged by f onto the level grid G. With ``mind_pooling`` m > 1 the images are block-averaged by m first
+  and the features computed on that coarser grid (m must divide every level's f; ``mind_radius`` and
+  ``mind_dilation`` count voxels of the grid the features are computed on): m^3 times fewer voxels;
 * unknown: ``p`` (1, 3, Zg, Yg, Xg) mm on G; the displacement used is ``u = S(p)``, S = ``smoothing_passes`` 3x3x3
   box filters (approximates a B-spline);
 * loss: ``mean_w((MIND_F - MIND_M o (x + u))^2) + lambda * mean(|grad u|^2)`` with forward differences in mm/mm
@@ -25,6 +27,7 @@ from typing import Any, Callable, Mapping, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from nephireg.errors import InputError
 from nephireg.features import mind_ssc
 from nephireg.fields import DenseField
 from nephireg.geometry import Grid
@@ -60,8 +63,9 @@ class Settings:
     regularization: float = 1.0  # lambda of the diffusion term (dimensionless, displacement gradients in mm/mm)
     lr: float = 1.0  # mm per step in the constant phase
     smoothing_passes: int = 3
-    mind_radius: int = 1
-    mind_dilation: int = 2
+    mind_radius: int = 1  # patch radius, voxels of the grid MIND-SSC is computed on (0: single voxels)
+    mind_dilation: int = 2  # neighbour offset, voxels of that grid
+    mind_pooling: int = 1  # MIND-SSC on the working grid block-averaged by this factor (1: the working grid itself)
     constant_until: int = 70  # schedule breakpoints for 270 steps; stretched to each level's count
     cosine_until: int = 180
     cosine_floor: float = 0.433
@@ -95,8 +99,9 @@ OPTION_RULES = {
     "regularization": Rule("float", 0, 1e6),
     "lr": Rule("float", 0, 1e3, low_open=True),
     "smoothing_passes": Rule("int", 0, 20),
-    "mind_radius": Rule("int", 1, 5),
+    "mind_radius": Rule("int", 0, 5),
     "mind_dilation": Rule("int", 1, 10),
+    "mind_pooling": Rule("int", 1, 8),
     "constant_until": Rule("int", 0, 270),
     "cosine_until": Rule("int", 0, 270),
     "cosine_floor": Rule("float", 0, 1),
@@ -122,12 +127,13 @@ def coarsest_pooling(settings: Settings, grid: Grid) -> int:
 def run(pair: PreparedPair, options: Mapping[str, Any], reporter: Reporter) -> DenseField:
     """Register ``pair`` by continuous Adam; see the module docstring."""
     settings = Settings.from_options(options)
+    factors = level_factors(settings, pair.grid)
+    check_mind_pooling(settings, factors)
     reporter.stage("features", "MIND-SSC features")
     with torch.no_grad():
-        fixed_features = features(pair.fixed, settings)
+        fixed_features = features(pool(pair.fixed, settings.mind_pooling), settings)
         reporter.check_cancel()  # each takes a second on a big working grid
-        moving_features = features(pair.moving, settings)
-    factors = level_factors(settings, pair.grid)
+        moving_features = features(pool(pair.moving, settings.mind_pooling), settings)
     field: Optional[DenseField] = None
     for number, factor in enumerate(factors, start=1):
         steps = settings.iterations if number == len(factors) else settings.coarse_iterations
@@ -152,6 +158,13 @@ def features(image: torch.Tensor, settings: Settings) -> torch.Tensor:
         return mind
     # sqrt(C): the squared difference of the intensity channel weighs as much as those of all MIND channels
     return torch.cat([mind, image * float(mind.shape[1]) ** 0.5], dim=1)
+
+
+def check_mind_pooling(settings: Settings, factors: Tuple[int, ...]) -> None:
+    """The features on the grid of pooling ``mind_pooling`` are block-averaged onto each level: it must divide them."""
+    if any(factor % settings.mind_pooling for factor in factors):
+        raise InputError(f"--option mind_pooling={settings.mind_pooling} must divide every level's pooling factor "
+                         f"(levels {', '.join(map(str, factors))})")
 
 
 def level_factors(settings: Settings, grid: Grid) -> Tuple[int, ...]:
@@ -193,7 +206,9 @@ def _data_term(pair: PreparedPair, fixed_features: torch.Tensor, moving_features
     weights = _weights(pair, factor)
     terms = []
     if settings.similarity != "lncc":
-        terms.append(MindDataTerm(pool(fixed_features, factor), pool(moving_features, factor), grid, weights))
+        feature_factor = factor // settings.mind_pooling  # the features lie on the grid of pooling mind_pooling
+        terms.append(MindDataTerm(pool(fixed_features, feature_factor), pool(moving_features, feature_factor), grid,
+                                  weights))
     if settings.similarity.endswith("lncc"):
         radius = max(1, round(settings.lncc_radius / factor))
         lncc = LnccDataTerm(pool(pair.fixed, factor), pool(pair.moving, factor), grid, weights, radius)
