@@ -107,3 +107,42 @@ def test_mind_pooling_that_does_not_divide_the_levels_is_refused(small_pair, tmp
                          preset="generic", prealign="none", write_overview=False,
                          options={"mind_pooling": 3, "levels": [4, 2]}))
     assert not (tmp_path / "out" / "transform.h5").exists()
+
+
+def test_foreground_region_is_the_dilated_nonzero_blocks_on_the_level_grid():
+    """data_region=foreground: level voxels whose block holds intensity > 0, dilated by 6 mm per axis (z, y, x)."""
+    from nephireg.geometry import Grid
+    from nephireg.methods.adam import FOREGROUND_MARGIN_MM, foreground
+    from nephireg.sampling import pooled_grid
+
+    image = torch.zeros(1, 1, 20, 24, 28)
+    image[0, 0, 9, 10:12, 13] = 0.5  # z 9 -> level block 4; y 10-11 -> 5; x 13 -> 6
+    working = Grid((28, 24, 20), (1.5, 1.0, 3.0), (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    level = pooled_grid(working, 2)  # spacing x 3 mm, y 2 mm, z 6 mm: margins 2, 3 and 1 voxels
+    assert FOREGROUND_MARGIN_MM == 6.0
+    region = foreground(image, 2, level)
+    expected = torch.zeros(1, 1, 10, 12, 14, dtype=torch.bool)
+    expected[0, 0, 3:6, 2:9, 4:9] = True
+    assert torch.equal(region, expected)
+
+
+def test_a_fixed_mask_takes_precedence_over_the_foreground():
+    from nephireg.geometry import Grid
+    from nephireg.methods.adam import _weights
+    from nephireg.pair import PreparedPair
+    from nephireg.sampling import pooled_grid
+
+    grid = Grid((8, 8, 8), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    image = torch.zeros(1, 1, 8, 8, 8)
+    image[..., 1, 1, 1] = 1.0
+    mask = torch.zeros(1, 1, 8, 8, 8)
+    mask[..., 6:, 6:, 6:] = 1.0
+    level = pooled_grid(grid, 2)
+    with_mask = PreparedPair(grid, image, image, mask, None)
+    without = PreparedPair(grid, image, image, None, None)
+    masked = _weights(with_mask, 2, level, "foreground")
+    assert torch.equal(masked, _weights(with_mask, 2, level, "mask"))
+    assert masked[0, 0, 3, 3, 3] and not masked[0, 0, 0, 0, 0]  # the mask's block, not the image's
+    assert _weights(without, 2, level, "mask") is None
+    region = _weights(without, 2, level, "foreground")
+    assert region.sum() == 27 and region[0, 0, :3, :3, :3].all()  # block 0 dilated by 6 mm = 2 voxels of 4 mm

@@ -11,18 +11,21 @@ from __future__ import annotations
 import torch
 
 from nephireg.geometry import Grid
-from nephireg.sampling import identity_normalised, matrix_tensor, sample_normalised
+from nephireg.sampling import identity_normalised, matrix_tensor, sample_flat
 
 
 def exp_velocity(velocity_mm: torch.Tensor, grid: Grid, steps: int = 7) -> torch.Tensor:
     """Displacement (1, 3, Z, Y, X) LPS mm of exp(v) for the velocity ``velocity_mm`` (1, 3, Z, Y, X) LPS mm on
-    ``grid``; ``steps`` squarings (2^steps sub-steps). Differentiable; borders replicate the field."""
+    ``grid``; ``steps`` squarings (2^steps sub-steps). Differentiable; borders replicate the field.
+
+    Each composition samples the field at its own grid points by :func:`nephireg.sampling.sample_flat`, which
+    spreads the points over the CPU threads (the 3D grid sampler alone uses one core for one volume)."""
     if steps < 0:
         raise ValueError(f"scaling and squaring needs steps >= 0, got {steps}")
     to_normalised = matrix_tensor(grid.physical_to_normalised(), velocity_mm)[:3, :3]  # mm vector -> normalised
-    identity = identity_normalised(grid.shape_zyx, dtype=velocity_mm.dtype, device=velocity_mm.device)
+    identity = identity_normalised(grid.shape_zyx, dtype=velocity_mm.dtype, device=velocity_mm.device).reshape(-1, 3)
     u = velocity_mm / (2.0 ** steps)
     for _ in range(steps):
-        points = identity + torch.einsum("ncxyz,dc->nxyzd", u, to_normalised)  # (1, Z, Y, X, 3) normalised
-        u = u + sample_normalised(u, points, padding="border")
+        points = identity + u.reshape(3, -1).T @ to_normalised.T  # (P, 3) normalised
+        u = u + sample_flat(u, points, padding="border").reshape(u.shape)
     return u

@@ -10,7 +10,9 @@ METHODS.md, method 1. Per pyramid level (pooling factor f of the working grid):
 * unknown: ``p`` (1, 3, Zg, Yg, Xg) mm on G; the displacement used is ``u = S(p)``, S = ``smoothing_passes`` 3x3x3
   box filters (approximates a B-spline);
 * loss: ``mean_w((MIND_F - MIND_M o (x + u))^2) + lambda * mean(|grad u|^2)`` with forward differences in mm/mm
-  and ``w`` the fixed mask on G (all ones without mask);
+  and ``w`` the fixed mask on G (all ones without mask; ``data_region="foreground"``: without a mask, the voxels of
+  G whose block holds fixed intensity above 0, dilated by ``FOREGROUND_MARGIN_MM`` - the background of a
+  skull-stripped brain is sampled no more);
 * ``parameterisation="svf"``: ``S(p)`` is a stationary velocity ``v`` instead, ``u`` the displacement of exp(v)
   (:func:`nephireg.svf.exp_velocity`, scaling and squaring: diffeomorphic), and the diffusion term acts on ``v``;
 * Adam with :class:`nephireg.schedule.ConstantCosineLinear`, stretched to the level's iteration count.
@@ -21,6 +23,7 @@ The coarse level's result (displacement or velocity) initialises the next one. R
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Tuple
 
@@ -53,6 +56,10 @@ PARAMETERISATIONS = ("displacement", "svf")
 # intensities (nephireg.lncc); "mind+lncc", "mind+intensity+lncc": those squared differences plus lncc_weight times
 # the LNCC term
 SIMILARITIES = ("mind", "mind+intensity", "lncc", "mind+lncc", "mind+intensity+lncc")
+# "mask": the fixed mask, or every voxel without one; "foreground": the fixed mask, or without one the fixed image's
+# foreground (normalised intensity > 0) dilated by FOREGROUND_MARGIN_MM
+DATA_REGIONS = ("mask", "foreground")
+FOREGROUND_MARGIN_MM = 6.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,7 @@ class Settings:
     similarity: str = "mind"  # SIMILARITIES
     lncc_radius: int = 4  # LNCC box radius in working-grid voxels (divided by each level's pooling, at least 1)
     lncc_weight: float = 1.0  # weight of the LNCC term (1 - mean local squared correlation) against the rest
+    data_region: str = "mask"  # DATA_REGIONS: where the similarity is averaged when the user gives no fixed mask
 
     def __post_init__(self) -> None:
         check_settings(self, OPTION_RULES, INVARIANTS)
@@ -112,6 +120,7 @@ OPTION_RULES = {
     "similarity": Rule("choice", choices=SIMILARITIES),
     "lncc_radius": Rule("int", 1, 20),
     "lncc_weight": Rule("float", 0, 1e6, low_open=True),
+    "data_region": Rule("choice", choices=DATA_REGIONS),
 }
 INVARIANTS = ((lambda s: s.constant_until <= s.cosine_until,
                "--option constant_until must not exceed --option cosine_until (schedule breakpoints of 270 steps)"),
@@ -203,7 +212,7 @@ def _optimise_level(pair: PreparedPair, fixed_features: torch.Tensor, moving_fea
 def _data_term(pair: PreparedPair, fixed_features: torch.Tensor, moving_features: torch.Tensor, factor: int,
                grid: Grid, settings: Settings) -> Callable[[torch.Tensor], torch.Tensor]:
     """The similarity term of ``settings.similarity`` on the level grid of pooling ``factor``: u (mm) -> loss."""
-    weights = _weights(pair, factor)
+    weights = _weights(pair, factor, grid, settings.data_region)
     terms = []
     if settings.similarity != "lncc":
         feature_factor = factor // settings.mind_pooling  # the features lie on the grid of pooling mind_pooling
@@ -216,11 +225,25 @@ def _data_term(pair: PreparedPair, fixed_features: torch.Tensor, moving_features
     return lambda u: sum(term(u) for term in terms)
 
 
-def _weights(pair: PreparedPair, factor: int) -> Optional[torch.Tensor]:
-    if pair.fixed_mask is None:
+def _weights(pair: PreparedPair, factor: int, grid: Grid, data_region: str) -> Optional[torch.Tensor]:
+    """(1, 1, Z, Y, X) bool on the level ``grid`` of pooling ``factor``: where the similarity is averaged; None
+    for everywhere."""
+    if pair.fixed_mask is not None:
+        weights = pool(pair.fixed_mask, factor) > 0
+    elif data_region == "foreground":
+        weights = foreground(pair.fixed, factor, grid)
+    else:
         return None
-    weights = pool(pair.fixed_mask, factor) > 0
     return weights if weights.any() else None
+
+
+def foreground(image: torch.Tensor, factor: int, grid: Grid) -> torch.Tensor:
+    """Level-grid voxels whose block of ``image`` (1, 1, Z, Y, X, working grid) holds intensity above 0, dilated by
+    a box of ``FOREGROUND_MARGIN_MM`` (at least one voxel) on ``grid``: (1, 1, Z/f, Y/f, X/f) bool."""
+    inside = F.max_pool3d((image > 0).to(image.dtype), kernel_size=factor, stride=factor) if factor > 1 else \
+        (image > 0).to(image.dtype)
+    radius = [max(1, math.ceil(FOREGROUND_MARGIN_MM / spacing)) for spacing in reversed(grid.spacing)]  # z, y, x
+    return F.max_pool3d(inside, kernel_size=[2 * r + 1 for r in radius], stride=1, padding=radius) > 0
 
 
 class MindDataTerm:
