@@ -146,3 +146,48 @@ def test_a_fixed_mask_takes_precedence_over_the_foreground():
     assert _weights(without, 2, level, "mask") is None
     region = _weights(without, 2, level, "foreground")
     assert region.sum() == 27 and region[0, 0, :3, :3, :3].all()  # block 0 dilated by 6 mm = 2 voxels of 4 mm
+
+
+def test_lncc_over_the_mask_window_equals_the_whole_grid_value_and_gradient():
+    """LnccDataTerm samples only the mask's box widened by the radius: the loss and its gradient are those of the
+    whole-grid computation restricted to the mask."""
+    from nephireg.geometry import Grid
+    from nephireg.lncc import local_ncc
+    from nephireg.methods.adam import LnccDataTerm
+    from nephireg.sampling import identity_normalised, matrix_tensor, sample_flat
+    from nephireg.synthetic import rotation_direction
+
+    generator = torch.Generator().manual_seed(5)
+    grid = Grid((18, 16, 14), (2.0, 2.5, 3.0), (1.0, -2.0, 3.0), rotation_direction((10.0, -5.0, 20.0)))
+    smooth3 = lambda v: torch.nn.functional.avg_pool3d(v, 3, 1, 1)  # noqa: E731
+    fixed = smooth3(torch.rand(1, 1, 14, 16, 18, generator=generator, dtype=torch.float64))
+    moving = smooth3(torch.rand(1, 1, 14, 16, 18, generator=generator, dtype=torch.float64))
+    mask = torch.zeros(1, 1, 14, 16, 18, dtype=torch.bool)
+    mask[0, 0, 4:9, 0:6, 7:12] = True  # touches the y border
+    mask[0, 0, 6, 10, 8] = True
+    u = (torch.randn(1, 3, 14, 16, 18, generator=generator, dtype=torch.float64) * 2.0).requires_grad_(True)
+    ours = LnccDataTerm(fixed, moving, grid, mask, radius=2)(u)
+    (ours_grad,) = torch.autograd.grad(ours, u)
+    identity = identity_normalised(grid.shape_zyx, dtype=fixed.dtype).reshape(-1, 3)
+    points = identity + u.reshape(3, -1).T @ matrix_tensor(grid.physical_to_normalised(), fixed)[:3, :3].T
+    warped = sample_flat(moving, points).reshape(fixed.shape)
+    reference = 1.0 - local_ncc(fixed, warped, 2)[mask].mean()
+    (reference_grad,) = torch.autograd.grad(reference, u)
+    assert torch.allclose(ours, reference, atol=1e-12) and 0.05 < reference.item() < 1.0
+    assert torch.allclose(ours_grad, reference_grad, atol=1e-12) and reference_grad.abs().max() > 0
+    assert reference_grad[:, :, :, 13:].abs().max() == 0  # no box of a masked voxel reaches y >= 13
+
+
+def test_local_ncc_equals_the_squared_correlation_of_each_box():
+    from nephireg.lncc import EPSILON, local_ncc
+
+    generator = torch.Generator().manual_seed(2)
+    fixed = torch.rand(1, 1, 9, 10, 11, generator=generator, dtype=torch.float64)
+    moving = 0.5 * fixed + torch.rand(1, 1, 9, 10, 11, generator=generator, dtype=torch.float64)
+    cc = local_ncc(fixed, moving, 2)
+    for z, y, x in ((4, 5, 5), (2, 2, 8), (6, 7, 2)):
+        f = fixed[0, 0, z - 2:z + 3, y - 2:y + 3, x - 2:x + 3].reshape(-1)
+        m = moving[0, 0, z - 2:z + 3, y - 2:y + 3, x - 2:x + 3].reshape(-1)
+        cov = ((f - f.mean()) * (m - m.mean())).mean()
+        direct = cov ** 2 / (f.var(unbiased=False) * m.var(unbiased=False) + EPSILON)
+        assert torch.isclose(cc[0, 0, z, y, x], direct, atol=1e-10), (z, y, x)

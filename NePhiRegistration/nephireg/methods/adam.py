@@ -278,25 +278,40 @@ class LnccDataTerm:
     """1 - the mean local squared correlation (:func:`nephireg.lncc.local_ncc`) of the fixed image and the moving
     image warped by ``u`` over the voxels of a level grid inside the mask (all voxels without one).
 
-    The boxes need the warped image on the whole level grid, so every voxel is sampled each step.
-    ``fixed``, ``moving``: (1, 1, Z, Y, X) on ``grid``; ``mask``: (1, 1, Z, Y, X) bool or None; ``radius`` in voxels
-    of ``grid``.
+    The boxes need the warped image around every masked voxel, so the box of the mask's voxels widened by
+    ``radius`` (clamped to the grid) is sampled each step: the same numbers as over the whole grid, since no box
+    of a masked voxel reaches past it. ``fixed``, ``moving``: (1, 1, Z, Y, X) on ``grid``; ``mask``:
+    (1, 1, Z, Y, X) bool or None; ``radius`` in voxels of ``grid``.
     """
 
     def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, mask: Optional[torch.Tensor],
                  radius: int):
-        self.fixed, self.source, self.radius = fixed, moving, radius
-        self.shape = fixed.shape
-        self.identity = identity_normalised(grid.shape_zyx, dtype=fixed.dtype, device=fixed.device).reshape(-1, 3)
-        self.mask = mask
+        self.window = _mask_window(mask, radius, fixed.shape[2:])  # (z, y, x) slices of the level grid
+        self.fixed = fixed[(Ellipsis,) + self.window]
+        self.source, self.radius = moving, radius
+        self.shape = self.fixed.shape
+        identity = identity_normalised(grid.shape_zyx, dtype=fixed.dtype, device=fixed.device)  # (1, Z, Y, X, 3)
+        self.identity = identity[(slice(None),) + self.window].reshape(-1, 3)
+        self.mask = None if mask is None else mask[(Ellipsis,) + self.window]
         self.to_normalised = matrix_tensor(grid.physical_to_normalised(), fixed)[:3, :3]  # mm vector -> normalised
 
     def __call__(self, u_mm: torch.Tensor) -> torch.Tensor:
         """``u_mm``: (1, 3, Z, Y, X) LPS mm on the level grid -> scalar loss."""
-        points = self.identity + u_mm.reshape(3, -1).T @ self.to_normalised.T  # (N, 3)
+        u_window = u_mm[(Ellipsis,) + self.window]
+        points = self.identity + u_window.reshape(3, -1).T @ self.to_normalised.T  # (N, 3)
         warped = sample_flat(self.source, points, padding="border").reshape(self.shape)
         cc = local_ncc(self.fixed, warped, self.radius)
         return 1.0 - (cc.mean() if self.mask is None else cc[self.mask].mean())
+
+
+def _mask_window(mask: Optional[torch.Tensor], margin: int, shape: Tuple[int, ...]) -> Tuple[slice, ...]:
+    """(z, y, x) slices of the box around the voxels of ``mask`` (1, 1, Z, Y, X) widened by ``margin`` voxels and
+    clamped to ``shape``; the whole grid without a mask."""
+    if mask is None:
+        return tuple(slice(0, n) for n in shape)
+    index = torch.nonzero(mask[0, 0])  # (P, 3) z, y, x
+    low, high = index.min(dim=0).values, index.max(dim=0).values
+    return tuple(slice(max(0, int(lo) - margin), min(n, int(hi) + margin + 1)) for lo, hi, n in zip(low, high, shape))
 
 
 def smooth(u: torch.Tensor, passes: int) -> torch.Tensor:
