@@ -168,14 +168,18 @@ def _strided(grid: Grid, stride: int) -> Grid:
     return Grid(size, tuple(s * stride for s in grid.spacing), grid.origin, grid.direction)
 
 
-def write_inverse(inverse: InverseMap, forward_mm: np.ndarray, fixed_grid: Grid, mask: Optional[np.ndarray],
-                  path: Path) -> Dict[str, Optional[float]]:
-    """Write ``inverse`` as an ITK displacement-field transform (moving grid, moving -> fixed) to ``path``; return
-    the manifest metrics ``inverse_consistency_mean_mm`` and ``inverse_consistency_p95_mm``."""
+def write_inverse(inverse: InverseMap, path: Path) -> None:
+    """Write ``inverse`` as an ITK displacement-field transform (moving grid, moving -> fixed) to ``path``."""
     io.write_transform(inverse.displacement_mm, inverse.grid, path)
+
+
+def inverse_consistency(inverse: InverseMap, forward_mm: np.ndarray, fixed_grid: Grid, mask: Optional[np.ndarray]
+                        ) -> Dict[str, Optional[float]]:
+    """The manifest metrics ``inverse_consistency_mean_mm`` and ``inverse_consistency_p95_mm``
+    (:func:`consistency_mm` on every :data:`CONSISTENCY_STRIDE`-th voxel; None where phi maps no voxel into the
+    moving image: nothing to measure)."""
     errors = consistency_mm(forward_mm, fixed_grid, inverse, mask, CONSISTENCY_STRIDE)
-    if errors.size == 0:  # phi maps no voxel into the moving image: nothing to measure
+    if errors.size == 0:
         return {"inverse_consistency_mean_mm": None, "inverse_consistency_p95_mm": None}
     return {"inverse_consistency_mean_mm": float(errors.mean()),
             "inverse_consistency_p95_mm": float(np.percentile(errors, 95))}
-

@@ -18,21 +18,22 @@ import torch
 
 import nephireg
 from nephireg import io, quality, validate
-from nephireg.compose import affine_matrix, affine_transform, compose_prealignment
+from nephireg.background import Background
+from nephireg.compose import affine_transform, compose_prealignment
 from nephireg.errors import InputError, OutOfMemory
 from nephireg.fields import evaluate_on_grid
 from nephireg.geometry import Grid, overlap_fraction
-from nephireg.initial import INITIAL_MODE
 from nephireg.inputs import Inputs, PrefetchedInputs, Request, read_inputs
-from nephireg.inverse import InverseMap, invert, lattice_mm, write_inverse
+from nephireg.inverse import InverseMap, inverse_consistency, invert, lattice_mm, write_inverse
 from nephireg.jacobian import jacobian_determinant, jacobian_summary
 from nephireg.methods import get_method, model_record
 from nephireg.overview import overview
 from nephireg.pair import PreparedPair
+from nephireg.prealign import Prealignment
 from nephireg.preprocess import crop_to_mask, working_grid
 from nephireg.presets import Preset, get_preset
 from nephireg.progress import Reporter, SilentReporter
-from nephireg.protocol import OUTPUT_FILES, PREALIGN_MODES
+from nephireg.protocol import OUTPUT_FILES
 from nephireg.resultdir import ResultFolder
 
 
@@ -46,23 +47,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prealign_matrix(request: Request, preset: Preset, inputs: Inputs, reporter: Reporter) -> Tuple[str, np.ndarray]:
-    """The pre-alignment mode used and its 4x4 matrix (fixed -> moving, LPS mm). An initial transform file
-    replaces the automatic pre-alignment."""
-    if inputs.initial is not None:  # checked with the request (validate.check_initial_transform)
-        return INITIAL_MODE, inputs.initial
-    mode = preset.prealign if request.prealign == "preset" else request.prealign
-    if mode not in PREALIGN_MODES or mode == "preset":
-        raise InputError(f"unknown pre-alignment {mode!r}; choose one of {', '.join(PREALIGN_MODES)}")
-    if mode == "none":
-        return mode, np.eye(4)
-    from nephireg.prealign import prealign
+def prealign_matrix(request: Request, preset: Preset, inputs: Inputs, reporter: Reporter) -> Prealignment:
+    """The pre-alignment mode used and its 4x4 matrix (fixed -> moving, LPS mm),
+    :func:`nephireg.prealign.prealignment_of` on this thread."""
+    from nephireg.prealign import prealignment_of
 
-    reporter.stage("prealign", f"Pre-alignment ({mode})")
-    transform = prealign(inputs.fixed_norm, inputs.moving_norm, mode, *inputs.prealignment_masks(),
-                         cancelled=lambda: reporter.cancel_requested)
+    result = prealignment_of(request, preset, inputs, reporter.stage, lambda: reporter.cancel_requested)
     reporter.check_cancel()
-    return mode, affine_matrix(transform)
+    return result
 
 
 def check_overlap(fixed: Grid, moving: Grid, prealign: np.ndarray, request: Request) -> None:
@@ -114,8 +106,6 @@ def to_tensor(image: sitk.Image, grid: Grid, transform: Optional[sitk.Transform]
     return torch.from_numpy(array)[None, None].to(device)
 
 
-Prealignment = Tuple[str, np.ndarray]
-"""``(mode, 4x4 matrix)``: the pre-alignment used (fixed -> moving, LPS mm)."""
 BeforeCommit = Callable[[Dict[str, Any], Path], None]
 """``(manifest, staging folder)``: adds files (listed in ``manifest["files"]``) and keys before the commit."""
 
@@ -146,7 +136,10 @@ def register(request: Request, reporter: Optional[Reporter] = None,
     inputs = prefetched.result(reporter) if prefetched is not None else read_inputs(request, preset, reporter)
     validate.check_geometry(request, settings, Grid.of(inputs.fixed), Grid.of(inputs.moving),
                             working_grid_of(inputs, preset))
-    mode, prealign = prealign_matrix(request, preset, inputs, reporter)
+    if prefetched is not None:  # computed while torch loaded
+        mode, prealign = prefetched.prealignment()
+    else:
+        mode, prealign = prealign_matrix(request, preset, inputs, reporter)
     fixed_grid = Grid.of(inputs.fixed)
     check_overlap(fixed_grid, Grid.of(inputs.moving), prealign, request)
     method = get_method(request.method)
@@ -187,32 +180,36 @@ def _write_result(request: Request, preset: Preset, prealigned: Prealignment, se
 def _write_files(request: Request, preset: Preset, prealigned: Prealignment, settings: Any, inputs: Inputs, grid: Grid,
                  displacement: np.ndarray, inverse: InverseMap, options: Dict[str, Any], device: torch.device,
                  folder: Path, reporter: Reporter) -> Dict[str, Any]:
-    files = {"transform": OUTPUT_FILES["transform"], "jacobian": OUTPUT_FILES["jacobian"]}
-    transform = io.displacement_transform(displacement, grid)
-    io.save_transform(transform, folder / files["transform"])
-    reporter.check_cancel()
-    det = jacobian_determinant(displacement, grid)
-    reporter.check_cancel()
-    io.write_image(io.image_from_array(det, grid), folder / files["jacobian"])
-    reporter.check_cancel()
-    fixed_norm = sitk.GetArrayViewFromImage(inputs.fixed_norm)
-    warped_norm = sitk.GetArrayFromImage(io.resample_to(inputs.moving_norm, grid, transform))
-    mask = sitk.GetArrayViewFromImage(inputs.fixed_mask) > 0 if inputs.fixed_mask is not None else None
-    if request.write_warped:
-        files["warped"] = OUTPUT_FILES["warped"]
-        background = float(sitk.GetArrayViewFromImage(inputs.moving).min())  # e.g. air in CT, not 0 HU
-        io.write_image(io.resample_to(inputs.moving, grid, transform, default=background), folder / files["warped"])
-        reporter.check_cancel()
-    if request.write_overview:
-        files["overview"] = OUTPUT_FILES["overview"]
-        overview(fixed_norm, warped_norm, det, grid.spacing, folder / files["overview"])
-    metrics = jacobian_summary(det)
+    """The output files, written on this thread in a fixed order, and their metrics, measured meanwhile on a second
+    thread (:class:`nephireg.background.Background`; SimpleITK and torch release the GIL, so on 2 cores the two
+    overlap)."""
+    files = {"transform": OUTPUT_FILES["transform"], "jacobian": OUTPUT_FILES["jacobian"],
+             "inverse": OUTPUT_FILES["inverse"]}
     mode, prealign = prealigned
-    metrics.update(quality.assess(inputs, grid, prealign, warped_norm, metrics["folding_percent"], reporter))
-    metrics["displacement_max_mm"] = float(np.linalg.norm(displacement, axis=-1).max())
-    files["inverse"] = OUTPUT_FILES["inverse"]
-    metrics.update(write_inverse(inverse, displacement, grid, mask, folder / files["inverse"]))
-    reporter.check_cancel()
+    det = jacobian_determinant(displacement, grid)
+    metrics = jacobian_summary(det)
+    transform = io.displacement_transform(displacement, grid)
+    with Background() as background:
+        measured = background.submit(_measure, inputs, grid, prealign, transform, displacement, inverse,
+                                     metrics["folding_percent"], reporter)
+        io.save_transform(transform, folder / files["transform"])
+        reporter.check_cancel()
+        write_inverse(inverse, folder / files["inverse"])
+        reporter.check_cancel()
+        io.write_image(io.image_from_array(det, grid), folder / files["jacobian"])
+        reporter.check_cancel()
+        if request.write_warped:
+            files["warped"] = OUTPUT_FILES["warped"]
+            background_value = float(sitk.GetArrayViewFromImage(inputs.moving).min())  # e.g. air in CT, not 0 HU
+            io.write_image(io.resample_to(inputs.moving, grid, transform, default=background_value),
+                           folder / files["warped"])
+            reporter.check_cancel()
+        warped_norm, measures = measured.result()
+        metrics.update(measures)
+        if request.write_overview:
+            files["overview"] = OUTPUT_FILES["overview"]
+            overview(sitk.GetArrayViewFromImage(inputs.fixed_norm), warped_norm, det, grid.spacing,
+                     folder / files["overview"])
     return {
         "files": files,
         "metrics": metrics,
@@ -230,6 +227,18 @@ def _write_files(request: Request, preset: Preset, prealigned: Prealignment, set
                      "SimpleITK": sitk.Version_VersionString(),
                      "numpy": np.__version__, "python": platform.python_version()},
     }
+
+
+def _measure(inputs: Inputs, grid: Grid, prealign: np.ndarray, transform: sitk.Transform, displacement: np.ndarray,
+             inverse: InverseMap, folding_percent: float, reporter: Reporter) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """The result's metrics beyond det J (similarity at each step and the quality checks, the largest displacement,
+    the inverse's consistency) and the normalised moving image warped onto ``grid`` (Z, Y, X) for the overview."""
+    warped_norm = sitk.GetArrayFromImage(io.resample_to(inputs.moving_norm, grid, transform))
+    metrics = quality.assess(inputs, grid, prealign, warped_norm, folding_percent, reporter)
+    metrics["displacement_max_mm"] = float(np.sqrt(np.square(displacement).sum(axis=-1).max()))
+    mask = sitk.GetArrayViewFromImage(inputs.fixed_mask) > 0 if inputs.fixed_mask is not None else None
+    metrics.update(inverse_consistency(inverse, displacement, grid, mask))
+    return warped_norm, metrics
 
 
 def _grid_dict(grid: Grid) -> Dict[str, Any]:
