@@ -29,7 +29,12 @@ import numpy as np
 import torch
 
 from nephireg import io
-from nephireg.fields import DenseField, DisplacementField, evaluate_on_grid
+from nephireg.fields import (
+    DenseField,
+    DisplacementField,
+    FieldWithInverse,  # noqa: F401 - its home was here: methods import it from here
+    evaluate_on_grid,
+)
 from nephireg.geometry import Grid
 from nephireg.sampling import grid_points_mm, matrix_tensor, sample_flat
 
@@ -52,20 +57,6 @@ mean instead of 0.042 (docs/methods.md)."""
 def lattice_mm(working: Grid) -> float:
     """The inversion lattice's spacing (mm) for a method that ran on the working grid ``working``."""
     return LATTICE_FACTOR * min(working.spacing)
-
-
-class FieldWithInverse:
-    """A method's field that also knows its inverse on the same space (NePhi: its backward map).
-
-    ``forward`` and ``inverse`` are :class:`nephireg.fields.DisplacementField`; this object is one too (the forward).
-    """
-
-    def __init__(self, forward: DisplacementField, inverse: DisplacementField) -> None:
-        self.forward = forward
-        self.inverse = inverse
-
-    def displacement_mm(self, points_mm: torch.Tensor) -> torch.Tensor:
-        return self.forward.displacement_mm(points_mm)
 
 
 @dataclass
