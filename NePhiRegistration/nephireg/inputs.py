@@ -208,7 +208,7 @@ class PrefetchedInputs:
         reporter.stage("read", "Reading and checking the images")
         while self._thread.is_alive():  # short waits, so a cancellation is seen within 0.1 s
             if reporter.cancel_requested:
-                self._cancelled.set()  # the pre-alignment stops at its next iteration
+                self.cancel()
             reporter.check_cancel()
             self._thread.join(0.1)
         for name, message in self._stages[1:]:
@@ -220,6 +220,10 @@ class PrefetchedInputs:
             raise self._error
         assert self._outcome is not None
         return self._outcome
+
+    def cancel(self) -> None:
+        """Stop the pre-alignment at its next iteration (a run cancelled before it takes the result)."""
+        self._cancelled.set()
 
     def prealignment(self) -> Tuple[str, np.ndarray]:
         """``(mode, 4x4)`` as :func:`nephireg.prealign.prealignment_of` gave it (call after :meth:`result`)."""

@@ -149,21 +149,32 @@ def register(request: Request, reporter: Optional[Reporter] = None,
         field_ = method(pair, options, reporter)
         reporter.stage("field", "Evaluating the displacement on the fixed grid")
         displacement = evaluate_on_grid(field_, fixed_grid, device, cancel=reporter.check_cancel)
-        reporter.stage("inverse", "Inverting the transform (moving -> fixed)")
-        inverse = invert(field_, displacement, fixed_grid, Grid.of(inputs.moving), prealign, device,
-                         lattice_mm(pair.grid), cancel=reporter.check_cancel)
     except torch.cuda.OutOfMemoryError as exc:
-        raise OutOfMemory(f"the GPU ran out of memory ({exc}); run again with --device cpu") from None
-    displacement = compose_prealignment(fixed_grid, displacement, prealign)
-    return _write_result(request, preset, (mode, prealign), settings, inputs, fixed_grid, displacement, inverse,
+        raise _gpu_out_of_memory(exc) from None
+
+    def inverse() -> InverseMap:  # from u (the method's own field), while the outputs of phi are written
+        try:
+            return invert(field_, displacement, fixed_grid, Grid.of(inputs.moving), prealign, device,
+                          lattice_mm(pair.grid), cancel=reporter.check_cancel)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise _gpu_out_of_memory(exc) from None
+
+    composed = compose_prealignment(fixed_grid, displacement, prealign)  # a new array: u stays for the inverse
+    return _write_result(request, preset, (mode, prealign), settings, inputs, fixed_grid, composed, inverse,
                          options, device, reporter, started, before_commit)
 
 
+def _gpu_out_of_memory(exc: BaseException) -> OutOfMemory:
+    return OutOfMemory(f"the GPU ran out of memory ({exc}); run again with --device cpu")
+
+
 def _write_result(request: Request, preset: Preset, prealigned: Prealignment, settings: Any, inputs: Inputs, grid: Grid,
-                  displacement: np.ndarray, inverse: InverseMap, options: Dict[str, Any], device: torch.device,
-                  reporter: Reporter, started: float, before_commit: Optional[BeforeCommit] = None) -> Dict[str, Any]:
-    """The outputs written through the one result writer (:class:`nephireg.resultdir.ResultFolder`)."""
-    reporter.stage("write", "Writing the transform, Jacobian and warped image")
+                  displacement: np.ndarray, inverse: Callable[[], InverseMap], options: Dict[str, Any],
+                  device: torch.device, reporter: Reporter, started: float,
+                  before_commit: Optional[BeforeCommit] = None) -> Dict[str, Any]:
+    """The outputs written through the one result writer (:class:`nephireg.resultdir.ResultFolder`); ``inverse``
+    computes the inverse map (on a second thread, while phi's files are written)."""
+    reporter.stage("write", "Inverting the transform; writing the transform, Jacobian, warped image and inverse")
     with ResultFolder(request.out, request.overwrite) as result:
         manifest = _write_files(request, preset, prealigned, settings, inputs, grid, displacement, inverse, options,
                                 device, result.staging, reporter)
@@ -178,11 +189,11 @@ def _write_result(request: Request, preset: Preset, prealigned: Prealignment, se
 
 
 def _write_files(request: Request, preset: Preset, prealigned: Prealignment, settings: Any, inputs: Inputs, grid: Grid,
-                 displacement: np.ndarray, inverse: InverseMap, options: Dict[str, Any], device: torch.device,
-                 folder: Path, reporter: Reporter) -> Dict[str, Any]:
-    """The output files, written on this thread in a fixed order, and their metrics, measured meanwhile on a second
-    thread (:class:`nephireg.background.Background`; SimpleITK and torch release the GIL, so on 2 cores the two
-    overlap)."""
+                 displacement: np.ndarray, inverse: Callable[[], InverseMap], options: Dict[str, Any],
+                 device: torch.device, folder: Path, reporter: Reporter) -> Dict[str, Any]:
+    """The output files, written on this thread in a fixed order, while a second thread
+    (:class:`nephireg.background.Background`) measures the result and computes the inverse map (SimpleITK's
+    writing and resampling and torch release the GIL: on 2 cores the two overlap)."""
     files = {"transform": OUTPUT_FILES["transform"], "jacobian": OUTPUT_FILES["jacobian"],
              "inverse": OUTPUT_FILES["inverse"]}
     mode, prealign = prealigned
@@ -190,11 +201,10 @@ def _write_files(request: Request, preset: Preset, prealigned: Prealignment, set
     metrics = jacobian_summary(det)
     transform = io.displacement_transform(displacement, grid)
     with Background() as background:
-        measured = background.submit(_measure, inputs, grid, prealign, transform, displacement, inverse,
+        measured = background.submit(_measure, inputs, grid, prealign, transform, displacement,
                                      metrics["folding_percent"], reporter)
+        inverted = background.submit(inverse)
         io.save_transform(transform, folder / files["transform"])
-        reporter.check_cancel()
-        write_inverse(inverse, folder / files["inverse"])
         reporter.check_cancel()
         io.write_image(io.image_from_array(det, grid), folder / files["jacobian"])
         reporter.check_cancel()
@@ -210,6 +220,11 @@ def _write_files(request: Request, preset: Preset, prealigned: Prealignment, set
             files["overview"] = OUTPUT_FILES["overview"]
             overview(sitk.GetArrayViewFromImage(inputs.fixed_norm), warped_norm, det, grid.spacing,
                      folder / files["overview"])
+        inverse_map = inverted.result()
+        write_inverse(inverse_map, folder / files["inverse"])
+        mask = sitk.GetArrayViewFromImage(inputs.fixed_mask) > 0 if inputs.fixed_mask is not None else None
+        metrics.update(inverse_consistency(inverse_map, displacement, grid, mask))
+        reporter.check_cancel()
     return {
         "files": files,
         "metrics": metrics,
@@ -230,14 +245,12 @@ def _write_files(request: Request, preset: Preset, prealigned: Prealignment, set
 
 
 def _measure(inputs: Inputs, grid: Grid, prealign: np.ndarray, transform: sitk.Transform, displacement: np.ndarray,
-             inverse: InverseMap, folding_percent: float, reporter: Reporter) -> Tuple[np.ndarray, Dict[str, Any]]:
-    """The result's metrics beyond det J (similarity at each step and the quality checks, the largest displacement,
-    the inverse's consistency) and the normalised moving image warped onto ``grid`` (Z, Y, X) for the overview."""
+             folding_percent: float, reporter: Reporter) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """The result's metrics beyond det J and the inverse (similarity at each step and the quality checks, the
+    largest displacement) and the normalised moving image warped onto ``grid`` (Z, Y, X) for the overview."""
     warped_norm = sitk.GetArrayFromImage(io.resample_to(inputs.moving_norm, grid, transform))
     metrics = quality.assess(inputs, grid, prealign, warped_norm, folding_percent, reporter)
     metrics["displacement_max_mm"] = float(np.sqrt(np.square(displacement).sum(axis=-1).max()))
-    mask = sitk.GetArrayViewFromImage(inputs.fixed_mask) > 0 if inputs.fixed_mask is not None else None
-    metrics.update(inverse_consistency(inverse, displacement, grid, mask))
     return warped_norm, metrics
 
 
