@@ -145,6 +145,7 @@ def register(request: Request, reporter: Optional[Reporter] = None,
     method = get_method(request.method)
     options = preset.options_for(request.method, request.options)
     try:
+        reporter.stage("prepare", "Resampling the images onto the working grid")
         pair = prepare(request, inputs, preset, prealign, device)
         field_ = method(pair, options, reporter)
         reporter.stage("field", "Evaluating the displacement on the fixed grid")
