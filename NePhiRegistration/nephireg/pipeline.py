@@ -104,7 +104,7 @@ def register(request: Request, reporter: Optional[Reporter] = None,
     validate.check_geometry(request, settings, Grid.of(inputs.fixed), Grid.of(inputs.moving),
                             working_grid_of(inputs, preset))
     if prefetched is not None:  # computed while torch loaded
-        mode, prealign = prefetched.prealignment()
+        mode, prealign = prefetched.prealignment(reporter)
     else:
         mode, prealign = prealign_matrix(request, preset, inputs, reporter)
     fixed_grid = Grid.of(inputs.fixed)
@@ -113,7 +113,7 @@ def register(request: Request, reporter: Optional[Reporter] = None,
     options = preset.options_for(request.method, request.options)
     try:
         if prefetched is not None:  # resampled while torch loaded
-            images = prefetched.working_images()
+            images = prefetched.working_images(reporter)
         else:
             reporter.stage("prepare", "Resampling the images onto the working grid")
             images = working_images(inputs, preset, prealign)
