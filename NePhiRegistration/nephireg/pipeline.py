@@ -222,7 +222,7 @@ def _measure(inputs: Inputs, grid: Grid, prealign: np.ndarray, transform: sitk.T
     largest displacement) and the normalised moving image warped onto ``grid`` (Z, Y, X) for the overview."""
     warped_norm = sitk.GetArrayFromImage(io.resample_to(inputs.moving_norm, grid, transform))
     metrics = quality.assess(inputs, grid, prealign, warped_norm, folding_percent, reporter)
-    metrics["displacement_max_mm"] = float(np.sqrt(np.square(displacement).sum(axis=-1).max()))
+    metrics["displacement_max_mm"] = float(torch.from_numpy(displacement).reshape(-1, 3).norm(dim=1).max())
     return warped_norm, metrics
 
 
