@@ -160,6 +160,11 @@ def _alignment_masks(fixed: sitk.Image, moving: sitk.Image, fixed_mask: Optional
     return (derived, moving_mask) if given == 0 else (fixed_mask, derived)
 
 
+_LATER_STAGES = ("prealign", "prepare")
+"""Stages the prefetch thread runs after reading; their events are replayed where the pipeline takes their outcome
+(:meth:`PrefetchedInputs.prealignment`, :meth:`PrefetchedInputs.working_images`), not with the reading's."""
+
+
 class PrefetchedInputs:
     """:func:`read_inputs`, then the pre-alignment and the images on the working grid, running in a thread;
     :meth:`result` waits for it and gives the inputs, :meth:`prealignment` the pre-alignment, :meth:`working_images`
@@ -223,6 +228,8 @@ class PrefetchedInputs:
             reporter.check_cancel()
             self._thread.join(0.1)
         for name, message in self._stages[1:]:
+            if name in _LATER_STAGES:  # replayed where the pipeline takes their outcome
+                continue
             reporter.stage(name, message)
             if name == "masks":  # the warnings of the mask stage, in it
                 for code, message in self._warnings:
@@ -232,22 +239,29 @@ class PrefetchedInputs:
         assert self._outcome is not None
         return self._outcome
 
-    def working_images(self) -> WorkingImages:
+    def working_images(self, reporter: Reporter) -> WorkingImages:
         """The pair on the working grid (:func:`nephireg.preprocess.working_images`; after :meth:`prealignment`)."""
+        self._replay("prepare", reporter)
         if self._working_error is not None:
             raise self._working_error
         if self._working is None:
             raise RuntimeError("working_images() before prealignment(), or after a cancellation")
         return self._working
 
+    def _replay(self, name: str, reporter: Reporter) -> None:
+        for stage, message in self._stages:
+            if stage == name:
+                reporter.stage(stage, message)
+
     def cancel(self) -> None:
         """Stop the pre-alignment at its next iteration (a run cancelled before it takes the result)."""
         self._cancelled.set()
 
-    def prealignment(self) -> Tuple[str, np.ndarray]:
+    def prealignment(self, reporter: Reporter) -> Tuple[str, np.ndarray]:
         """``(mode, 4x4)`` as :func:`nephireg.prealign.prealignment_of` gave it (call after :meth:`result`)."""
         if self._thread.is_alive() or self._outcome is None:
             raise RuntimeError("prealignment() before result()")
+        self._replay("prealign", reporter)
         if self._prealignment_error is not None:
             raise self._prealignment_error
         assert self._prealignment is not None

@@ -104,7 +104,7 @@ def register(request: Request, reporter: Optional[Reporter] = None,
     validate.check_geometry(request, settings, Grid.of(inputs.fixed), Grid.of(inputs.moving),
                             working_grid_of(inputs, preset))
     if prefetched is not None:  # computed while torch loaded
-        mode, prealign = prefetched.prealignment()
+        mode, prealign = prefetched.prealignment(reporter)
     else:
         mode, prealign = prealign_matrix(request, preset, inputs, reporter)
     fixed_grid = Grid.of(inputs.fixed)
@@ -113,7 +113,7 @@ def register(request: Request, reporter: Optional[Reporter] = None,
     options = preset.options_for(request.method, request.options)
     try:
         if prefetched is not None:  # resampled while torch loaded
-            images = prefetched.working_images()
+            images = prefetched.working_images(reporter)
         else:
             reporter.stage("prepare", "Resampling the images onto the working grid")
             images = working_images(inputs, preset, prealign)
@@ -222,7 +222,7 @@ def _measure(inputs: Inputs, grid: Grid, prealign: np.ndarray, transform: sitk.T
     largest displacement) and the normalised moving image warped onto ``grid`` (Z, Y, X) for the overview."""
     warped_norm = sitk.GetArrayFromImage(io.resample_to(inputs.moving_norm, grid, transform))
     metrics = quality.assess(inputs, grid, prealign, warped_norm, folding_percent, reporter)
-    metrics["displacement_max_mm"] = float(np.sqrt(np.square(displacement).sum(axis=-1).max()))
+    metrics["displacement_max_mm"] = float(torch.from_numpy(displacement).reshape(-1, 3).norm(dim=1).max())
     return warped_norm, metrics
 
 
