@@ -19,12 +19,13 @@ def optimise(net: NePhiNet, codes: Codes, images: PairImages, settings: Any, rep
     """Run ``settings.iterations`` Adam steps; returns the tuned net and codes (detached).
 
     ``settings`` carries iterations, learning_rate, code_learning_rate, regularization, prior_weight,
-    similarity_points, gradicon_points and seed (see :class:`nephireg.methods.nephi.Settings`).
+    similarity_points, gradicon_points, gradicon_jacobian and seed (see :class:`nephireg.methods.nephi.Settings`).
     The learning rate decays linearly to 10 % over the last half of the run, so the field settles.
     """
     loss_settings = LossSettings(similarity_points=settings.similarity_points,
                                  gradicon_points=settings.gradicon_points,
-                                 gradicon_weight=settings.regularization, prior_weight=settings.prior_weight)
+                                 gradicon_weight=settings.regularization, prior_weight=settings.prior_weight,
+                                 gradicon_jacobian=getattr(settings, "gradicon_jacobian", "exact"))
     with _cpu_threads(getattr(settings, "threads", 0), images.fixed.device):
         return _run(net, codes, images, settings, reporter, loss_settings)
 
