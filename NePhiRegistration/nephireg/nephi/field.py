@@ -87,17 +87,9 @@ class ModulatedSiren(nn.Module):
     def forward(self, embedding: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
         h, gate = embedding, embedding
         for synth, mod in zip(self.synthesis, self.modulation):
-            gate = torch.relu(_linear_of_concat(mod, code, gate))  # mod([code, gate])
+            gate = torch.relu(mod(torch.cat([code, gate], dim=1)))
             h = gate * torch.sin(self.omega * synth(h))
-        return _linear_of_concat(self.out, h, code) if self.code_readout else self.out(h)  # out([h, code])
-
-
-def _linear_of_concat(layer: nn.Linear, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``layer(cat([a, b], dim=1))`` as two products with the weight's two column blocks: no (P, A + B) copy, and
-    no gradient computed for an input that needs none (the Fourier embedding of fixed points), which made up a tenth
-    of an instance-optimisation step. Same parameters (and model files) as the concatenated form."""
-    split = a.shape[1]
-    return nn.functional.linear(b, layer.weight[:, split:], layer.bias) + a @ layer.weight[:, :split].t()
+        return self.out(torch.cat([h, code], dim=1) if self.code_readout else h)
 
 
 class NePhiNet(nn.Module):
