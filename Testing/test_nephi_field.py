@@ -56,6 +56,9 @@ class _Translations(torch.nn.Module):
     def transform(self, points, codes, inverse=False):
         return points + (self.b if inverse else self.a)
 
+    def transform_pair(self, forward_points, backward_points, codes):
+        return self.transform(forward_points, codes), self.transform(backward_points, codes, inverse=True)
+
 
 class _Affine(_Translations):
     def __init__(self, matrix, inverse_matrix):
@@ -73,6 +76,20 @@ def test_gradicon_is_zero_for_inverse_maps_and_positive_otherwise():
     assert gradicon(_Affine(matrix, torch.linalg.inv(matrix)), None, pts) < 1e-8
     # translations are never penalised (their Jacobians are I); a wrong linear inverse is
     assert gradicon(_Affine(matrix, torch.eye(3)), None, pts) > 0.05
+
+
+def test_transform_pair_gives_the_numbers_of_two_transform_calls():
+    net = NePhiNet(SMALL)
+    for mlp in (net.forward_map, net.backward_map):
+        torch.nn.init.normal_(mlp.out.weight, std=0.1)
+    codes = (torch.full((4,), 0.1), torch.randn(4, 3, 4, 5, generator=torch.Generator().manual_seed(2)))
+    a, b = _points(30, seed=1), _points(20, seed=2)
+    there, back = net.transform_pair(a, b, codes)
+    assert torch.allclose(there, net.transform(a, codes), atol=1e-6)
+    assert torch.allclose(back, net.transform(b, codes, inverse=True), atol=1e-6)
+    shared = net.transform_pair(a, a, codes)  # the same points for both maps: one embedding and gather
+    assert torch.allclose(shared[1], net.transform(a, codes, inverse=True), atol=1e-6)
+    assert not torch.allclose(shared[0], shared[1], atol=1e-3)  # the two maps differ: the checks can fail
 
 
 def test_gradicon_of_a_real_field_has_a_second_derivative():

@@ -70,8 +70,9 @@ def pair_loss(net: NePhiNet, codes: Codes, images: PairImages, settings: LossSet
     xf = images.fixed_points.sample(settings.similarity_points, generator)
     xm = images.moving_points.sample(settings.similarity_points, generator)
     fixed, moving = images.similarity_volumes()
-    warped_moving = sample_image(moving, net.transform(xf, codes))
-    warped_fixed = sample_image(fixed, net.transform(xm, codes, inverse=True))
+    forward_of_fixed, backward_of_moving = net.transform_pair(xf, xm, codes)
+    warped_moving = sample_image(moving, forward_of_fixed)
+    warped_fixed = sample_image(fixed, backward_of_moving)
     similarity = 1.0 - 0.5 * (ncc(warped_moving, sample_image(fixed, xf))
                               + ncc(warped_fixed, sample_image(moving, xm)))
     terms = {"similarity": similarity}
