@@ -23,16 +23,37 @@ class StageLog(SilentReporter):
         super().stage(name, message)
 
 
-def test_prefetched_inputs_equal_direct_reading_and_replay_the_stages(small_pair, tmp_path):
-    request = Request(small_pair["fixed"], small_pair["moving"], str(tmp_path / "out"), preset="lung-ct")
+@pytest.mark.parametrize("prealign", ["center", "affine"])
+def test_prefetched_inputs_equal_direct_reading_and_replay_the_stages(small_pair, tmp_path, prealign):
+    """The thread reads the inputs and computes the pre-alignment (while the command loads torch): the same
+    images, the same matrix and the same stages as the pipeline doing both itself."""
+    from nephireg.pipeline import prealign_matrix
+
+    request = Request(small_pair["fixed"], small_pair["moving"], str(tmp_path / "out"), preset="lung-ct",
+                      prealign=prealign)
     direct_log, prefetched_log = StageLog(), StageLog()
     direct = read_inputs(request, get_preset("lung-ct"), direct_log)
-    prefetched = prefetch_inputs(request).result(prefetched_log)
-    assert direct_log.names == prefetched_log.names == ["read", "masks", "preprocess"]
+    direct_prealignment = prealign_matrix(request, get_preset("lung-ct"), direct, direct_log)
+    prefetch = prefetch_inputs(request)
+    prefetched = prefetch.result(prefetched_log)
+    assert direct_log.names == prefetched_log.names == ["read", "masks", "preprocess", "prealign"]
     assert prefetched.masks_derived
     for name in ("fixed_norm", "moving_norm", "fixed_mask", "moving_mask", "fixed_region", "moving_region"):
         assert np.array_equal(sitk.GetArrayViewFromImage(getattr(direct, name)),
                               sitk.GetArrayViewFromImage(getattr(prefetched, name)))
+    mode, matrix = prefetch.prealignment()
+    assert mode == direct_prealignment[0] == prealign
+    assert np.allclose(matrix, direct_prealignment[1], atol=1e-6)
+    if prealign == "affine":
+        assert not np.allclose(matrix[:3, :3], np.eye(3), atol=1e-4)  # a real registration ran in the thread
+
+
+def test_a_prefetched_prealignment_error_is_raised_where_the_pipeline_takes_it(small_pair, tmp_path):
+    request = Request(small_pair["fixed"], small_pair["moving"], str(tmp_path / "out"), prealign="sideways")
+    prefetch = prefetch_inputs(request)
+    prefetch.result(SilentReporter())  # the inputs are fine
+    with pytest.raises(InputError, match="unknown pre-alignment 'sideways'"):
+        prefetch.prealignment()
 
 
 def test_a_prefetch_error_is_raised_where_the_result_is_taken(small_pair, tmp_path):
@@ -107,7 +128,7 @@ def test_a_failed_derivation_goes_on_with_the_other_mask_and_warns(small_pair, t
         assert "moving image" in message and "rescaled.nrrd" in message and "fixed image's derived mask" in message
         assert [f for e, f in log.events if e == "warning"] == log.warnings  # emitted as protocol events too
         stages = [f["stage"] for e, f in log.events if e == "stage"]
-        assert stages == ["read", "masks", "preprocess"]
+        assert stages[:3] == ["read", "masks", "preprocess"]  # the prefetch goes on with the pre-alignment
 
 
 def test_no_mask_at_all_runs_without_masks_and_the_manifest_says_so(small_pair, tmp_path):

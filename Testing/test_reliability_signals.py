@@ -16,7 +16,7 @@ import SimpleITK as sitk
 import torch
 
 from nephireg.errors import Cancelled, describe_failure
-from nephireg.fields import DenseField, evaluate_on_grid
+from nephireg.fields import evaluate_on_grid
 from nephireg.geometry import Grid
 from nephireg.prealign import prealign
 from nephireg.protocol import ExitCode, parse_event_line
@@ -184,8 +184,14 @@ def test_affine_prealignment_stops_at_the_next_iteration_when_cancelled():
 
 
 def test_field_evaluation_checks_cancel_between_chunks():
+    """A field evaluated point by point (a neural field; a dense one on other axes) checks between chunks."""
     grid = Grid((32, 32, 32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
-    field = DenseField(grid, torch.zeros((1, 3) + grid.shape_zyx))
+
+    class PointField:
+        def displacement_mm(self, points_mm):
+            return torch.zeros_like(points_mm)
+
+    field = PointField()
     calls = []
 
     def cancel():

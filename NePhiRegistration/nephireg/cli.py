@@ -160,6 +160,8 @@ def _register_command(args: argparse.Namespace) -> int:
 
         def cancel_before_torch() -> None:  # a signal during start-up: the start event, then the cancellation
             if reporter.cancel_requested:
+                if prefetched is not None:
+                    prefetched.cancel()
                 reporter.emit(Event.START, {"method": args.method, "preset": args.preset, "device": args.device,
                                             "out": os.path.abspath(args.out)})
                 reporter.check_cancel()

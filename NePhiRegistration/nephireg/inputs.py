@@ -161,11 +161,13 @@ def _alignment_masks(fixed: sitk.Image, moving: sitk.Image, fixed_mask: Optional
 
 
 class PrefetchedInputs:
-    """:func:`read_inputs` running in a thread; :meth:`result` waits for it and gives its outcome.
+    """:func:`read_inputs` and then the pre-alignment running in a thread; :meth:`result` waits for it and gives
+    the inputs, :meth:`prealignment` the pre-alignment (SimpleITK alone: both fit in the time torch takes to load).
 
     The stage and warning events are recorded in the thread and replayed by :meth:`result`, so a reporter sees
     them in the usual order after the run's start event; the time spent waiting is reported as the ``read`` stage (so a
-    manifest's ``timings_s`` then counts the mask derivation under ``read``).
+    manifest's ``timings_s`` then counts the mask derivation and the pre-alignment under ``read``). An error of the
+    pre-alignment is raised by :meth:`prealignment`, where the pipeline would have met it.
     """
 
     def __init__(self, request: Request, preset: Preset) -> None:
@@ -175,6 +177,9 @@ class PrefetchedInputs:
         self._warnings: List[Tuple[str, str]] = []
         self._outcome: Optional[Inputs] = None
         self._error: Optional[BaseException] = None
+        self._prealignment: Optional[Tuple[str, np.ndarray]] = None
+        self._prealignment_error: Optional[BaseException] = None
+        self._cancelled = threading.Event()
         # Not a daemon: if a run in this process (a library call of cli.main) fails before taking the result, the
         # interpreter waits for the thread instead of finalising while it is inside SimpleITK. The command line
         # (cli.console_main) ends with os._exit, which does not wait: the thread only reads, so nothing is lost.
@@ -182,15 +187,28 @@ class PrefetchedInputs:
         self._thread.start()
 
     def _run(self) -> None:
+        def stage(name: str, message: str) -> None:
+            self._stages.append((name, message))
+
         try:
-            self._outcome = _read(self.request, self.preset, lambda name, message: self._stages.append((name, message)),
+            self._outcome = _read(self.request, self.preset, stage,
                                   lambda code, message: self._warnings.append((code, message)))
         except BaseException as exc:  # handed to the caller's thread by result()
             self._error = exc
+            return
+        from nephireg.prealign import prealignment_of
+
+        try:
+            self._prealignment = prealignment_of(self.request, self.preset, self._outcome, stage,
+                                                 self._cancelled.is_set)
+        except BaseException as exc:  # handed over by prealignment()
+            self._prealignment_error = exc
 
     def result(self, reporter: Reporter) -> Inputs:
         reporter.stage("read", "Reading and checking the images")
         while self._thread.is_alive():  # short waits, so a cancellation is seen within 0.1 s
+            if reporter.cancel_requested:
+                self.cancel()
             reporter.check_cancel()
             self._thread.join(0.1)
         for name, message in self._stages[1:]:
@@ -202,6 +220,19 @@ class PrefetchedInputs:
             raise self._error
         assert self._outcome is not None
         return self._outcome
+
+    def cancel(self) -> None:
+        """Stop the pre-alignment at its next iteration (a run cancelled before it takes the result)."""
+        self._cancelled.set()
+
+    def prealignment(self) -> Tuple[str, np.ndarray]:
+        """``(mode, 4x4)`` as :func:`nephireg.prealign.prealignment_of` gave it (call after :meth:`result`)."""
+        if self._thread.is_alive() or self._outcome is None:
+            raise RuntimeError("prealignment() before result()")
+        if self._prealignment_error is not None:
+            raise self._prealignment_error
+        assert self._prealignment is not None
+        return self._prealignment
 
 
 def prefetch_inputs(request: Request) -> Optional[PrefetchedInputs]:

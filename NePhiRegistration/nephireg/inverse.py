@@ -29,7 +29,12 @@ import numpy as np
 import torch
 
 from nephireg import io
-from nephireg.fields import DenseField, DisplacementField, evaluate_on_grid
+from nephireg.fields import (
+    DenseField,
+    DisplacementField,
+    FieldWithInverse,  # noqa: F401 - its home was here: methods import it from here
+    evaluate_on_grid,
+)
 from nephireg.geometry import Grid
 from nephireg.sampling import grid_points_mm, matrix_tensor, sample_flat
 
@@ -52,20 +57,6 @@ mean instead of 0.042 (docs/methods.md)."""
 def lattice_mm(working: Grid) -> float:
     """The inversion lattice's spacing (mm) for a method that ran on the working grid ``working``."""
     return LATTICE_FACTOR * min(working.spacing)
-
-
-class FieldWithInverse:
-    """A method's field that also knows its inverse on the same space (NePhi: its backward map).
-
-    ``forward`` and ``inverse`` are :class:`nephireg.fields.DisplacementField`; this object is one too (the forward).
-    """
-
-    def __init__(self, forward: DisplacementField, inverse: DisplacementField) -> None:
-        self.forward = forward
-        self.inverse = inverse
-
-    def displacement_mm(self, points_mm: torch.Tensor) -> torch.Tensor:
-        return self.forward.displacement_mm(points_mm)
 
 
 @dataclass
@@ -168,14 +159,18 @@ def _strided(grid: Grid, stride: int) -> Grid:
     return Grid(size, tuple(s * stride for s in grid.spacing), grid.origin, grid.direction)
 
 
-def write_inverse(inverse: InverseMap, forward_mm: np.ndarray, fixed_grid: Grid, mask: Optional[np.ndarray],
-                  path: Path) -> Dict[str, Optional[float]]:
-    """Write ``inverse`` as an ITK displacement-field transform (moving grid, moving -> fixed) to ``path``; return
-    the manifest metrics ``inverse_consistency_mean_mm`` and ``inverse_consistency_p95_mm``."""
+def write_inverse(inverse: InverseMap, path: Path) -> None:
+    """Write ``inverse`` as an ITK displacement-field transform (moving grid, moving -> fixed) to ``path``."""
     io.write_transform(inverse.displacement_mm, inverse.grid, path)
+
+
+def inverse_consistency(inverse: InverseMap, forward_mm: np.ndarray, fixed_grid: Grid, mask: Optional[np.ndarray]
+                        ) -> Dict[str, Optional[float]]:
+    """The manifest metrics ``inverse_consistency_mean_mm`` and ``inverse_consistency_p95_mm``
+    (:func:`consistency_mm` on every :data:`CONSISTENCY_STRIDE`-th voxel; None where phi maps no voxel into the
+    moving image: nothing to measure)."""
     errors = consistency_mm(forward_mm, fixed_grid, inverse, mask, CONSISTENCY_STRIDE)
-    if errors.size == 0:  # phi maps no voxel into the moving image: nothing to measure
+    if errors.size == 0:
         return {"inverse_consistency_mean_mm": None, "inverse_consistency_p95_mm": None}
     return {"inverse_consistency_mean_mm": float(errors.mean()),
             "inverse_consistency_p95_mm": float(np.percentile(errors, 95))}
-

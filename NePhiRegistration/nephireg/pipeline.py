@@ -18,21 +18,22 @@ import torch
 
 import nephireg
 from nephireg import io, quality, validate
-from nephireg.compose import affine_matrix, affine_transform, compose_prealignment
+from nephireg.background import Background
+from nephireg.compose import affine_transform, compose_prealignment
 from nephireg.errors import InputError, OutOfMemory
 from nephireg.fields import evaluate_on_grid
 from nephireg.geometry import Grid, overlap_fraction
-from nephireg.initial import INITIAL_MODE
 from nephireg.inputs import Inputs, PrefetchedInputs, Request, read_inputs
-from nephireg.inverse import InverseMap, invert, lattice_mm, write_inverse
+from nephireg.inverse import InverseMap, inverse_consistency, invert, lattice_mm, write_inverse
 from nephireg.jacobian import jacobian_determinant, jacobian_summary
 from nephireg.methods import get_method, model_record
 from nephireg.overview import overview
 from nephireg.pair import PreparedPair
+from nephireg.prealign import Prealignment
 from nephireg.preprocess import crop_to_mask, working_grid
 from nephireg.presets import Preset, get_preset
 from nephireg.progress import Reporter, SilentReporter
-from nephireg.protocol import OUTPUT_FILES, PREALIGN_MODES
+from nephireg.protocol import OUTPUT_FILES
 from nephireg.resultdir import ResultFolder
 
 
@@ -46,23 +47,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prealign_matrix(request: Request, preset: Preset, inputs: Inputs, reporter: Reporter) -> Tuple[str, np.ndarray]:
-    """The pre-alignment mode used and its 4x4 matrix (fixed -> moving, LPS mm). An initial transform file
-    replaces the automatic pre-alignment."""
-    if inputs.initial is not None:  # checked with the request (validate.check_initial_transform)
-        return INITIAL_MODE, inputs.initial
-    mode = preset.prealign if request.prealign == "preset" else request.prealign
-    if mode not in PREALIGN_MODES or mode == "preset":
-        raise InputError(f"unknown pre-alignment {mode!r}; choose one of {', '.join(PREALIGN_MODES)}")
-    if mode == "none":
-        return mode, np.eye(4)
-    from nephireg.prealign import prealign
+def prealign_matrix(request: Request, preset: Preset, inputs: Inputs, reporter: Reporter) -> Prealignment:
+    """The pre-alignment mode used and its 4x4 matrix (fixed -> moving, LPS mm),
+    :func:`nephireg.prealign.prealignment_of` on this thread."""
+    from nephireg.prealign import prealignment_of
 
-    reporter.stage("prealign", f"Pre-alignment ({mode})")
-    transform = prealign(inputs.fixed_norm, inputs.moving_norm, mode, *inputs.prealignment_masks(),
-                         cancelled=lambda: reporter.cancel_requested)
+    result = prealignment_of(request, preset, inputs, reporter.stage, lambda: reporter.cancel_requested)
     reporter.check_cancel()
-    return mode, affine_matrix(transform)
+    return result
 
 
 def check_overlap(fixed: Grid, moving: Grid, prealign: np.ndarray, request: Request) -> None:
@@ -114,8 +106,6 @@ def to_tensor(image: sitk.Image, grid: Grid, transform: Optional[sitk.Transform]
     return torch.from_numpy(array)[None, None].to(device)
 
 
-Prealignment = Tuple[str, np.ndarray]
-"""``(mode, 4x4 matrix)``: the pre-alignment used (fixed -> moving, LPS mm)."""
 BeforeCommit = Callable[[Dict[str, Any], Path], None]
 """``(manifest, staging folder)``: adds files (listed in ``manifest["files"]``) and keys before the commit."""
 
@@ -146,31 +136,46 @@ def register(request: Request, reporter: Optional[Reporter] = None,
     inputs = prefetched.result(reporter) if prefetched is not None else read_inputs(request, preset, reporter)
     validate.check_geometry(request, settings, Grid.of(inputs.fixed), Grid.of(inputs.moving),
                             working_grid_of(inputs, preset))
-    mode, prealign = prealign_matrix(request, preset, inputs, reporter)
+    if prefetched is not None:  # computed while torch loaded
+        mode, prealign = prefetched.prealignment()
+    else:
+        mode, prealign = prealign_matrix(request, preset, inputs, reporter)
     fixed_grid = Grid.of(inputs.fixed)
     check_overlap(fixed_grid, Grid.of(inputs.moving), prealign, request)
     method = get_method(request.method)
     options = preset.options_for(request.method, request.options)
     try:
+        reporter.stage("prepare", "Resampling the images onto the working grid")
         pair = prepare(request, inputs, preset, prealign, device)
         field_ = method(pair, options, reporter)
         reporter.stage("field", "Evaluating the displacement on the fixed grid")
         displacement = evaluate_on_grid(field_, fixed_grid, device, cancel=reporter.check_cancel)
-        reporter.stage("inverse", "Inverting the transform (moving -> fixed)")
-        inverse = invert(field_, displacement, fixed_grid, Grid.of(inputs.moving), prealign, device,
-                         lattice_mm(pair.grid), cancel=reporter.check_cancel)
     except torch.cuda.OutOfMemoryError as exc:
-        raise OutOfMemory(f"the GPU ran out of memory ({exc}); run again with --device cpu") from None
-    displacement = compose_prealignment(fixed_grid, displacement, prealign)
-    return _write_result(request, preset, (mode, prealign), settings, inputs, fixed_grid, displacement, inverse,
+        raise _gpu_out_of_memory(exc) from None
+
+    def inverse() -> InverseMap:  # from u (the method's own field), while the outputs of phi are written
+        try:
+            return invert(field_, displacement, fixed_grid, Grid.of(inputs.moving), prealign, device,
+                          lattice_mm(pair.grid), cancel=reporter.check_cancel)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise _gpu_out_of_memory(exc) from None
+
+    composed = compose_prealignment(fixed_grid, displacement, prealign)  # a new array: u stays for the inverse
+    return _write_result(request, preset, (mode, prealign), settings, inputs, fixed_grid, composed, inverse,
                          options, device, reporter, started, before_commit)
 
 
+def _gpu_out_of_memory(exc: BaseException) -> OutOfMemory:
+    return OutOfMemory(f"the GPU ran out of memory ({exc}); run again with --device cpu")
+
+
 def _write_result(request: Request, preset: Preset, prealigned: Prealignment, settings: Any, inputs: Inputs, grid: Grid,
-                  displacement: np.ndarray, inverse: InverseMap, options: Dict[str, Any], device: torch.device,
-                  reporter: Reporter, started: float, before_commit: Optional[BeforeCommit] = None) -> Dict[str, Any]:
-    """The outputs written through the one result writer (:class:`nephireg.resultdir.ResultFolder`)."""
-    reporter.stage("write", "Writing the transform, Jacobian and warped image")
+                  displacement: np.ndarray, inverse: Callable[[], InverseMap], options: Dict[str, Any],
+                  device: torch.device, reporter: Reporter, started: float,
+                  before_commit: Optional[BeforeCommit] = None) -> Dict[str, Any]:
+    """The outputs written through the one result writer (:class:`nephireg.resultdir.ResultFolder`); ``inverse``
+    computes the inverse map (on a second thread, while phi's files are written)."""
+    reporter.stage("write", "Inverting the transform; writing the transform, Jacobian, warped image and inverse")
     with ResultFolder(request.out, request.overwrite) as result:
         manifest = _write_files(request, preset, prealigned, settings, inputs, grid, displacement, inverse, options,
                                 device, result.staging, reporter)
@@ -185,34 +190,42 @@ def _write_result(request: Request, preset: Preset, prealigned: Prealignment, se
 
 
 def _write_files(request: Request, preset: Preset, prealigned: Prealignment, settings: Any, inputs: Inputs, grid: Grid,
-                 displacement: np.ndarray, inverse: InverseMap, options: Dict[str, Any], device: torch.device,
-                 folder: Path, reporter: Reporter) -> Dict[str, Any]:
-    files = {"transform": OUTPUT_FILES["transform"], "jacobian": OUTPUT_FILES["jacobian"]}
-    transform = io.displacement_transform(displacement, grid)
-    io.save_transform(transform, folder / files["transform"])
-    reporter.check_cancel()
-    det = jacobian_determinant(displacement, grid)
-    reporter.check_cancel()
-    io.write_image(io.image_from_array(det, grid), folder / files["jacobian"])
-    reporter.check_cancel()
-    fixed_norm = sitk.GetArrayViewFromImage(inputs.fixed_norm)
-    warped_norm = sitk.GetArrayFromImage(io.resample_to(inputs.moving_norm, grid, transform))
-    mask = sitk.GetArrayViewFromImage(inputs.fixed_mask) > 0 if inputs.fixed_mask is not None else None
-    if request.write_warped:
-        files["warped"] = OUTPUT_FILES["warped"]
-        background = float(sitk.GetArrayViewFromImage(inputs.moving).min())  # e.g. air in CT, not 0 HU
-        io.write_image(io.resample_to(inputs.moving, grid, transform, default=background), folder / files["warped"])
-        reporter.check_cancel()
-    if request.write_overview:
-        files["overview"] = OUTPUT_FILES["overview"]
-        overview(fixed_norm, warped_norm, det, grid.spacing, folder / files["overview"])
-    metrics = jacobian_summary(det)
+                 displacement: np.ndarray, inverse: Callable[[], InverseMap], options: Dict[str, Any],
+                 device: torch.device, folder: Path, reporter: Reporter) -> Dict[str, Any]:
+    """The output files, written on this thread in a fixed order, while a second thread
+    (:class:`nephireg.background.Background`) measures the result and computes the inverse map (SimpleITK's
+    writing and resampling and torch release the GIL: on 2 cores the two overlap)."""
+    files = {"transform": OUTPUT_FILES["transform"], "jacobian": OUTPUT_FILES["jacobian"],
+             "inverse": OUTPUT_FILES["inverse"]}
     mode, prealign = prealigned
-    metrics.update(quality.assess(inputs, grid, prealign, warped_norm, metrics["folding_percent"], reporter))
-    metrics["displacement_max_mm"] = float(np.linalg.norm(displacement, axis=-1).max())
-    files["inverse"] = OUTPUT_FILES["inverse"]
-    metrics.update(write_inverse(inverse, displacement, grid, mask, folder / files["inverse"]))
-    reporter.check_cancel()
+    det = jacobian_determinant(displacement, grid)
+    metrics = jacobian_summary(det)
+    transform = io.displacement_transform(displacement, grid)
+    with Background() as background:
+        measured = background.submit(_measure, inputs, grid, prealign, transform, displacement,
+                                     metrics["folding_percent"], reporter)
+        inverted = background.submit(inverse)
+        io.save_transform(transform, folder / files["transform"])
+        reporter.check_cancel()
+        io.write_image(io.image_from_array(det, grid), folder / files["jacobian"])
+        reporter.check_cancel()
+        if request.write_warped:
+            files["warped"] = OUTPUT_FILES["warped"]
+            background_value = float(sitk.GetArrayViewFromImage(inputs.moving).min())  # e.g. air in CT, not 0 HU
+            io.write_image(io.resample_to(inputs.moving, grid, transform, default=background_value),
+                           folder / files["warped"])
+            reporter.check_cancel()
+        warped_norm, measures = measured.result()
+        metrics.update(measures)
+        if request.write_overview:
+            files["overview"] = OUTPUT_FILES["overview"]
+            overview(sitk.GetArrayViewFromImage(inputs.fixed_norm), warped_norm, det, grid.spacing,
+                     folder / files["overview"])
+        inverse_map = inverted.result()
+        write_inverse(inverse_map, folder / files["inverse"])
+        mask = sitk.GetArrayViewFromImage(inputs.fixed_mask) > 0 if inputs.fixed_mask is not None else None
+        metrics.update(inverse_consistency(inverse_map, displacement, grid, mask))
+        reporter.check_cancel()
     return {
         "files": files,
         "metrics": metrics,
@@ -230,6 +243,16 @@ def _write_files(request: Request, preset: Preset, prealigned: Prealignment, set
                      "SimpleITK": sitk.Version_VersionString(),
                      "numpy": np.__version__, "python": platform.python_version()},
     }
+
+
+def _measure(inputs: Inputs, grid: Grid, prealign: np.ndarray, transform: sitk.Transform, displacement: np.ndarray,
+             folding_percent: float, reporter: Reporter) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """The result's metrics beyond det J and the inverse (similarity at each step and the quality checks, the
+    largest displacement) and the normalised moving image warped onto ``grid`` (Z, Y, X) for the overview."""
+    warped_norm = sitk.GetArrayFromImage(io.resample_to(inputs.moving_norm, grid, transform))
+    metrics = quality.assess(inputs, grid, prealign, warped_norm, folding_percent, reporter)
+    metrics["displacement_max_mm"] = float(np.sqrt(np.square(displacement).sum(axis=-1).max()))
+    return warped_norm, metrics
 
 
 def _grid_dict(grid: Grid) -> Dict[str, Any]:

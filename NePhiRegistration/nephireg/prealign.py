@@ -227,3 +227,30 @@ def landmark_errors(transform: sitk.Transform, fixed_points: np.ndarray, moving_
     """(n,) mm: ||T(fixed_i) - moving_i|| for corresponding (n, 3) LPS points (the evaluation convention)."""
     mapped = np.array([transform.TransformPoint(tuple(float(v) for v in p)) for p in np.asarray(fixed_points)])
     return np.linalg.norm(mapped - np.asarray(moving_points, dtype=float), axis=1)
+
+
+Prealignment = Tuple[str, np.ndarray]
+"""``(mode, 4x4 matrix)``: the pre-alignment a run used (fixed -> moving, LPS mm)."""
+
+
+def prealignment_of(request, preset, inputs, stage: Callable[[str, str], None],
+                    cancelled: Callable[[], bool]) -> Prealignment:
+    """The pre-alignment mode a run uses and its 4x4 matrix, for a :class:`nephireg.inputs.Request`, its
+    :class:`nephireg.presets.Preset` and read :class:`nephireg.inputs.Inputs`. An initial transform file replaces
+    the automatic pre-alignment. ``stage(name, message)`` announces the work; ``cancelled()`` stops it early (the
+    caller then raises)."""
+    from nephireg.compose import affine_matrix
+    from nephireg.errors import InputError
+    from nephireg.initial import INITIAL_MODE
+
+    if inputs.initial is not None:  # checked with the request (validate.check_initial_transform)
+        return INITIAL_MODE, inputs.initial
+    mode = preset.prealign if request.prealign == "preset" else request.prealign
+    if mode not in PREALIGN_MODES or mode == "preset":
+        raise InputError(f"unknown pre-alignment {mode!r}; choose one of {', '.join(PREALIGN_MODES)}")
+    if mode == "none":
+        return mode, np.eye(4)
+    stage("prealign", f"Pre-alignment ({mode})")
+    transform = prealign(inputs.fixed_norm, inputs.moving_norm, mode, *inputs.prealignment_masks(),
+                         cancelled=cancelled)
+    return mode, affine_matrix(transform)

@@ -7,7 +7,7 @@ Shapes: volumes are (N, C, Z, Y, X); point sets are (P, 3) LPS mm; normalised sa
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -40,6 +40,12 @@ def grid_points_mm(grid: Grid, dtype: torch.dtype = torch.float32, device: Optio
     idx = torch.stack([i, j, k], dim=-1)
     m = torch.as_tensor(grid.index_to_physical(), dtype=dtype, device=device)
     return idx @ m[:3, :3].T + m[:3, 3]
+
+
+def slab_grid(grid: Grid, z0: int, z1: int) -> Grid:
+    """The sub-grid of ``grid``'s z planes z0..z1-1 (same spacing and direction)."""
+    origin = grid.index_to_physical()[:3, :3] @ np.array([0.0, 0.0, z0]) + np.asarray(grid.origin)
+    return Grid((grid.size[0], grid.size[1], z1 - z0), grid.spacing, tuple(float(o) for o in origin), grid.direction)
 
 
 def identity_normalised(shape_zyx, dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None
@@ -95,6 +101,52 @@ def resample_volume(volume: torch.Tensor, source: Grid, target: Grid, padding: s
     pts = grid_points_mm(target, dtype=volume.dtype, device=volume.device)
     norm = physical_to_normalised(pts, source).unsqueeze(0)
     return sample_normalised(volume, norm, padding=padding)
+
+
+def axis_aligned_index_map(source: Grid, target: Grid, tolerance: float = 1e-9) -> Optional[np.ndarray]:
+    """(scale, offset) per axis (2, 3), (i, j, k) order, with source index = scale * target index + offset, when
+    the target's voxel axes run along the source's (same direction matrix: e.g. one grid a
+    :meth:`~nephireg.geometry.Grid.resampled` copy of the other); None otherwise."""
+    m = source.physical_to_index() @ target.index_to_physical()
+    linear = m[:3, :3]
+    if np.abs(linear - np.diag(np.diag(linear))).max() > tolerance * max(1.0, np.abs(linear).max()):
+        return None
+    return np.stack([np.diag(linear), m[:3, 3]])
+
+
+def resample_axis_aligned(values: torch.Tensor, source: Grid, target: Grid, index_map: np.ndarray) -> torch.Tensor:
+    """``values`` (C, Z, Y, X) on ``source`` resampled trilinearly onto ``target`` -> (C, Z', Y', X'), border-padded,
+    for grids related by :func:`axis_aligned_index_map` (``index_map``).
+
+    Trilinear interpolation of such grids is separable: one pass of 1D linear interpolation per axis, with the
+    coordinate clamped to the border as :func:`sample_normalised` does (the same numbers up to float rounding), at a
+    fraction of the cost of sampling every target voxel (no point array, contiguous reads). X first, as one matrix
+    product on the smallest array (its rows are contiguous); then Y and Z by gathering whole rows and planes.
+    """
+    weights = [_linear_weights(source.size[axis], target.size[axis], index_map[:, axis], values) for axis in range(3)]
+    below_x, above_x, weight_x = weights[0]
+    matrix = torch.zeros(source.size[0], target.size[0], dtype=values.dtype, device=values.device)  # (X, X')
+    columns = torch.arange(target.size[0], device=values.device)
+    matrix.index_put_((below_x, columns), 1.0 - weight_x, accumulate=True)
+    matrix.index_put_((above_x, columns), weight_x, accumulate=True)
+    out = values @ matrix
+    for dim, (below, above, weight) in ((2, weights[1]), (1, weights[2])):  # Y, then Z
+        shape = [1, 1, 1, 1]
+        shape[dim] = -1
+        out = torch.lerp(out.index_select(dim, below), out.index_select(dim, above), weight.reshape(shape))
+    return out
+
+
+def _linear_weights(count: int, n_target: int, scale_offset: np.ndarray, like: torch.Tensor
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For target voxels 0..n_target-1 along one axis: the source neighbours below and above (long) and the
+    weight of the one above, the source position (scale * t + offset) clamped to [0, count - 1]."""
+    position = torch.arange(n_target, dtype=torch.float64) * float(scale_offset[0]) + float(scale_offset[1])
+    position = position.clamp(0.0, count - 1.0)
+    below = position.floor().clamp(max=max(count - 2, 0)).long()
+    above = (below + 1).clamp(max=count - 1)
+    weight = (position - below).to(like.dtype)
+    return below.to(like.device), above.to(like.device), weight.to(like.device)
 
 
 def pooled_grid(grid: Grid, factor: int) -> Grid:
