@@ -54,14 +54,13 @@ _PRESETS = {
         # as above), a local-code cell every 4 working voxels, Adam rates 2.5x the generic ones, NCC of MIND-SSC
         # features, GradICON lambda 0.5, 6000 similarity points, 110 iterations: 1.30-1.33 mm over seeds 0-2, 77 s on a
         # slow 2-core CPU (docs/nephi.md, session 4). The 1/4 grid alone with cells every 8 voxels gave 1.36-1.40 mm.
-        # Session 6 (speed, docs/nephi.md): GradICON's Jacobian by forward differences and 40 iterations: 1.306 / 1.337
-        # / 1.291 mm over seeds 0-2 (medians 0.90 / 0.91 / 0.87; 110 exact: 1.302 / 1.332 / 1.313), 0 % folding, the
-        # NePhi loop ~3x shorter; 60 iterations gave 1.285 / 1.345 / 1.307 (a median 1.02), 4000 points 1.31-1.35.
+        # Session 6 (speed, docs/nephi.md): 40 iterations instead of 110: 1.312 / 1.308 / 1.323 mm over seeds 0-2
+        # (medians 0.93 / 0.93 / 0.95; 110: 1.310, median 0.91), 0 % folding. GradICON by forward differences
+        # (gradicon_jacobian=fd, 0.8x a step) gave 1.284 / 1.320 / 1.326 at 40 but folded 0.0004 % at seed 0: not here.
         method_options={"adam": {"regularization": 0.2, "iterations": 30, "coarse_iterations": 30},
                         "nephi": {"output_lattice": 6},
                         "nephi-io": {"coarse": "adam", "coarse_level": 2, "coarse_iterations": 30,
                                      "coarse_regularization": 0.2, "latent_stride": 4, "iterations": 40,
-                                     "gradicon_jacobian": "fd",
                                      "learning_rate": 5e-3, "code_learning_rate": 5e-2, "similarity_points": 6000,
                                      "similarity": "mind", "regularization": 0.5, "output_lattice": 3}},
     ),

@@ -308,7 +308,7 @@ def _output(net, codes, pair: PreparedPair, settings: Settings, coarse, reporter
     (:data:`BACKWARD_LATTICE`): the fixed-point iteration refines it anyway, and on the lung pair the raw map was
     0.83 mm mean from consistent (docs/methods.md), while evaluating the MLP on the output lattice would double a
     prediction's output cost."""
-    from nephireg.inverse import FieldWithInverse
+    from nephireg.fields import FieldWithInverse
     from nephireg.nephi.output import ComposedField, NePhiField, lattice_field
 
     field: DisplacementField = NePhiField(net, codes, pair.grid)
