@@ -16,6 +16,9 @@ run with each other (ratios), not with another run's.
   --progress jsonl`` on the shared lung pair): when (s since the exec) the ``start`` event, each ``stage`` event and
   the ``result`` event arrive, and the exit; plus the engine's own ``timings_s``.
 * ``importtime``: ``-X importtime`` of that command: the top-level modules imported before torch starts loading.
+* ``overlap``: what the prefetch (reading, lung masks, pre-alignment in a thread while torch loads) buys: fresh
+  processes that only ``import nephireg.pipeline``, only prefetch, do both as the command does (prefetch thread +
+  import), or both one after the other.
 * ``slicer``: the Slicer module's Register on Slicer's real libraries (trame-slicer ``SlicerApp`` scene as
   ``Testing/slicer_scene.py`` builds it; the lung pair loaded as volume nodes; ``RegistrationJob`` with
   ``python=sys.executable``, as the tests run it): writing the inputs, launch -> ``start`` event, ``start`` ->
@@ -23,8 +26,8 @@ run with each other (ratios), not with another run's.
   Register -> result in the scene. Variants: the module as it is (``module``) and the engine's overview image
   written as before this change (``with-overview``).
 
-``register`` and ``slicer`` need ``../shared/data`` (relative to the repository root) and are skipped with a message
-without it; ``slicer`` also needs the ``slicer-core``/``trame-slicer`` wheels.
+``register``, ``overlap`` and ``slicer`` need ``../shared/data`` (relative to the repository root) and are skipped
+with a message without it; ``slicer`` also needs the ``slicer-core``/``trame-slicer`` wheels.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ MODULE_DIR = REPO / "NePhiRegistration"
 DATA = REPO.parent / "shared" / "data" / "lung-ct-pair"
 FIXED = DATA / "3DCT_lung_baseline.mha"
 MOVING = DATA / "3DCT_lung_followup.mha"
-PARTS = ("cli", "env", "register", "importtime", "slicer")
+PARTS = ("cli", "env", "register", "importtime", "overlap", "slicer")
 METHOD, PRESET = "nephi", "lung-ct"
 
 CLI_COMMANDS = {
@@ -211,6 +214,47 @@ def part_importtime(work: Path, top: int = 15) -> Dict[str, Any]:
             "data": DATA.is_dir()}
 
 
+# -- part overlap -------------------------------------------------------------------------------------------
+OVERLAP_CHILD = """
+import sys
+from nephireg.inputs import Request, prefetch_inputs
+from nephireg.progress import SilentReporter
+mode = sys.argv[1]
+request = Request(fixed={fixed!r}, moving={moving!r}, out={out!r}, method={method!r}, preset={preset!r}, device="cpu")
+
+def prefetch():
+    return prefetch_inputs(request)
+
+def take(prefetched):
+    prefetched.result(SilentReporter())
+    prefetched.prealignment()
+
+if mode == "import":
+    import nephireg.pipeline
+elif mode == "prefetch":
+    take(prefetch())
+elif mode == "both (as the command)":
+    prefetched = prefetch()
+    import nephireg.pipeline
+    take(prefetched)
+else:
+    take(prefetch())
+    import nephireg.pipeline
+"""
+OVERLAP_MODES = ("import", "prefetch", "both (as the command)", "one after the other")
+
+
+def part_overlap(repeats: int, work: Path) -> Dict[str, Any]:
+    script = work / "overlap_child.py"
+    script.write_text(OVERLAP_CHILD.format(fixed=str(FIXED), moving=str(MOVING), out=str(work / "overlap-out"),
+                                           method=METHOD, preset=PRESET))
+    samples: Dict[str, List[float]] = {mode: [] for mode in OVERLAP_MODES}
+    for _ in range(repeats):
+        for mode in OVERLAP_MODES:
+            samples[mode].append(wall_s([str(script), mode], engine_env()))
+    return medians(samples)
+
+
 # -- part slicer ---------------------------------------------------------------------------------------------
 class Marks:
     """Named time stamps (s since :meth:`reset`)."""
@@ -323,7 +367,8 @@ def _remove_result(scene, result, moving) -> None:
 # -- report --------------------------------------------------------------------------------------------------
 def markdown(results: Dict[str, Any]) -> str:
     lines = [f"### Start-up measured {results['date']} (`bench_startup.py --repeats {results['repeats']}`; "
-             f"{results['machine']})", ""]
+             f"{results['machine']}; load average {results['load_average_start'][0]:.1f} at the start, "
+             f"{results['load_average_end'][0]:.1f} at the end)", ""]
     if "cli" in results:
         base = results["cli"]["python -c pass"]["median_s"]
         lines += ["| command (fresh process, exec -> exit) | median (s) | vs `python -c pass` |", "|---|---|---|"]
@@ -354,6 +399,13 @@ def markdown(results: Dict[str, Any]) -> str:
         lines += [f"`-X importtime` of that command, top-level modules imported before torch starts loading "
                   f"(total {imp['before_torch_total_ms']:.0f} ms):", "", "| module | cumulative (ms) |", "|---|---|"]
         lines += [f"| {e['module']} | {e['cumulative_ms']:.1f} |" for e in imp["top"]]
+        lines.append("")
+    if "overlap" in results:
+        alone = results["overlap"]["import"]["median_s"]
+        lines += ["Prefetch and torch import, fresh processes (exec -> exit), lung pair:", "",
+                  "| process | median (s) | vs import alone |", "|---|---|---|"]
+        lines += [f"| {name} | {v['median_s']:.3f} | {v['median_s'] / alone:.2f} |"
+                  for name, v in results["overlap"].items()]
         lines.append("")
     if "slicer" in results:
         variants = list(results["slicer"])
@@ -386,10 +438,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "repeats": args.repeats,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "load_average_start": [round(v, 2) for v in os.getloadavg()],
     }
     try:
         for part in parts:
-            if part in ("register", "slicer") and not DATA.is_dir():
+            if part in ("register", "overlap", "slicer") and not DATA.is_dir():
                 print(f"{part}: skipped: {DATA} absent")
                 continue
             print(f"{part} ...", file=sys.stderr, flush=True)
@@ -401,6 +454,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 results["register"] = part_register(args.repeats, work)
             elif part == "importtime":
                 results["importtime"] = part_importtime(work)
+            elif part == "overlap":
+                results["overlap"] = part_overlap(args.repeats, work)
             elif part == "slicer":
                 try:
                     import slicer_core  # noqa: F401
@@ -412,6 +467,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
+    results["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     if args.out_json:
         args.out_json.parent.mkdir(parents=True, exist_ok=True)
         args.out_json.write_text(json.dumps(results, indent=1) + "\n")
