@@ -86,3 +86,18 @@ def test_det_j_on_thin_grids(planes):
 def test_det_j_refuses_a_flat_grid():
     with pytest.raises(ValueError, match="at least 2 voxels"):
         jacobian_determinant(np.zeros((1, 4, 4, 3)), FINE)
+
+
+def test_slabwise_composition_with_an_affine_equals_the_whole_grid_formula():
+    from nephireg.compose import compose_prealignment
+
+    generator = np.random.default_rng(5)
+    u = generator.normal(0.0, 3.0, (*FINE.shape_zyx, 3))
+    prealign = np.eye(4)
+    prealign[:3, :3] = [[1.05, 0.02, -0.01], [0.0, 0.97, 0.04], [0.03, 0.0, 1.02]]
+    prealign[:3, 3] = [4.0, -7.0, 2.5]
+    points = FINE.physical_points()
+    expected = (points + u) @ prealign[:3, :3].T + prealign[:3, 3] - points  # A(x + u) - x
+    composed = compose_prealignment(FINE, u, prealign)
+    assert composed.dtype == np.float64 and np.abs(composed - expected).max() < 1e-9
+    assert np.abs(compose_prealignment(FINE, u, np.eye(4)) - u).max() == 0.0  # a translation-free identity: u

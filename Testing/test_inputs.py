@@ -25,27 +25,38 @@ class StageLog(SilentReporter):
 
 @pytest.mark.parametrize("prealign", ["center", "affine"])
 def test_prefetched_inputs_equal_direct_reading_and_replay_the_stages(small_pair, tmp_path, prealign):
-    """The thread reads the inputs and computes the pre-alignment (while the command loads torch): the same
-    images, the same matrix and the same stages as the pipeline doing both itself."""
+    """The thread reads the inputs, computes the pre-alignment and resamples the pair onto the working grid (while
+    the command loads torch): the same images, matrix, working arrays and stages as the pipeline doing it itself."""
     from nephireg.pipeline import prealign_matrix
+    from nephireg.preprocess import working_images
 
     request = Request(small_pair["fixed"], small_pair["moving"], str(tmp_path / "out"), preset="lung-ct",
                       prealign=prealign)
     direct_log, prefetched_log = StageLog(), StageLog()
     direct = read_inputs(request, get_preset("lung-ct"), direct_log)
     direct_prealignment = prealign_matrix(request, get_preset("lung-ct"), direct, direct_log)
+    direct_working = working_images(direct, get_preset("lung-ct"), direct_prealignment[1])
     prefetch = prefetch_inputs(request)
     prefetched = prefetch.result(prefetched_log)
-    assert direct_log.names == prefetched_log.names == ["read", "masks", "preprocess", "prealign"]
+    assert prefetched_log.names == ["read", "masks", "preprocess"]  # the later stages where their outcome is taken
     assert prefetched.masks_derived
     for name in ("fixed_norm", "moving_norm", "fixed_mask", "moving_mask", "fixed_region", "moving_region"):
         assert np.array_equal(sitk.GetArrayViewFromImage(getattr(direct, name)),
                               sitk.GetArrayViewFromImage(getattr(prefetched, name)))
-    mode, matrix = prefetch.prealignment()
+    mode, matrix = prefetch.prealignment(prefetched_log)
     assert mode == direct_prealignment[0] == prealign
     assert np.allclose(matrix, direct_prealignment[1], atol=1e-6)
     if prealign == "affine":
         assert not np.allclose(matrix[:3, :3], np.eye(3), atol=1e-4)  # a real registration ran in the thread
+    working = prefetch.working_images(prefetched_log)
+    assert direct_log.names + ["prepare"] == prefetched_log.names == ["read", "masks", "preprocess", "prealign",
+                                                                      "prepare"]
+    assert working.grid == direct_working.grid
+    for name in ("fixed", "moving", "fixed_mask", "moving_mask"):
+        ours, theirs = getattr(working, name), getattr(direct_working, name)
+        assert ours.dtype == np.float32 and ours.shape == working.grid.shape_zyx
+        assert np.allclose(ours, theirs, atol=1e-5)  # the matrices agree to 1e-6 (threads' sums in ITK)
+    assert set(np.unique(working.fixed_mask)) <= {0.0, 1.0}
 
 
 def test_a_prefetched_prealignment_error_is_raised_where_the_pipeline_takes_it(small_pair, tmp_path):
@@ -53,7 +64,7 @@ def test_a_prefetched_prealignment_error_is_raised_where_the_pipeline_takes_it(s
     prefetch = prefetch_inputs(request)
     prefetch.result(SilentReporter())  # the inputs are fine
     with pytest.raises(InputError, match="unknown pre-alignment 'sideways'"):
-        prefetch.prealignment()
+        prefetch.prealignment(SilentReporter())
 
 
 def test_a_prefetch_error_is_raised_where_the_result_is_taken(small_pair, tmp_path):

@@ -33,16 +33,34 @@ def affine_transform(matrix4: np.ndarray) -> sitk.AffineTransform:
     return transform
 
 
-def compose_prealignment(grid: Grid, displacement_mm: np.ndarray, prealign: np.ndarray) -> np.ndarray:
-    """Displacement of phi(x) = A(x + u(x)) - x at ``grid``'s voxels, for u (Z, Y, X, 3) and A a 4x4; LPS mm.
+SLAB_PLANES = 8
+"""The composition runs over slabs of this many z planes: no full-grid point array or product temporaries (on a
+brain-sized grid those fresh arrays cost more than the arithmetic: 1.8 s against 0.4 s)."""
 
-    Written A u + (A - I) x + t, with the one (..., 3) temporary a matrix product needs. A translation (the
-    ``center`` pre-alignment, or none) is u + t: no point array and no products (0.5 s on a 2.3 M-voxel CT).
+
+def compose_prealignment(grid: Grid, displacement_mm: np.ndarray, prealign: np.ndarray) -> np.ndarray:
+    """Displacement of phi(x) = A(x + u(x)) - x at ``grid``'s voxels, for u (Z, Y, X, 3) and A a 4x4; LPS mm,
+    float64, a new array (``displacement_mm`` is left as it is).
+
+    Written A u + (A - I) x + t, slab by slab (:data:`SLAB_PLANES`). A translation (the ``center`` pre-alignment,
+    or none) is u + t: no points and no products.
     """
     linear = prealign[:3, :3]
     if np.allclose(linear, np.eye(3), rtol=0.0, atol=1e-12):
-        return displacement_mm + prealign[:3, 3]
-    out = displacement_mm @ linear.T
-    out += grid.physical_points() @ (linear - np.eye(3)).T
-    out += prealign[:3, 3]
-    return out
+        return np.add(displacement_mm, prealign[:3, 3], dtype=np.float64)
+    import torch  # here, not at import: the request check (nephireg.initial) uses this module before torch loads
+
+    from nephireg.sampling import grid_points_mm, slab_grid
+
+    u = torch.from_numpy(np.asarray(displacement_mm, dtype=np.float64))
+    out = torch.empty(u.shape, dtype=torch.float64)
+    a_t = torch.from_numpy(np.ascontiguousarray(linear.T))
+    a_minus_i_t = torch.from_numpy(np.ascontiguousarray((linear - np.eye(3)).T))
+    t = torch.from_numpy(np.asarray(prealign[:3, 3], dtype=np.float64))
+    with torch.no_grad():
+        for z0 in range(0, u.shape[0], SLAB_PLANES):
+            z1 = min(u.shape[0], z0 + SLAB_PLANES)
+            points = grid_points_mm(slab_grid(grid, z0, z1), dtype=torch.float64)
+            torch.addmm(t, u[z0:z1].reshape(-1, 3), a_t, out=out[z0:z1].view(-1, 3))
+            out[z0:z1].view(-1, 3).addmm_(points.reshape(-1, 3), a_minus_i_t)
+    return out.numpy()

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 from nephireg import io
 from nephireg.errors import InputError
 from nephireg.initial import read_initial_transform
-from nephireg.preprocess import dilate, normalise_intensities
+from nephireg.preprocess import WorkingImages, dilate, normalise_intensities, working_images
 from nephireg.presets import Preset, get_preset
 from nephireg.progress import Reporter
 
@@ -160,14 +160,20 @@ def _alignment_masks(fixed: sitk.Image, moving: sitk.Image, fixed_mask: Optional
     return (derived, moving_mask) if given == 0 else (fixed_mask, derived)
 
 
+_LATER_STAGES = ("prealign", "prepare")
+"""Stages the prefetch thread runs after reading; their events are replayed where the pipeline takes their outcome
+(:meth:`PrefetchedInputs.prealignment`, :meth:`PrefetchedInputs.working_images`), not with the reading's."""
+
+
 class PrefetchedInputs:
-    """:func:`read_inputs` and then the pre-alignment running in a thread; :meth:`result` waits for it and gives
-    the inputs, :meth:`prealignment` the pre-alignment (SimpleITK alone: both fit in the time torch takes to load).
+    """:func:`read_inputs`, then the pre-alignment and the images on the working grid, running in a thread;
+    :meth:`result` waits for it and gives the inputs, :meth:`prealignment` the pre-alignment, :meth:`working_images`
+    the resampled pair (SimpleITK alone: on 2 cores this overlaps the time torch takes to load).
 
     The stage and warning events are recorded in the thread and replayed by :meth:`result`, so a reporter sees
     them in the usual order after the run's start event; the time spent waiting is reported as the ``read`` stage (so a
-    manifest's ``timings_s`` then counts the mask derivation and the pre-alignment under ``read``). An error of the
-    pre-alignment is raised by :meth:`prealignment`, where the pipeline would have met it.
+    manifest's ``timings_s`` then counts the mask derivation, the pre-alignment and the resampling under ``read``).
+    An error of the pre-alignment or the resampling is raised where the pipeline would have met it.
     """
 
     def __init__(self, request: Request, preset: Preset) -> None:
@@ -179,6 +185,8 @@ class PrefetchedInputs:
         self._error: Optional[BaseException] = None
         self._prealignment: Optional[Tuple[str, np.ndarray]] = None
         self._prealignment_error: Optional[BaseException] = None
+        self._working: Optional[WorkingImages] = None
+        self._working_error: Optional[BaseException] = None
         self._cancelled = threading.Event()
         # Not a daemon: if a run in this process (a library call of cli.main) fails before taking the result, the
         # interpreter waits for the thread instead of finalising while it is inside SimpleITK. The command line
@@ -203,6 +211,14 @@ class PrefetchedInputs:
                                                  self._cancelled.is_set)
         except BaseException as exc:  # handed over by prealignment()
             self._prealignment_error = exc
+            return
+        if self._cancelled.is_set():
+            return
+        try:  # bounded in size (preprocess.MAX_WORKING_VOXELS), so safe before the pipeline's geometry check
+            stage("prepare", "Resampling the images onto the working grid")
+            self._working = working_images(self._outcome, self.preset, self._prealignment[1])
+        except BaseException as exc:  # handed over by working_images()
+            self._working_error = exc
 
     def result(self, reporter: Reporter) -> Inputs:
         reporter.stage("read", "Reading and checking the images")
@@ -212,6 +228,8 @@ class PrefetchedInputs:
             reporter.check_cancel()
             self._thread.join(0.1)
         for name, message in self._stages[1:]:
+            if name in _LATER_STAGES:  # replayed where the pipeline takes their outcome
+                continue
             reporter.stage(name, message)
             if name == "masks":  # the warnings of the mask stage, in it
                 for code, message in self._warnings:
@@ -221,14 +239,29 @@ class PrefetchedInputs:
         assert self._outcome is not None
         return self._outcome
 
+    def working_images(self, reporter: Reporter) -> WorkingImages:
+        """The pair on the working grid (:func:`nephireg.preprocess.working_images`; after :meth:`prealignment`)."""
+        self._replay("prepare", reporter)
+        if self._working_error is not None:
+            raise self._working_error
+        if self._working is None:
+            raise RuntimeError("working_images() before prealignment(), or after a cancellation")
+        return self._working
+
+    def _replay(self, name: str, reporter: Reporter) -> None:
+        for stage, message in self._stages:
+            if stage == name:
+                reporter.stage(stage, message)
+
     def cancel(self) -> None:
         """Stop the pre-alignment at its next iteration (a run cancelled before it takes the result)."""
         self._cancelled.set()
 
-    def prealignment(self) -> Tuple[str, np.ndarray]:
+    def prealignment(self, reporter: Reporter) -> Tuple[str, np.ndarray]:
         """``(mode, 4x4)`` as :func:`nephireg.prealign.prealignment_of` gave it (call after :meth:`result`)."""
         if self._thread.is_alive() or self._outcome is None:
             raise RuntimeError("prealignment() before result()")
+        self._replay("prealign", reporter)
         if self._prealignment_error is not None:
             raise self._prealignment_error
         assert self._prealignment is not None

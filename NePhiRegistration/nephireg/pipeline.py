@@ -19,7 +19,7 @@ import torch
 import nephireg
 from nephireg import io, quality, validate
 from nephireg.background import Background
-from nephireg.compose import affine_transform, compose_prealignment
+from nephireg.compose import compose_prealignment
 from nephireg.errors import InputError, OutOfMemory
 from nephireg.fields import evaluate_on_grid
 from nephireg.geometry import Grid, overlap_fraction
@@ -30,7 +30,7 @@ from nephireg.methods import get_method, model_record
 from nephireg.overview import overview
 from nephireg.pair import PreparedPair
 from nephireg.prealign import Prealignment
-from nephireg.preprocess import crop_to_mask, working_grid
+from nephireg.preprocess import WorkingImages, working_grid_of, working_images
 from nephireg.presets import Preset, get_preset
 from nephireg.progress import Reporter, SilentReporter
 from nephireg.protocol import OUTPUT_FILES
@@ -64,46 +64,13 @@ def check_overlap(fixed: Grid, moving: Grid, prealign: np.ndarray, request: Requ
                          "space; check their origins or use a pre-alignment (--prealign center)", request.moving)
 
 
-def prepare(request: Request, inputs: Inputs, preset: Preset, prealign: np.ndarray, device: torch.device
-            ) -> PreparedPair:
-    """The working-grid tensors a method receives (moving resampled through the pre-alignment)."""
-    grid = working_grid_of(inputs, preset)
-    transform = affine_transform(prealign)
-    fixed = to_tensor(inputs.fixed_norm, grid, None, device)
-    moving = to_tensor(inputs.moving_norm, grid, transform, device)
-    fixed_mask = moving_mask = None
-    if inputs.fixed_region is not None:
-        fixed_mask = to_tensor(inputs.fixed_region, grid, None, device, is_mask=True)
-    if inputs.moving_region is not None:
-        moving_mask = to_tensor(inputs.moving_region, grid, transform, device,
-                                is_mask=True)
-    if preset.mask_images:
-        fixed = fixed * fixed_mask if fixed_mask is not None else fixed
-        moving = moving * moving_mask if moving_mask is not None else moving
-    return PreparedPair(grid, fixed, moving, fixed_mask, moving_mask, seed=request.seed, preset=preset.name)
+def prepare(request: Request, preset: Preset, images: WorkingImages, device: torch.device) -> PreparedPair:
+    """The working-grid tensors a method receives, (1, 1, Z, Y, X) float32, from :class:`WorkingImages`."""
+    def tensor(array: Optional[np.ndarray]) -> Optional[torch.Tensor]:
+        return None if array is None else torch.from_numpy(array)[None, None].to(device)
 
-
-def working_grid_of(inputs: Inputs, preset: Preset) -> Grid:
-    """The grid a method works on: the fixed image's field of view (cropped to its mask if the preset says) at the
-    preset's working spacing."""
-    region = Grid.of(inputs.fixed)
-    if preset.crop_margin_mm is not None and inputs.fixed_mask is not None:
-        region = crop_to_mask(region, inputs.fixed_mask, preset.crop_margin_mm)
-    return working_grid(region, preset.working_spacing_mm)
-
-
-def to_tensor(image: sitk.Image, grid: Grid, transform: Optional[sitk.Transform], device: torch.device,
-              is_mask: bool = False) -> torch.Tensor:
-    """``image`` resampled onto ``grid`` (through ``transform``, fixed -> image space) as (1, 1, Z, Y, X) float32.
-
-    Masks are resampled linearly and thresholded at 0.5, which keeps them faithful under downsampling.
-    """
-    source = sitk.Cast(image, sitk.sitkFloat32) if is_mask else image
-    resampled = io.resample_to(source, grid, transform, linear=True, default=0.0)
-    array = sitk.GetArrayFromImage(resampled).astype(np.float32)
-    if is_mask:
-        array = (array >= 0.5).astype(np.float32)
-    return torch.from_numpy(array)[None, None].to(device)
+    return PreparedPair(images.grid, tensor(images.fixed), tensor(images.moving), tensor(images.fixed_mask),
+                        tensor(images.moving_mask), seed=request.seed, preset=preset.name)
 
 
 BeforeCommit = Callable[[Dict[str, Any], Path], None]
@@ -137,7 +104,7 @@ def register(request: Request, reporter: Optional[Reporter] = None,
     validate.check_geometry(request, settings, Grid.of(inputs.fixed), Grid.of(inputs.moving),
                             working_grid_of(inputs, preset))
     if prefetched is not None:  # computed while torch loaded
-        mode, prealign = prefetched.prealignment()
+        mode, prealign = prefetched.prealignment(reporter)
     else:
         mode, prealign = prealign_matrix(request, preset, inputs, reporter)
     fixed_grid = Grid.of(inputs.fixed)
@@ -145,7 +112,12 @@ def register(request: Request, reporter: Optional[Reporter] = None,
     method = get_method(request.method)
     options = preset.options_for(request.method, request.options)
     try:
-        pair = prepare(request, inputs, preset, prealign, device)
+        if prefetched is not None:  # resampled while torch loaded
+            images = prefetched.working_images(reporter)
+        else:
+            reporter.stage("prepare", "Resampling the images onto the working grid")
+            images = working_images(inputs, preset, prealign)
+        pair = prepare(request, preset, images, device)
         field_ = method(pair, options, reporter)
         reporter.stage("field", "Evaluating the displacement on the fixed grid")
         displacement = evaluate_on_grid(field_, fixed_grid, device, cancel=reporter.check_cancel)
@@ -250,7 +222,7 @@ def _measure(inputs: Inputs, grid: Grid, prealign: np.ndarray, transform: sitk.T
     largest displacement) and the normalised moving image warped onto ``grid`` (Z, Y, X) for the overview."""
     warped_norm = sitk.GetArrayFromImage(io.resample_to(inputs.moving_norm, grid, transform))
     metrics = quality.assess(inputs, grid, prealign, warped_norm, folding_percent, reporter)
-    metrics["displacement_max_mm"] = float(np.sqrt(np.square(displacement).sum(axis=-1).max()))
+    metrics["displacement_max_mm"] = float(torch.from_numpy(displacement).reshape(-1, 3).norm(dim=1).max())
     return warped_norm, metrics
 
 

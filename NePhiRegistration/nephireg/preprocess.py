@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -62,3 +63,56 @@ def crop_to_mask(grid: Grid, mask: sitk.Image, margin_mm: float) -> Grid:
     stop = np.minimum(np.asarray(box[:3]) + np.asarray(box[3:]) + margin, np.asarray(grid.size))
     origin = grid.index_to_physical()[:3, :3] @ start + np.asarray(grid.origin)
     return Grid(tuple(int(n) for n in stop - start), grid.spacing, tuple(float(o) for o in origin), grid.direction)
+
+
+@dataclass
+class WorkingImages:
+    """The pair on the grid a method works on, as numpy (Z, Y, X) float32 arrays (the moving image and mask
+    resampled through the pre-alignment); masks in {0, 1} or None. What :func:`nephireg.pipeline.prepare` turns
+    into tensors; computed in SimpleITK alone, so the command line does it while torch loads."""
+
+    grid: Grid
+    fixed: np.ndarray
+    moving: np.ndarray
+    fixed_mask: Optional[np.ndarray]
+    moving_mask: Optional[np.ndarray]
+
+
+def working_grid_of(inputs, preset: Preset) -> Grid:
+    """The grid a method works on for :class:`nephireg.inputs.Inputs` ``inputs``: the fixed image's field of view
+    (cropped to its mask if the preset says) at the preset's working spacing."""
+    region = Grid.of(inputs.fixed)
+    if preset.crop_margin_mm is not None and inputs.fixed_mask is not None:
+        region = crop_to_mask(region, inputs.fixed_mask, preset.crop_margin_mm)
+    return working_grid(region, preset.working_spacing_mm)
+
+
+def working_images(inputs, preset: Preset, prealign: np.ndarray) -> WorkingImages:
+    """``inputs``' normalised images and regions on :func:`working_grid_of`, the moving ones through ``prealign``
+    (4x4 LPS mm, fixed -> moving); images multiplied by their masks when the preset says."""
+    from nephireg.compose import affine_transform
+
+    grid = working_grid_of(inputs, preset)
+    transform = affine_transform(prealign)
+    fixed = on_grid(inputs.fixed_norm, grid, None)
+    moving = on_grid(inputs.moving_norm, grid, transform)
+    fixed_mask = on_grid(inputs.fixed_region, grid, None, is_mask=True) if inputs.fixed_region is not None else None
+    moving_mask = (on_grid(inputs.moving_region, grid, transform, is_mask=True)
+                   if inputs.moving_region is not None else None)
+    if preset.mask_images:
+        fixed = fixed * fixed_mask if fixed_mask is not None else fixed
+        moving = moving * moving_mask if moving_mask is not None else moving
+    return WorkingImages(grid, fixed, moving, fixed_mask, moving_mask)
+
+
+def on_grid(image: sitk.Image, grid: Grid, transform: Optional[sitk.Transform], is_mask: bool = False) -> np.ndarray:
+    """``image`` resampled linearly onto ``grid`` (through ``transform``, fixed -> image space), (Z, Y, X) float32.
+
+    Masks are resampled linearly and thresholded at 0.5, which keeps them faithful under downsampling.
+    """
+    from nephireg import io
+
+    source = sitk.Cast(image, sitk.sitkFloat32) if is_mask else image
+    array = sitk.GetArrayFromImage(io.resample_to(source, grid, transform, linear=True, default=0.0))
+    array = array.astype(np.float32, copy=False)
+    return (array >= 0.5).astype(np.float32) if is_mask else array
