@@ -16,9 +16,9 @@ run with each other (ratios), not with another run's.
   --progress jsonl`` on the shared lung pair): when (s since the exec) the ``start`` event, each ``stage`` event and
   the ``result`` event arrive, and the exit; plus the engine's own ``timings_s``.
 * ``importtime``: ``-X importtime`` of that command: the top-level modules imported before torch starts loading.
-* ``overlap``: what the prefetch (reading, lung masks, pre-alignment in a thread while torch loads) buys: fresh
-  processes that only ``import nephireg.pipeline``, only prefetch, do both as the command does (prefetch thread +
-  import), or both one after the other.
+* ``overlap``: what the prefetch (reading, lung masks, pre-alignment, resampling onto the working grid, in a thread
+  while torch loads) buys: fresh processes that only ``import nephireg.pipeline``, only prefetch, do both as the
+  command does (prefetch thread + import), or both one after the other.
 * ``slicer``: the Slicer module's Register on Slicer's real libraries (trame-slicer ``SlicerApp`` scene as
   ``Testing/slicer_scene.py`` builds it; the lung pair loaded as volume nodes; ``RegistrationJob`` with
   ``python=sys.executable``, as the tests run it): writing the inputs, launch -> ``start`` event, ``start`` ->
@@ -225,9 +225,11 @@ request = Request(fixed={fixed!r}, moving={moving!r}, out={out!r}, method={metho
 def prefetch():
     return prefetch_inputs(request)
 
-def take(prefetched):
-    prefetched.result(SilentReporter())
-    prefetched.prealignment()
+def take(prefetched):  # waits for the prefetch thread (read, masks, pre-alignment, images on the working grid)
+    reporter = SilentReporter()
+    prefetched.result(reporter)
+    prefetched.prealignment(reporter)
+    prefetched.working_images(reporter)
 
 if mode == "import":
     import nephireg.pipeline
