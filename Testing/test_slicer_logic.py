@@ -224,8 +224,7 @@ def test_ensure_torch_declined_installs_nothing(fake_slicer, monkeypatch):
 
 
 def test_the_module_asks_the_engine_for_no_overview_unless_told(fake_slicer, tmp_path):
-    # the panel never shows overview.png; not writing it saves a third of a second of the engine's write stage on
-    # the lung pair (docs/benchmarks.md, "Session 6: start-up")
+    # the panel never shows overview.png, so the engine is asked not to draw it (docs/benchmarks.md, "Session 6")
     from NePhiRegistrationLib.settings import RegistrationSettings
 
     factory, commands = make_factory(tmp_path, "ok")

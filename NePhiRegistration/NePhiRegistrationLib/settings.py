@@ -32,7 +32,7 @@ class RegistrationSettings:
     device: str = "auto"
     modelPath: str = ""  # "" = the default model of the model store
     writeWarped: bool = True
-    writeOverview: bool = False  # the engine's overview.png: the panel never shows it (not writing it saves time)
+    writeOverview: bool = False  # the engine's overview.png: the panel never shows it, so it is not drawn
     keepTemporaryFiles: bool = False
     seed: Optional[int] = None
     methodOptions: Dict[str, Any] = field(default_factory=dict)  # any method option (``--option KEY=JSON``)

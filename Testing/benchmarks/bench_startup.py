@@ -349,6 +349,8 @@ def part_slicer(repeats: int, work: Path) -> Dict[str, Any]:
                     "temp clean-up": at["cleanup end"] - at["cleanup begin"],
                     "Register -> result in scene": at["importResult end"],
                     "Register -> finished": at["finished"],
+                    "engine write stage (timings_s)": outcome.manifest["timings_s"]["write"],
+                    "engine total (timings_s)": outcome.manifest["timings_s"]["total"],
                 }
                 for key, value in spans.items():
                     samples[variant].setdefault(key, []).append(value)
