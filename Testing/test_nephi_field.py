@@ -56,6 +56,9 @@ class _Translations(torch.nn.Module):
     def transform(self, points, codes, inverse=False):
         return points + (self.b if inverse else self.a)
 
+    def transform_pair(self, forward_points, backward_points, codes):
+        return self.transform(forward_points, codes), self.transform(backward_points, codes, inverse=True)
+
 
 class _Affine(_Translations):
     def __init__(self, matrix, inverse_matrix):
@@ -73,6 +76,20 @@ def test_gradicon_is_zero_for_inverse_maps_and_positive_otherwise():
     assert gradicon(_Affine(matrix, torch.linalg.inv(matrix)), None, pts) < 1e-8
     # translations are never penalised (their Jacobians are I); a wrong linear inverse is
     assert gradicon(_Affine(matrix, torch.eye(3)), None, pts) > 0.05
+
+
+def test_transform_pair_gives_the_numbers_of_two_transform_calls():
+    net = NePhiNet(SMALL)
+    for mlp in (net.forward_map, net.backward_map):
+        torch.nn.init.normal_(mlp.out.weight, std=0.1)
+    codes = (torch.full((4,), 0.1), torch.randn(4, 3, 4, 5, generator=torch.Generator().manual_seed(2)))
+    a, b = _points(30, seed=1), _points(20, seed=2)
+    there, back = net.transform_pair(a, b, codes)
+    assert torch.allclose(there, net.transform(a, codes), atol=1e-6)
+    assert torch.allclose(back, net.transform(b, codes, inverse=True), atol=1e-6)
+    shared = net.transform_pair(a, a, codes)  # the same points for both maps: one embedding and gather
+    assert torch.allclose(shared[1], net.transform(a, codes, inverse=True), atol=1e-6)
+    assert not torch.allclose(shared[0], shared[1], atol=1e-3)  # the two maps differ: the checks can fail
 
 
 def test_gradicon_of_a_real_field_has_a_second_derivative():
@@ -100,6 +117,44 @@ def test_point_jacobian_is_exact_and_differentiable():
     closed = torch.cos(points @ weights.t())[:, :, None] * weights[None]  # rows = output components
     assert torch.allclose(ours, closed)
     assert torch.autograd.gradcheck(lambda w: jacobian(lambda x: torch.sin(x @ w.t()), points), (weights,))
+
+
+def test_finite_difference_jacobian_matches_the_exact_one():
+    from nephireg.nephi.losses import jacobian, jacobian_fd
+
+    torch.manual_seed(0)
+    points = torch.rand(40, 3) * 1.6 - 0.8
+    matrix = torch.tensor([[1.1, 0.2, 0.0], [0.0, 0.9, 0.1], [0.05, 0.0, 1.2]])
+    affine = jacobian_fd(lambda x: x @ matrix.t() + torch.tensor([0.1, -0.2, 0.3]), points)
+    assert torch.allclose(affine, matrix.expand(40, 3, 3), atol=5e-4)  # float32 round-off at the 1e-3 step
+    # a strongly curved NePhi field: forward differences are first order (error ~ step x curvature), and a point
+    # whose step crosses a ReLU kink or a face of the trilinear code's cells sees a blend of both sides
+    net = NePhiNet(SMALL)
+    torch.nn.init.normal_(net.forward_map.out.weight, std=0.3)
+    codes = tuple(c + 0.2 for c in zero_codes(SMALL, (3, 3, 3)))
+    exact = jacobian(lambda x: net.transform(x, codes), points).detach()
+    approx = jacobian_fd(lambda x: net.transform(x, codes), points).detach()
+    departure = (exact - torch.eye(3)).abs().amax(dim=(1, 2)).median()
+    error = (approx - exact).abs().amax(dim=(1, 2)).median()
+    assert departure > 0.5 and error < 0.02 * departure, (float(departure), float(error))  # measured 0.94 / 0.010
+
+
+def test_gradicon_by_finite_differences_agrees_with_the_exact_one_and_trains():
+    pts = _points(50, -0.9, 0.9)
+    matrix = torch.tensor([[1.1, 0.2, 0.0], [0.0, 0.9, 0.1], [0.05, 0.0, 1.2]])
+    assert gradicon(_Affine(matrix, torch.linalg.inv(matrix)), None, pts, "fd") < 1e-5  # exact inverses: ~0
+    wrong = _Affine(matrix, torch.eye(3))
+    assert torch.isclose(gradicon(wrong, None, pts, "fd"), gradicon(wrong, None, pts), rtol=1e-3)
+    net = NePhiNet(SMALL)
+    torch.nn.init.normal_(net.forward_map.out.weight, std=0.1)
+    codes = tuple(torch.nn.Parameter(c + 0.1) for c in zero_codes(SMALL, (3, 3, 3)))
+    exact, approx = gradicon(net, codes, pts), gradicon(net, codes, pts, "fd")
+    assert exact > 1e-4 and torch.isclose(approx, exact, rtol=0.02), (float(exact), float(approx))
+    approx.backward()  # one backward, no double backward: still reaches the weights and the local code grid
+    assert net.forward_map.synthesis[0].weight.grad.abs().sum() > 0
+    assert codes[1].grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="GradICON Jacobian"):
+        gradicon(net, codes, pts, "central")
 
 
 def _model(tmp_path):

@@ -112,6 +112,9 @@ def test_settings_validate_options():
     with pytest.raises(InputError, match="coarse_iterations"):
         Settings.from_options({"coarse": "adam", "coarse_iterations": 0})
     assert Settings.from_options({"similarity": "mind"}).similarity == "mind"
+    assert Settings.from_options({"gradicon_jacobian": "fd"}).gradicon_jacobian == "fd"
+    with pytest.raises(InputError, match="gradicon_jacobian='central' is not allowed; allowed: one of exact, fd"):
+        Settings.from_options({"gradicon_jacobian": "central"})
     with pytest.raises(InputError, match="similarity='mutual-information' is not allowed; allowed: one of ncc, mind"):
         Settings.from_options({"similarity": "mutual-information"})
 
@@ -139,6 +142,17 @@ def test_io_with_mind_similarity_recovers_a_known_deformation(known_pair):
     before = (_warp(pts) - pts).norm(dim=1).mean()
     after = (_warp(pts + u) - pts).norm(dim=1).mean()
     assert after < 0.5 * before, (float(before), float(after))
+
+
+def test_io_with_the_finite_difference_gradicon_recovers_a_known_deformation(known_pair):
+    grid, pair, pts = known_pair
+    field = run_instance_optimisation(pair, {"iterations": 80, "similarity_points": 2000, "gradicon_points": 50,
+                                             "regularization": 1.0, "gradicon_jacobian": "fd"}, SilentReporter())
+    u = torch.from_numpy(evaluate_on_grid(field, grid, torch.device("cpu"))).float().reshape(-1, 3)
+    before = (_warp(pts) - pts).norm(dim=1).mean()
+    after = (_warp(pts + u) - pts).norm(dim=1).mean()
+    assert after < 0.45 * before, (float(before), float(after))  # the exact Jacobian's bound in the test above
+    assert (_jacobian_det(u.reshape(N, N, N, 3).numpy(), grid) <= 0).mean() == 0.0
 
 
 @pytest.mark.parametrize("preset", ["lung-ct", "brain-mri", "generic"])

@@ -277,7 +277,7 @@ def test_provenance_names_the_model_file_and_the_values_used(tmp_path, one_torch
     assert record["preset"] == entry["preset"] == "lung-ct" and record["card"] == entry["card"] == "docs/model-card.md"
     parameters = manifest["parameters"]
     assert parameters["preset_values"]["name"] == "lung-ct" and parameters["preset_values"]["working_spacing_mm"] == 1.5
-    assert parameters["preset_values"]["method_options"]["nephi"] == {"output_lattice": 4}
+    assert parameters["preset_values"]["method_options"]["nephi"] == {"output_lattice": 6}
     assert parameters["settings"] == asdict(nephi.Settings.from_options({"output_lattice": 3}))
     assert parameters["settings"]["output_lattice"] == 3.0  # the user's override, resolved
 

@@ -48,16 +48,19 @@ _PRESETS = {
         # Measured on the lung pair (docs/adam-tuning.md): lambda 0.2 gives 1.32 mm (median 0.99) with 0.0005 %
         # folding, against 1.43 mm at 1.0 and 0.0097 % folding at 0.1; 30 fine + 30 coarse iterations did as well
         # as 80 + 60 or 270 + 100, in a third of the time.
-        # NePhi predict: the dense output sampled on a 4x working-spacing lattice (2.90 mm at 3x and 2.89 mm at 4x;
-        # 0.4 s less; docs/nephi.md).
+        # NePhi predict: the dense output sampled on a 6x working-spacing lattice (9 mm; 2.90 mm at 3x, 2.89 mm at 4x,
+        # 2.86 mm at 6x, 2.85 mm at 8x, 0 % folding; 6x evaluates the MLP at a quarter of 4x's points; docs/nephi.md).
         # NePhi + IO: multi-resolution (continuous Adam on the 1/4 then 1/2 grid first, 30 iterations each, lambda 0.2
         # as above), a local-code cell every 4 working voxels, Adam rates 2.5x the generic ones, NCC of MIND-SSC
         # features, GradICON lambda 0.5, 6000 similarity points, 110 iterations: 1.30-1.33 mm over seeds 0-2, 77 s on a
         # slow 2-core CPU (docs/nephi.md, session 4). The 1/4 grid alone with cells every 8 voxels gave 1.36-1.40 mm.
+        # Session 6 (speed, docs/nephi.md): 40 iterations instead of 110: 1.312 / 1.308 / 1.323 mm over seeds 0-2
+        # (medians 0.93 / 0.93 / 0.95; 110: 1.310, median 0.91), 0 % folding. GradICON by forward differences
+        # (gradicon_jacobian=fd, 0.8x a step) gave 1.284 / 1.320 / 1.326 at 40 but folded 0.0004 % at seed 0: not here.
         method_options={"adam": {"regularization": 0.2, "iterations": 30, "coarse_iterations": 30},
-                        "nephi": {"output_lattice": 4},
+                        "nephi": {"output_lattice": 6},
                         "nephi-io": {"coarse": "adam", "coarse_level": 2, "coarse_iterations": 30,
-                                     "coarse_regularization": 0.2, "latent_stride": 4, "iterations": 110,
+                                     "coarse_regularization": 0.2, "latent_stride": 4, "iterations": 40,
                                      "learning_rate": 5e-3, "code_learning_rate": 5e-2, "similarity_points": 6000,
                                      "similarity": "mind", "regularization": 0.5, "output_lattice": 3}},
     ),
@@ -82,7 +85,10 @@ _PRESETS = {
                                      # the coarse step is continuous Adam with the adam default's similarity
                                      "coarse_regularization": 0.05, "coarse_similarity": "mind+intensity+lncc",
                                      "coarse_lncc_weight": 0.1,
-                                     "coarse_parameterisation": "svf", "latent_stride": 4, "iterations": 110,
+                                     "coarse_parameterisation": "svf", "latent_stride": 4, "iterations": 40,
+                                     # session 6, tuning cases (docs/nephi.md): fd and 40 iterations 0.702 / 0.581
+                                     # and 0.745 / 0.642 WM / GM Dice, exact and 110: 0.701 / 0.579, 0.744 / 0.641
+                                     "gradicon_jacobian": "fd",
                                      "learning_rate": 5e-3, "code_learning_rate": 5e-2, "similarity_points": 6000,
                                      "similarity": "mind", "regularization": 0.5, "output_lattice": 3}},
     ),

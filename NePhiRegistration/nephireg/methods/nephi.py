@@ -25,6 +25,7 @@ from nephireg.fields import DisplacementField, evaluate_on_grid
 from nephireg.geometry import Grid
 from nephireg.methods.adam import PARAMETERISATIONS as ADAM_PARAMETERISATIONS
 from nephireg.methods.adam import SIMILARITIES as ADAM_SIMILARITIES
+from nephireg.nephi.losses import GRADICON_JACOBIANS
 from nephireg.options import SEED_RULE, Rule, check_settings, settings_from
 from nephireg.pair import PreparedPair
 from nephireg.progress import Reporter
@@ -49,6 +50,7 @@ class Settings:
     code_learning_rate: float = 2e-2  # Adam, latent codes
     similarity_points: int = 10_000  # per direction and step
     gradicon_points: int = 250  # per direction and step
+    gradicon_jacobian: str = "exact"  # "fd": GradICON's Jacobian by forward differences (no double backward)
     prior_weight: float = 0.01
     latent_stride: int = 8  # working voxels per local-code cell when starting from identity
     mask_images: bool = True  # with masks: image x mask and similarity points inside the masks
@@ -82,6 +84,7 @@ OPTION_RULES = {
     "code_learning_rate": Rule("float", 0, 10, low_open=True),
     "similarity_points": Rule("int", 16, MAX_POINTS),  # nephi.objective needs 16 for its statistics
     "gradicon_points": Rule("int", 1, MAX_POINTS),
+    "gradicon_jacobian": Rule("choice", choices=GRADICON_JACOBIANS),
     "prior_weight": Rule("float", 0, 1e6),
     "latent_stride": Rule("int", 1, 64),
     "mask_images": Rule("bool"),
@@ -305,7 +308,7 @@ def _output(net, codes, pair: PreparedPair, settings: Settings, coarse, reporter
     (:data:`BACKWARD_LATTICE`): the fixed-point iteration refines it anyway, and on the lung pair the raw map was
     0.83 mm mean from consistent (docs/methods.md), while evaluating the MLP on the output lattice would double a
     prediction's output cost."""
-    from nephireg.inverse import FieldWithInverse
+    from nephireg.fields import FieldWithInverse
     from nephireg.nephi.output import ComposedField, NePhiField, lattice_field
 
     field: DisplacementField = NePhiField(net, codes, pair.grid)

@@ -126,6 +126,19 @@ class NePhiNet(nn.Module):
         """phi(x) = x + u(x) (or phi^-1), (P, 3) -> (P, 3)."""
         return points + self.displacement(points, codes, inverse)
 
+    def transform_pair(self, forward_points: torch.Tensor, backward_points: torch.Tensor, codes: Codes
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(phi(a), phi^-1(b)) for points a (P, 3) and b (Q, 3): the same numbers as two :meth:`transform` calls,
+        with one Fourier embedding and one latent-code gather for all P + Q points (shared when ``b is a``): each
+        gather's backward fills and scatters a whole local-grid gradient, so fewer gathers made an instance-
+        optimisation step ~8 % cheaper on the lung pair (docs/nephi.md, session 6)."""
+        both = forward_points if backward_points is forward_points else torch.cat([forward_points, backward_points])
+        embedding, code = self.embed(both), self.code_at(codes, both)
+        count = forward_points.shape[0]
+        rest = slice(0, count) if backward_points is forward_points else slice(count, None)
+        moved = forward_points + self.forward_map(embedding[:count], code[:count])
+        return moved, backward_points + self.backward_map(embedding[rest], code[rest])
+
 
 def zero_codes(config: FieldConfig, local_shape_zyx: Tuple[int, int, int], dtype: torch.dtype = torch.float32,
                device: torch.device = None) -> Codes:

@@ -14,7 +14,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from nephireg.nephi.field import Codes, NePhiNet
-from nephireg.nephi.losses import PointSampler, gradicon, latent_prior, ncc, sample_image
+from nephireg.nephi.losses import GRADICON_JACOBIANS, PointSampler, gradicon, latent_prior, ncc, sample_image
 
 
 @dataclass(frozen=True)
@@ -23,8 +23,11 @@ class LossSettings:
     gradicon_points: int = 250  # per direction and step
     gradicon_weight: float = 10.0
     prior_weight: float = 0.01
+    gradicon_jacobian: str = "exact"  # nephireg.nephi.losses.GRADICON_JACOBIANS
 
     def __post_init__(self) -> None:
+        if self.gradicon_jacobian not in GRADICON_JACOBIANS:
+            raise ValueError(f"gradicon_jacobian must be one of {GRADICON_JACOBIANS}")
         if self.similarity_points < 16 or self.gradicon_points < 1:
             raise ValueError("similarity_points must be >= 16 and gradicon_points >= 1")
         if self.gradicon_weight < 0 or self.prior_weight < 0:
@@ -67,15 +70,16 @@ def pair_loss(net: NePhiNet, codes: Codes, images: PairImages, settings: LossSet
     xf = images.fixed_points.sample(settings.similarity_points, generator)
     xm = images.moving_points.sample(settings.similarity_points, generator)
     fixed, moving = images.similarity_volumes()
-    warped_moving = sample_image(moving, net.transform(xf, codes))
-    warped_fixed = sample_image(fixed, net.transform(xm, codes, inverse=True))
+    forward_of_fixed, backward_of_moving = net.transform_pair(xf, xm, codes)
+    warped_moving = sample_image(moving, forward_of_fixed)
+    warped_fixed = sample_image(fixed, backward_of_moving)
     similarity = 1.0 - 0.5 * (ncc(warped_moving, sample_image(fixed, xf))
                               + ncc(warped_fixed, sample_image(moving, xm)))
     terms = {"similarity": similarity}
     total = similarity
     if settings.gradicon_weight > 0:
         xr = images.all_points.sample(settings.gradicon_points, generator)
-        terms["gradicon"] = gradicon(net, codes, xr)
+        terms["gradicon"] = gradicon(net, codes, xr, settings.gradicon_jacobian)
         total = total + settings.gradicon_weight * terms["gradicon"]
     if settings.prior_weight > 0:
         terms["prior"] = latent_prior(codes)

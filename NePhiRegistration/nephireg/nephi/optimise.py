@@ -12,6 +12,7 @@ from nephireg.nephi.field import Codes, NePhiNet
 from nephireg.nephi.objective import LossSettings, PairImages, pair_loss
 from nephireg.optim import Adam
 from nephireg.progress import Reporter
+from nephireg.sampling import channels_last
 
 
 def optimise(net: NePhiNet, codes: Codes, images: PairImages, settings: Any, reporter: Reporter
@@ -19,12 +20,13 @@ def optimise(net: NePhiNet, codes: Codes, images: PairImages, settings: Any, rep
     """Run ``settings.iterations`` Adam steps; returns the tuned net and codes (detached).
 
     ``settings`` carries iterations, learning_rate, code_learning_rate, regularization, prior_weight,
-    similarity_points, gradicon_points and seed (see :class:`nephireg.methods.nephi.Settings`).
+    similarity_points, gradicon_points, gradicon_jacobian and seed (see :class:`nephireg.methods.nephi.Settings`).
     The learning rate decays linearly to 10 % over the last half of the run, so the field settles.
     """
     loss_settings = LossSettings(similarity_points=settings.similarity_points,
                                  gradicon_points=settings.gradicon_points,
-                                 gradicon_weight=settings.regularization, prior_weight=settings.prior_weight)
+                                 gradicon_weight=settings.regularization, prior_weight=settings.prior_weight,
+                                 gradicon_jacobian=getattr(settings, "gradicon_jacobian", "exact"))
     with _cpu_threads(getattr(settings, "threads", 0), images.fixed.device):
         return _run(net, codes, images, settings, reporter, loss_settings)
 
@@ -46,7 +48,10 @@ def _cpu_threads(threads: int, device: torch.device) -> Iterator[None]:
 def _run(net: NePhiNet, codes: Codes, images: PairImages, settings: Any, reporter: Reporter,
          loss_settings: LossSettings) -> Tuple[NePhiNet, Codes]:
     net = net.train()
-    params = [nn.Parameter(c.detach().clone()) for c in codes]
+    global_code, local_grid = (c.detach().clone() for c in codes)
+    # The local grid channels-last (same (L, Z, Y, X) shape and values): the trilinear gather reads it as its
+    # (Z*Y*X, L) table directly instead of copying the whole grid at every map evaluation, forward and backward.
+    params = [nn.Parameter(global_code), nn.Parameter(channels_last(local_grid[None])[0])]
     rates = (settings.learning_rate, settings.code_learning_rate)
     optimiser = Adam([(list(net.parameters()), rates[0]), (params, rates[1])])
     total = settings.iterations
