@@ -140,9 +140,9 @@ def register_command(out: Path, extra: Optional[List[str]] = None) -> List[str]:
 def timeline(args: List[str], env: Dict[str, str]) -> Dict[str, Any]:
     """Arrival (s since the exec) of the start event, the first event of each stage, the result event, and the
     exit of ``python *args`` (a registration with ``--progress jsonl``)."""
+    errors = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full stderr pipe would stall the child
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
     arrivals: Dict[str, float] = {}
     stages: List[str] = []
     for line in proc.stdout:
@@ -157,9 +157,11 @@ def timeline(args: List[str], env: Dict[str, str]) -> Dict[str, Any]:
             arrivals[event["stage"]] = now
         elif kind in ("start", "result", "error"):
             arrivals[kind] = now
-    stderr = proc.stderr.read()
     code = proc.wait()
     arrivals["exit"] = time.perf_counter() - started
+    errors.seek(0)
+    stderr = errors.read()
+    errors.close()
     if code != 0:
         raise RuntimeError(f"register exited {code}: {stderr[-2000:]}")
     return {"arrivals_s": arrivals, "stages": stages}
