@@ -221,3 +221,36 @@ def test_ensure_torch_declined_installs_nothing(fake_slicer, monkeypatch):
     with pytest.raises(RuntimeError, match="PyTorch is not installed"):
         fake_slicer.logic.ensureTorch(askConfirmation=True, onStatus=events.append)
     assert events == ["confirm"]
+
+
+def test_the_module_asks_the_engine_for_no_overview_unless_told(fake_slicer, tmp_path):
+    # the panel never shows overview.png, so the engine is asked not to draw it (docs/benchmarks.md, "Session 6")
+    from NePhiRegistrationLib.settings import RegistrationSettings
+
+    factory, commands = make_factory(tmp_path, "ok")
+    for settings in (RegistrationSettings(), RegistrationSettings(writeOverview=True)):
+        job = fake_slicer.logic.RegistrationJob(fake_slicer.fixed, fake_slicer.moving, settings,
+                                                python=sys.executable, processFactory=factory,
+                                                logics=fake_slicer.logics)
+        job.start()
+        assert job.wait().status.value == "succeeded"
+    assert ["--no-overview" in command for command in commands] == [True, False]
+
+
+def test_a_real_engine_run_writes_no_overview_and_is_imported(fake_slicer):
+    # the real engine through the module's own process factory: the outputs the scene needs, no overview.png
+    from NePhiRegistrationLib.settings import RegistrationSettings
+
+    settings = RegistrationSettings(method="adam", preset="generic", affinePrealignment=False, device="cpu",
+                                    keepTemporaryFiles=True, writeWarped=False,
+                                    methodOptions={"iterations": 5, "levels": [4], "coarse_iterations": 0})
+    job = fake_slicer.logic.RegistrationJob(fake_slicer.fixed, fake_slicer.moving, settings, python=sys.executable,
+                                            logics=fake_slicer.logics)
+    job.start()
+    outcome = job.wait(interval=0.02)
+    assert outcome.status.value == "succeeded", outcome.describe()
+    written = {path.name for path in Path(outcome.manifest["files"]["transform"]).parent.iterdir()}
+    assert {"transform.h5", "jacobian.nrrd", "result.json"} <= written and "overview.png" not in written
+    assert "overview" not in outcome.manifest["files"]
+    assert fake_slicer.moving.GetParentTransformNode() is job.result.transform
+    assert job.result.jacobianVolume is not None

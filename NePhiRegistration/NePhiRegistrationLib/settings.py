@@ -32,6 +32,7 @@ class RegistrationSettings:
     device: str = "auto"
     modelPath: str = ""  # "" = the default model of the model store
     writeWarped: bool = True
+    writeOverview: bool = False  # the engine's overview.png: the panel never shows it, so it is not drawn
     keepTemporaryFiles: bool = False
     seed: Optional[int] = None
     methodOptions: Dict[str, Any] = field(default_factory=dict)  # any method option (``--option KEY=JSON``)
@@ -88,6 +89,7 @@ class RegistrationSettings:
             progress_jsonl=True,
             write_warped=self.writeWarped,
             initial_transform=initialTransform,
+            write_overview=self.writeOverview,
         )
         for key, value in sorted(self.methodOptions.items()):
             args += ["--option", f"{key}={json.dumps(value)}"]

@@ -122,6 +122,7 @@ def register_arguments(
     progress_jsonl: bool = True,
     write_warped: bool = True,
     initial_transform: Optional[str] = None,
+    write_overview: bool = True,
 ) -> List[str]:
     """Arguments after ``python -m nephireg`` for one registration (the caller prepends the interpreter).
 
@@ -150,6 +151,8 @@ def register_arguments(
         args.append("--overwrite")
     if not write_warped:
         args.append("--no-warped")
+    if not write_overview:
+        args.append("--no-overview")
     if progress_jsonl:
         args += ["--progress", "jsonl"]
     return args
