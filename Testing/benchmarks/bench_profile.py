@@ -4,8 +4,9 @@ limit for the work it does is, and the distance between the two as a number.
     python Testing/benchmarks/bench_profile.py [--methods adam,nephi,nephi-io] [--repeats 3]
         [--case lung | --case brain --brain-dir DIR] [--out-json docs/benchmarks/profile.json] [--markdown FILE]
 
-1. The machine: sustained memory bandwidth (a 256 MiB float32 tensor copied, bytes read + written, best of 5)
-   and float32 FLOP rate (2048^3 matrix product, best of 5), with all of torch's threads.
+1. The machine: sustained memory bandwidth (a 256 MiB float32 tensor copied, bytes read + written, best of 5),
+   float32 FLOP rate (2048^3 matrix product, best of 5), with all of torch's threads, and the rate of writing a
+   128 MiB file into the temporary folder the runs write to (page cache, no fsync, best of 3).
 2. Timing: each method runs in this process through ``nephireg.pipeline.register`` (after one warm-up run), with
    the stage timings of its manifest; medians over ``--repeats``. The engine's start-up (torch import) is timed
    in a fresh process (``python -c "import nephireg.pipeline"``), median of 3.
@@ -15,8 +16,9 @@ limit for the work it does is, and the distance between the two as a number.
    pipeline's second thread runs its tasks inline (dispatch modes are per thread). Stages in SimpleITK (reading,
    lung masks, pre-alignment, writing) are not torch: their bytes are the files read or written and the arrays
    SimpleITK fills, counted from the run's sizes; their FLOPs are not counted (n/a).
-4. Floor of a stage = max(bytes / bandwidth, FLOPs / FLOP rate): the time the stage would take if every byte it
-   moves streamed at the measured bandwidth and every FLOP ran at the measured rate. ``time / floor`` is the
+4. Floor of a stage = max(bytes / bandwidth + file bytes / file write rate, FLOPs / FLOP rate): the time the stage
+   would take if every byte it moves streamed at the measured bandwidth, every file byte were written at the
+   measured rate of the output's file system, and every FLOP ran at the measured rate. ``time / floor`` is the
    distance to that limit (memory-bound stages: bytes dominate; the NePhi networks: FLOPs).
 
 The byte count is what this implementation moves (an op reading a whole volume to gather from it counts the
@@ -48,8 +50,10 @@ SIMPLEITK_STAGES = ("read", "masks", "preprocess", "prealign", "prepare", "write
 
 
 # -- the machine --------------------------------------------------------------------------------------------
-def machine_rates() -> Dict[str, float]:
-    """Sustained memory bandwidth (GB/s, read + write) and float32 matrix-product rate (GFLOP/s)."""
+def machine_rates(work: Path) -> Dict[str, float]:
+    """Sustained memory bandwidth (GB/s, read + write), float32 matrix-product rate (GFLOP/s), and the rate at
+    which a 128 MiB file is written into ``work``'s file system (GB/s; as the engine writes its outputs: through
+    the page cache, no fsync; best of 3)."""
     import torch
 
     source = torch.rand(64 * 1024 * 1024)  # 256 MiB
@@ -67,8 +71,18 @@ def machine_rates() -> Dict[str, float]:
         start = time.perf_counter()
         torch.mm(a, b)
         products.append(time.perf_counter() - start)
+    block = os.urandom(128 * 1024 * 1024)
+    writes = []
+    for i in range(3):
+        path = work / f"write-rate-{i}.bin"
+        start = time.perf_counter()
+        with open(path, "wb") as f:
+            f.write(block)
+        writes.append(time.perf_counter() - start)
+        path.unlink()
     return {"bandwidth_gb_s": round(2 * source.numel() * 4 / min(copies) / 1e9, 2),
-            "gflop_s": round(2 * 2048 ** 3 / min(products) / 1e9, 1), "threads": torch.get_num_threads()}
+            "gflop_s": round(2 * 2048 ** 3 / min(products) / 1e9, 1), "threads": torch.get_num_threads(),
+            "file_write_gb_s": round(len(block) / min(writes) / 1e9, 3)}
 
 
 # -- counting the work of torch operations --------------------------------------------------------------------
@@ -219,20 +233,24 @@ def counted_run(request) -> Dict[str, Any]:
     return {"steps": stages.steps, "bytes": stages.bytes, "flops": stages.flops, "manifest": manifest}
 
 
+def written_bytes(request, manifest: Dict[str, Any]) -> int:
+    """Bytes of the result files a run wrote."""
+    return sum(os.path.getsize(Path(request.out) / name) for name in manifest["files"].values())
+
+
 def simpleitk_bytes(stage: str, request, manifest: Dict[str, Any]) -> Optional[int]:
-    """Bytes a SimpleITK stage moves at least, from the run's own sizes: files read/written plus the arrays it
-    fills (voxels x bytes); None for the pre-alignment (an iterative registration inside ITK)."""
+    """Bytes a SimpleITK stage moves in memory at least, from the run's own sizes: files read plus the arrays it
+    fills (voxels x bytes); None for the pre-alignment (an iterative registration inside ITK). The files a stage
+    writes are counted apart (:func:`written_bytes`), against the file system's write rate."""
     import numpy as np
 
     grid = manifest["inputs"]["fixed_grid"]
     fixed_voxels = int(np.prod(grid["size"]))
-    out = Path(request.out)
     if stage == "read":
         files = sum(os.path.getsize(p) for p in (request.fixed, request.moving))
         return 2 * files + 4 * 2 * fixed_voxels  # the files read, the images held, normalised copies (float32)
     if stage == "write":
-        written = sum(os.path.getsize(out / name) for name in manifest["files"].values())
-        return 2 * written  # arrays copied into SimpleITK images, then into the files
+        return written_bytes(request, manifest)  # the arrays copied into SimpleITK images
     if stage == "preprocess":
         return 2 * 2 * 4 * fixed_voxels  # each image read and its normalised float32 copy written
     if stage == "prepare":  # both images (and masks) read, resampled onto the working grid (float32)
@@ -256,12 +274,13 @@ def _voxels(path: str) -> int:
 
 
 def profile(case: str, methods: List[str], repeats: int, brain_dir: Optional[Path], work: Path) -> Dict[str, Any]:
-    rates = machine_rates()
+    rates = machine_rates(work)
     result: Dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "case": case,
                               "machine": {**rates, "cpu": platform.processor() or platform.machine(),
                                           "cores": os.cpu_count(), "loadavg_start": os.getloadavg()},
                               "startup_s": startup_seconds(), "methods": {}}
     bandwidth, flop_rate = rates["bandwidth_gb_s"] * 1e9, rates["gflop_s"] * 1e9
+    disk = rates["file_write_gb_s"] * 1e9
     for method in methods:
         request = request_for(case, method, work / method, brain_dir)
         runs = timed_runs(request, repeats)
@@ -275,11 +294,13 @@ def profile(case: str, methods: List[str], repeats: int, brain_dir: Optional[Pat
             torch_bytes, flops = counted["bytes"].get(stage, 0), counted["flops"].get(stage, 0)
             extra = simpleitk_bytes(stage, request, counted["manifest"]) if stage in SIMPLEITK_STAGES else 0
             moved = torch_bytes + (extra or 0)
-            floor = max(moved / bandwidth, flops / flop_rate) if (moved or flops) else None
-            rows.append({"stage": stage, "seconds": seconds, "iterations": steps, "bytes": moved,
+            files = written_bytes(request, counted["manifest"]) if stage == "write" else 0
+            floor = max(moved / bandwidth + files / disk, flops / flop_rate) if (moved or flops) else None
+            rows.append({"stage": stage, "seconds": seconds, "iterations": steps, "bytes": moved, "file_bytes": files,
                          "torch_bytes": torch_bytes, "flops": flops, "floor_s": floor,
                          "bound": None if floor is None else ("FLOPs" if flops / flop_rate > moved / bandwidth
-                                                              else "bytes"),
+                                                              + files / disk else "files" if files / disk
+                                                              > moved / bandwidth else "bytes"),
                          "distance": None if not floor else seconds / floor,
                          "simpleitk": stage in SIMPLEITK_STAGES})
         result["methods"][method] = {"stages": rows, "total_s": statistics.median(r["total"] for r in runs),
@@ -308,7 +329,8 @@ def markdown(result: Dict[str, Any]) -> str:
     m = result["machine"]
     lines = [f"### Per-stage profile and floors, {result['case']} ({result['date']})", "",
              f"Machine: {m['cores']} cores, measured {m['bandwidth_gb_s']} GB/s memory bandwidth (copy, read + "
-             f"write) and {m['gflop_s']} GFLOP/s float32 (matrix product), {m['threads']} torch threads; load "
+             f"write), {m['gflop_s']} GFLOP/s float32 (matrix product), {m['threads']} torch threads, "
+             f"{m['file_write_gb_s']:.2f} GB/s writing a file to the output's file system; load "
              f"average {m['loadavg_start'][0]:.2f} at the start, {m['loadavg_end'][0]:.2f} at the end. Start-up in "
              f"a fresh process: interpreter {result['startup_s']['python']:.2f} s, `import nephireg.pipeline` "
              f"(torch) {result['startup_s']['import_pipeline']:.2f} s (floor: none we control).", ""]
@@ -323,6 +345,8 @@ def markdown(result: Dict[str, Any]) -> str:
             floor = "n/a" if r["floor_s"] is None else f"{r['floor_s']:.3f}"
             distance = "n/a" if r["distance"] is None else f"{r['distance']:.0f}x"
             note = " (SimpleITK: files + arrays)" if r["simpleitk"] and r["bytes"] else ""
+            if r.get("file_bytes"):
+                note = f" (+ {r['file_bytes'] / 1e9:.2f} GB of files at the file system's rate)"
             flops = "n/a" if r["simpleitk"] and not r["flops"] else f"{r['flops'] / 1e9:.2f}"
             per = ""
             if (r["iterations"] or 0) > 1:
