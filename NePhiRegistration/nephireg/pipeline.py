@@ -164,27 +164,31 @@ def _write_files(request: Request, preset: Preset, prealigned: Prealignment, set
                  displacement: np.ndarray, inverse: Callable[[], InverseMap], options: Dict[str, Any],
                  device: torch.device, folder: Path, reporter: Reporter) -> Dict[str, Any]:
     """The output files, written on this thread in a fixed order, while a second thread
-    (:class:`nephireg.background.Background`) measures the result and computes the inverse map (SimpleITK's
-    writing and resampling and torch release the GIL: on 2 cores the two overlap)."""
+    (:class:`nephireg.background.Background`) computes the inverse map, resamples the warped image and measures the
+    result (SimpleITK's writing and resampling and torch release the GIL: on 2 cores the two overlap)."""
     files = {"transform": OUTPUT_FILES["transform"], "jacobian": OUTPUT_FILES["jacobian"],
              "inverse": OUTPUT_FILES["inverse"]}
     mode, prealign = prealigned
     det = jacobian_determinant(displacement, grid)
     metrics = jacobian_summary(det)
     transform = io.displacement_transform(displacement, grid)
-    with Background() as background:
+    with Background() as background:  # its tasks in the order this thread needs their results
+        inverted = background.submit(inverse)
+        warped = background.submit(_warped, inputs.moving, grid, transform) if request.write_warped else None
         measured = background.submit(_measure, inputs, grid, prealign, transform, displacement,
                                      metrics["folding_percent"], reporter)
-        inverted = background.submit(inverse)
         io.save_transform(transform, folder / files["transform"])
         reporter.check_cancel()
         io.write_image(io.image_from_array(det, grid), folder / files["jacobian"])
         reporter.check_cancel()
-        if request.write_warped:
+        inverse_map = inverted.result()
+        write_inverse(inverse_map, folder / files["inverse"])
+        mask = sitk.GetArrayViewFromImage(inputs.fixed_mask) > 0 if inputs.fixed_mask is not None else None
+        metrics.update(inverse_consistency(inverse_map, displacement, grid, mask))
+        reporter.check_cancel()
+        if warped is not None:
             files["warped"] = OUTPUT_FILES["warped"]
-            background_value = float(sitk.GetArrayViewFromImage(inputs.moving).min())  # e.g. air in CT, not 0 HU
-            io.write_image(io.resample_to(inputs.moving, grid, transform, default=background_value),
-                           folder / files["warped"])
+            io.write_image(warped.result(), folder / files["warped"])
             reporter.check_cancel()
         warped_norm, measures = measured.result()
         metrics.update(measures)
@@ -192,11 +196,6 @@ def _write_files(request: Request, preset: Preset, prealigned: Prealignment, set
             files["overview"] = OUTPUT_FILES["overview"]
             overview(sitk.GetArrayViewFromImage(inputs.fixed_norm), warped_norm, det, grid.spacing,
                      folder / files["overview"])
-        inverse_map = inverted.result()
-        write_inverse(inverse_map, folder / files["inverse"])
-        mask = sitk.GetArrayViewFromImage(inputs.fixed_mask) > 0 if inputs.fixed_mask is not None else None
-        metrics.update(inverse_consistency(inverse_map, displacement, grid, mask))
-        reporter.check_cancel()
     return {
         "files": files,
         "metrics": metrics,
@@ -214,6 +213,13 @@ def _write_files(request: Request, preset: Preset, prealigned: Prealignment, set
                      "SimpleITK": sitk.Version_VersionString(),
                      "numpy": np.__version__, "python": platform.python_version()},
     }
+
+
+def _warped(moving: sitk.Image, grid: Grid, transform: sitk.Transform) -> sitk.Image:
+    """The moving image resampled onto ``grid`` through ``transform``, in its own pixel type; outside it: its minimum
+    (e.g. air in CT, not 0 HU)."""
+    background = float(sitk.GetArrayViewFromImage(moving).min())
+    return io.resample_to(moving, grid, transform, default=background)
 
 
 def _measure(inputs: Inputs, grid: Grid, prealign: np.ndarray, transform: sitk.Transform, displacement: np.ndarray,
