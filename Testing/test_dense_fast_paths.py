@@ -101,3 +101,13 @@ def test_slabwise_composition_with_an_affine_equals_the_whole_grid_formula():
     composed = compose_prealignment(FINE, u, prealign)
     assert composed.dtype == np.float64 and np.abs(composed - expected).max() < 1e-9
     assert np.abs(compose_prealignment(FINE, u, np.eye(4)) - u).max() == 0.0  # a translation-free identity: u
+
+
+def test_separable_resampling_in_slabs_equals_point_sampling_and_checks_cancel_per_slab():
+    field = _random_field(FINE.resampled((2.2, 2.8, 5.0)))
+    calls = []
+    per_slab = FINE.size[0] * FINE.size[1] * 2  # two z planes a slab
+    fast = evaluate_on_grid(field, FINE, torch.device("cpu"), chunk_points=per_slab, cancel=lambda: calls.append(1))
+    plain = evaluate_on_grid(PointsOnly(field), FINE, torch.device("cpu"))
+    assert np.abs(fast - plain).max() < 1e-4
+    assert len(calls) == -(-FINE.size[2] // 2)  # one check per slab: memory and cancellation flat in the grid size

@@ -157,3 +157,19 @@ def test_no_mask_at_all_runs_without_masks_and_the_manifest_says_so(small_pair, 
     assert len(mask_warnings) == 2 and all("without masks" in w["message"] for w in mask_warnings)
     assert manifest["parameters"]["masks"] == "none"
     assert manifest["metrics"]["similarity_region"] == "whole fixed image"
+
+
+def test_a_cancelled_result_stops_the_prefetched_prealignment(small_pair, tmp_path):
+    """A cancellation before the inputs are taken: result() raises it and tells the thread to stop (its affine
+    pre-alignment polls the flag), so no registration goes on in a process whose run has ended."""
+    from nephireg.errors import Cancelled
+
+    request = Request(small_pair["fixed"], small_pair["moving"], str(tmp_path / "out"), prealign="affine")
+    prefetch = prefetch_inputs(request)
+    reporter = SilentReporter()
+    reporter.request_cancel()
+    with pytest.raises(Cancelled):
+        prefetch.result(reporter)
+    assert prefetch._cancelled.is_set()
+    prefetch._thread.join(30)
+    assert not prefetch._thread.is_alive()

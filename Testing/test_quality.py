@@ -332,3 +332,37 @@ def test_model_preset_mismatch_reaches_both_summaries(tmp_path, capsys, one_torc
     assert f"Warning: {warning['message']} [model-preset-mismatch]" in summaryLines(manifestMetrics(manifest))
     _print_summary(manifest)
     assert f"warning [model-preset-mismatch]: {warning['message']}" in capsys.readouterr().out
+
+
+def test_warnings_of_the_measuring_thread_reach_the_reporter_on_the_callers_thread(small_pair, tmp_path,
+                                                                                  monkeypatch):
+    """The quality checks run on the write stage's second thread; their warnings are emitted on the caller's
+    thread (a GUI callback never runs on another thread), in order, and land in the manifest."""
+    import threading
+
+    from nephireg.progress import SilentReporter
+
+    real_assess = quality.assess
+
+    def assess_with_a_warning(inputs, grid, prealign, warped_norm, folding_percent, reporter):
+        reporter.warn("test-warning", "raised on the measuring thread")
+        return real_assess(inputs, grid, prealign, warped_norm, folding_percent, reporter)
+
+    monkeypatch.setattr(quality, "assess", assess_with_a_warning)
+
+    class ThreadLog(SilentReporter):
+        def __init__(self):
+            super().__init__()
+            self.threads = []
+
+        def warn(self, code, message):
+            self.threads.append((code, threading.current_thread().name))
+            super().warn(code, message)
+
+    log = ThreadLog()
+    manifest = register(Request(small_pair["fixed"], small_pair["moving"], str(tmp_path / "out"), method="adam",
+                                preset="generic", prealign="none", write_overview=False,
+                                options={"iterations": 2, "coarse_iterations": 1}), log)
+    assert ("test-warning", threading.current_thread().name) in log.threads
+    assert all(name == threading.current_thread().name for _, name in log.threads)
+    assert "test-warning" in [w["code"] for w in manifest["warnings"]]

@@ -177,10 +177,14 @@ def _register_command(args: argparse.Namespace) -> int:
             held_back = held_back or exc
         reporter.emit(Event.START, {"method": args.method, "preset": args.preset, "device": device,
                                     "out": os.path.abspath(args.out)})
-        reporter.check_cancel()  # a signal during start-up
-        if held_back is not None:
-            raise held_back
-        manifest = register(request, reporter, prefetched)
+        try:
+            reporter.check_cancel()  # a signal during start-up
+            if held_back is not None:
+                raise held_back
+            manifest = register(request, reporter, prefetched)
+        finally:  # whatever ended the run, a prefetch still pre-aligning stops (a library call of main returns)
+            if prefetched is not None:
+                prefetched.cancel()
         manifest["manifest_path"] = os.path.join(os.path.abspath(args.out), RESULT_MANIFEST)
         if not isinstance(reporter, _jsonl_type()):
             _print_summary(manifest)

@@ -71,13 +71,15 @@ def evaluate_on_grid(field: DisplacementField, grid: Grid, device: torch.device,
     if isinstance(field, DenseField):
         index_map = axis_aligned_index_map(field.grid, grid)
         if index_map is not None:
-            if cancel is not None:
-                cancel()
+            out = np.empty((*grid.shape_zyx, 3), dtype=np.float64)
+            planes = max(1, chunk_points // (grid.size[0] * grid.size[1]))
             with torch.no_grad():
-                values = resample_axis_aligned(field.values_mm[0], field.grid, grid, index_map)  # (3, Z, Y, X)
-                out = torch.empty((*grid.shape_zyx, 3), dtype=torch.float64)
-                out.copy_(values.permute(1, 2, 3, 0))  # one pass: channels last and float64
-            return out.numpy()
+                slabs = resample_axis_aligned(field.values_mm[0], field.grid, grid, index_map, planes)
+                for z0, z1, slab in slabs:  # (3, planes, Y, X) each
+                    if cancel is not None:
+                        cancel()
+                    torch.from_numpy(out[z0:z1]).copy_(slab.permute(1, 2, 3, 0))  # channels last, float64
+            return out
     nz, ny, nx = grid.shape_zyx
     out = np.empty((nz, ny, nx, 3), dtype=np.float64)
     slab = max(1, chunk_points // (ny * nx))

@@ -221,10 +221,15 @@ class PrefetchedInputs:
             self._working_error = exc
 
     def result(self, reporter: Reporter) -> Inputs:
+        try:
+            return self._result(reporter)
+        except BaseException:  # e.g. a cancellation: the thread's pre-alignment stops at its next iteration
+            self.cancel()
+            raise
+
+    def _result(self, reporter: Reporter) -> Inputs:
         reporter.stage("read", "Reading and checking the images")
         while self._thread.is_alive():  # short waits, so a cancellation is seen within 0.1 s
-            if reporter.cancel_requested:
-                self.cancel()
             reporter.check_cancel()
             self._thread.join(0.1)
         for name, message in self._stages[1:]:

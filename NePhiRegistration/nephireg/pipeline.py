@@ -10,7 +10,7 @@ import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -175,8 +175,9 @@ def _write_files(request: Request, preset: Preset, prealigned: Prealignment, set
     with Background() as background:  # its tasks in the order this thread needs their results
         inverted = background.submit(inverse)
         warped = background.submit(_warped, inputs.moving, grid, transform) if request.write_warped else None
+        warnings = WarningsHeld()  # the second thread's warnings, emitted on this one (one thread, fixed order)
         measured = background.submit(_measure, inputs, grid, prealign, transform, displacement,
-                                     metrics["folding_percent"], reporter)
+                                     metrics["folding_percent"], warnings)
         io.save_transform(transform, folder / files["transform"])
         reporter.check_cancel()
         io.write_image(io.image_from_array(det, grid), folder / files["jacobian"])
@@ -191,6 +192,7 @@ def _write_files(request: Request, preset: Preset, prealigned: Prealignment, set
             io.write_image(warped.result(), folder / files["warped"])
             reporter.check_cancel()
         warped_norm, measures = measured.result()
+        warnings.replay(reporter)
         metrics.update(measures)
         if request.write_overview:
             files["overview"] = OUTPUT_FILES["overview"]
@@ -222,8 +224,22 @@ def _warped(moving: sitk.Image, grid: Grid, transform: sitk.Transform) -> sitk.I
     return io.resample_to(moving, grid, transform, default=background)
 
 
+class WarningsHeld:
+    """A stand-in reporter for work on another thread: keeps its ``warn(code, message)`` calls for :meth:`replay`."""
+
+    def __init__(self) -> None:
+        self.held: List[Tuple[str, str]] = []
+
+    def warn(self, code: str, message: str) -> None:
+        self.held.append((code, message))
+
+    def replay(self, reporter: Reporter) -> None:
+        for code, message in self.held:
+            reporter.warn(code, message)
+
+
 def _measure(inputs: Inputs, grid: Grid, prealign: np.ndarray, transform: sitk.Transform, displacement: np.ndarray,
-             folding_percent: float, reporter: Reporter) -> Tuple[np.ndarray, Dict[str, Any]]:
+             folding_percent: float, reporter: WarningsHeld) -> Tuple[np.ndarray, Dict[str, Any]]:
     """The result's metrics beyond det J and the inverse (similarity at each step and the quality checks, the
     largest displacement) and the normalised moving image warped onto ``grid`` (Z, Y, X) for the overview."""
     warped_norm = sitk.GetArrayFromImage(io.resample_to(inputs.moving_norm, grid, transform))

@@ -7,7 +7,7 @@ Shapes: volumes are (N, C, Z, Y, X); point sets are (P, 3) LPS mm; normalised sa
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -114,27 +114,34 @@ def axis_aligned_index_map(source: Grid, target: Grid, tolerance: float = 1e-9) 
     return np.stack([np.diag(linear), m[:3, 3]])
 
 
-def resample_axis_aligned(values: torch.Tensor, source: Grid, target: Grid, index_map: np.ndarray) -> torch.Tensor:
-    """``values`` (C, Z, Y, X) on ``source`` resampled trilinearly onto ``target`` -> (C, Z', Y', X'), border-padded,
-    for grids related by :func:`axis_aligned_index_map` (``index_map``).
+def resample_axis_aligned(values: torch.Tensor, source: Grid, target: Grid, index_map: np.ndarray,
+                          slab_planes: Optional[int] = None) -> Iterator[Tuple[int, int, torch.Tensor]]:
+    """``values`` (C, Z, Y, X) on ``source`` resampled trilinearly onto ``target``, border-padded, for grids related
+    by :func:`axis_aligned_index_map` (``index_map``): yields ``(z0, z1, slab)`` with ``slab`` (C, z1 - z0, Y', X')
+    the target's planes z0..z1-1, ``slab_planes`` at a time (all at once when None), so memory stays flat in the
+    target's size.
 
     Trilinear interpolation of such grids is separable: one pass of 1D linear interpolation per axis, with the
     coordinate clamped to the border as :func:`sample_normalised` does (the same numbers up to float rounding), at a
-    fraction of the cost of sampling every target voxel (no point array, contiguous reads). X first, as one matrix
-    product on the smallest array (its rows are contiguous); then Y and Z by gathering whole rows and planes.
+    fraction of the cost of sampling every target voxel (no point array, contiguous reads). Per slab, only the
+    source planes it needs: X as one matrix product (its rows are contiguous), then Y and Z by gathering whole rows
+    and planes.
     """
-    weights = [_linear_weights(source.size[axis], target.size[axis], index_map[:, axis], values) for axis in range(3)]
-    below_x, above_x, weight_x = weights[0]
+    (below_x, above_x, weight_x), (below_y, above_y, weight_y), (below_z, above_z, weight_z) = (
+        _linear_weights(source.size[axis], target.size[axis], index_map[:, axis], values) for axis in range(3))
     matrix = torch.zeros(source.size[0], target.size[0], dtype=values.dtype, device=values.device)  # (X, X')
     columns = torch.arange(target.size[0], device=values.device)
     matrix.index_put_((below_x, columns), 1.0 - weight_x, accumulate=True)
     matrix.index_put_((above_x, columns), weight_x, accumulate=True)
-    out = values @ matrix
-    for dim, (below, above, weight) in ((2, weights[1]), (1, weights[2])):  # Y, then Z
-        shape = [1, 1, 1, 1]
-        shape[dim] = -1
-        out = torch.lerp(out.index_select(dim, below), out.index_select(dim, above), weight.reshape(shape))
-    return out
+    planes = target.size[2] if slab_planes is None else max(1, slab_planes)
+    for z0 in range(0, target.size[2], planes):
+        z1 = min(target.size[2], z0 + planes)
+        first, last = int(below_z[z0:z1].min()), int(above_z[z0:z1].max())
+        rows = values[:, first:last + 1] @ matrix  # (C, planes needed, Y, X')
+        rows = torch.lerp(rows.index_select(2, below_y), rows.index_select(2, above_y), weight_y.reshape(1, 1, -1, 1))
+        slab = torch.lerp(rows.index_select(1, below_z[z0:z1] - first), rows.index_select(1, above_z[z0:z1] - first),
+                          weight_z[z0:z1].reshape(1, -1, 1, 1))
+        yield z0, z1, slab
 
 
 def _linear_weights(count: int, n_target: int, scale_offset: np.ndarray, like: torch.Tensor
