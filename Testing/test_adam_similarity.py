@@ -99,11 +99,25 @@ def test_block_averages_compose_so_pooled_features_land_on_each_level():
 
 
 def test_mind_pooling_that_does_not_divide_the_levels_is_refused(small_pair, tmp_path):
+    """Refused with the request's geometry check, before the pre-alignment or any method work."""
+    from nephireg.progress import SilentReporter
+
+    class StageLog(SilentReporter):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def stage(self, name, message=""):
+            self.names.append(name)
+            super().stage(name, message)
+
+    log = StageLog()
     with pytest.raises(InputError, match="mind_pooling=3 must divide"):
         register(Request(small_pair["fixed"], small_pair["moving"], str(tmp_path / "out"), method="adam",
-                         preset="generic", prealign="none", write_overview=False,
-                         options={"mind_pooling": 3, "levels": [4, 2]}))
-    assert not (tmp_path / "out" / "transform.h5").exists()
+                         preset="generic", prealign="affine", write_overview=False,
+                         options={"mind_pooling": 3, "levels": [4, 2]}), log)
+    assert not (tmp_path / "out").exists()
+    assert "prealign" not in log.names and "features" not in log.names, log.names
 
 
 def test_foreground_region_is_the_dilated_nonzero_blocks_on_the_level_grid():

@@ -267,3 +267,30 @@ def test_a_signal_while_a_single_file_is_published_does_not_interrupt_it(tmp_pat
         with signals.interrupting():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1.0)
+
+
+def test_a_failed_write_stage_stops_the_second_threads_polling_task():
+    """The write stage's second thread computes the inverse while files are written; when writing fails, the
+    inverse stops at its next check instead of running to its end before the error is reported."""
+    import time
+
+    from nephireg.background import Background
+
+    outcome = []
+
+    def long_task(check):
+        for _ in range(500):  # 5 s at most: a test that cannot hang
+            try:
+                check()
+            except Cancelled:
+                outcome.append("stopped")
+                return
+            time.sleep(0.01)
+        outcome.append("ran to its end")
+
+    with pytest.raises(OSError):
+        with Background() as background:
+            background.submit(long_task, background.check)
+            time.sleep(0.05)
+            raise OSError(28, "No space left on device")
+    assert outcome == ["stopped"]

@@ -73,6 +73,8 @@ def prepare(request: Request, preset: Preset, images: WorkingImages, device: tor
                         tensor(images.moving_mask), seed=request.seed, preset=preset.name)
 
 
+Inverse = Callable[[Callable[[], None]], InverseMap]
+"""``inverse(stop)``: computes the inverse map, calling ``stop()`` (which raises to give up) between its steps."""
 BeforeCommit = Callable[[Dict[str, Any], Path], None]
 """``(manifest, staging folder)``: adds files (listed in ``manifest["files"]``) and keys before the commit."""
 
@@ -124,10 +126,14 @@ def register(request: Request, reporter: Optional[Reporter] = None,
     except torch.cuda.OutOfMemoryError as exc:
         raise _gpu_out_of_memory(exc) from None
 
-    def inverse() -> InverseMap:  # from u (the method's own field), while the outputs of phi are written
+    def inverse(stop: Callable[[], None]) -> InverseMap:  # from u (the method's own field), while phi is written
+        def cancel() -> None:  # the run's cancellation, or the write stage given up (``stop`` raises)
+            reporter.check_cancel()
+            stop()
+
         try:
             return invert(field_, displacement, fixed_grid, Grid.of(inputs.moving), prealign, device,
-                          lattice_mm(pair.grid), cancel=reporter.check_cancel)
+                          lattice_mm(pair.grid), cancel=cancel)
         except torch.cuda.OutOfMemoryError as exc:
             raise _gpu_out_of_memory(exc) from None
 
@@ -141,7 +147,7 @@ def _gpu_out_of_memory(exc: BaseException) -> OutOfMemory:
 
 
 def _write_result(request: Request, preset: Preset, prealigned: Prealignment, settings: Any, inputs: Inputs, grid: Grid,
-                  displacement: np.ndarray, inverse: Callable[[], InverseMap], options: Dict[str, Any],
+                  displacement: np.ndarray, inverse: Inverse, options: Dict[str, Any],
                   device: torch.device, reporter: Reporter, started: float,
                   before_commit: Optional[BeforeCommit] = None) -> Dict[str, Any]:
     """The outputs written through the one result writer (:class:`nephireg.resultdir.ResultFolder`); ``inverse``
@@ -161,7 +167,7 @@ def _write_result(request: Request, preset: Preset, prealigned: Prealignment, se
 
 
 def _write_files(request: Request, preset: Preset, prealigned: Prealignment, settings: Any, inputs: Inputs, grid: Grid,
-                 displacement: np.ndarray, inverse: Callable[[], InverseMap], options: Dict[str, Any],
+                 displacement: np.ndarray, inverse: Inverse, options: Dict[str, Any],
                  device: torch.device, folder: Path, reporter: Reporter) -> Dict[str, Any]:
     """The output files, written on this thread in a fixed order, while a second thread
     (:class:`nephireg.background.Background`) computes the inverse map, resamples the warped image and measures the
@@ -173,7 +179,7 @@ def _write_files(request: Request, preset: Preset, prealigned: Prealignment, set
     metrics = jacobian_summary(det)
     transform = io.displacement_transform(displacement, grid)
     with Background() as background:  # its tasks in the order this thread needs their results
-        inverted = background.submit(inverse)
+        inverted = background.submit(inverse, background.check)
         warped = background.submit(_warped, inputs.moving, grid, transform) if request.write_warped else None
         warnings = WarningsHeld()  # the second thread's warnings, emitted on this one (one thread, fixed order)
         measured = background.submit(_measure, inputs, grid, prealign, transform, displacement,

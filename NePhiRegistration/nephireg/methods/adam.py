@@ -129,8 +129,11 @@ INVARIANTS = ((lambda s: s.constant_until <= s.cosine_until,
 
 
 def coarsest_pooling(settings: Settings, grid: Grid) -> int:
-    """The largest pooling factor of the working grid this method uses (the geometry check needs it)."""
-    return max(level_factors(settings, grid))
+    """The largest pooling factor of the working grid this method uses (the geometry check needs it); refuses a
+    ``mind_pooling`` that does not divide every level's factor here, with the request's check, before any work."""
+    factors = level_factors(settings, grid)
+    check_mind_pooling(settings, factors)
+    return max(factors)
 
 
 def run(pair: PreparedPair, options: Mapping[str, Any], reporter: Reporter) -> DenseField:
