@@ -7,6 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nephireg.errors import Cancelled
+from nephireg.progress import SilentReporter
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
@@ -61,3 +64,28 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class StageLog(SilentReporter):
+    """A silent reporter that records the names of the stages it is told, in order (``.names``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names = []
+
+    def stage(self, name, message=""):
+        self.names.append(name)
+        super().stage(name, message)
+
+
+class CancelOnCall:
+    """A ``cancel`` callback that counts its calls (``.calls``) and raises Cancelled on call number ``n``."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.calls = 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.calls == self.n:
+            raise Cancelled()

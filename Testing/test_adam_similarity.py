@@ -5,7 +5,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import sample_mask
+from conftest import StageLog, sample_mask
 from nephireg import io
 from nephireg.errors import InputError
 from nephireg.methods.adam import Settings, features
@@ -100,17 +100,6 @@ def test_block_averages_compose_so_pooled_features_land_on_each_level():
 
 def test_mind_pooling_that_does_not_divide_the_levels_is_refused(small_pair, tmp_path):
     """Refused with the request's geometry check, before the pre-alignment or any method work."""
-    from nephireg.progress import SilentReporter
-
-    class StageLog(SilentReporter):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def stage(self, name, message=""):
-            self.names.append(name)
-            super().stage(name, message)
-
     log = StageLog()
     with pytest.raises(InputError, match="mind_pooling=3 must divide"):
         register(Request(small_pair["fixed"], small_pair["moving"], str(tmp_path / "out"), method="adam",

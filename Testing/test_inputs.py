@@ -7,20 +7,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import StageLog
 from nephireg.errors import InputError
 from nephireg.inputs import Request, prefetch_inputs, read_inputs
 from nephireg.presets import get_preset
 from nephireg.progress import SilentReporter
-
-
-class StageLog(SilentReporter):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def stage(self, name, message=""):
-        self.names.append(name)
-        super().stage(name, message)
 
 
 @pytest.mark.parametrize("prealign", ["center", "affine"])

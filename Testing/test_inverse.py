@@ -11,11 +11,11 @@ import SimpleITK as sitk
 import torch
 from test_cli import run_cli
 
-from conftest import sample_mask
+from conftest import CancelOnCall, sample_mask
 from nephireg import io
-from nephireg.fields import DenseField
+from nephireg.fields import DenseField, FieldWithInverse
 from nephireg.geometry import Grid, apply_affine
-from nephireg.inverse import FieldWithInverse, consistency_mm, invert
+from nephireg.inverse import consistency_mm, invert
 from nephireg.synthetic import deform, random_displacement, rotation_direction, thorax_phantom
 
 FIXED_GRID = Grid((56, 48, 36), (3.0, 3.3, 4.2), (-80.0, -70.0, -300.0), rotation_direction((7.0, -5.0, 10.0)))
@@ -164,13 +164,7 @@ def test_the_inversion_stops_when_cancelled():
 
     u = random_displacement(FIXED_GRID, amplitude_mm=6.0, sigma_mm=14.0, seed=2)
     field = DenseField(FIXED_GRID, torch.from_numpy(u).float().permute(3, 0, 1, 2)[None])
-    calls = []
-
-    def cancel_on_second():
-        calls.append(1)
-        if len(calls) == 2:
-            raise Cancelled()
-
+    cancel = CancelOnCall(2)
     with pytest.raises(Cancelled):
-        invert(field, u, FIXED_GRID, MOVING_GRID, np.eye(4), torch.device("cpu"), cancel=cancel_on_second)
-    assert len(calls) == 2
+        invert(field, u, FIXED_GRID, MOVING_GRID, np.eye(4), torch.device("cpu"), cancel=cancel)
+    assert cancel.calls == 2

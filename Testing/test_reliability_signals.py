@@ -15,6 +15,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from conftest import CancelOnCall
 from nephireg.errors import Cancelled, describe_failure
 from nephireg.fields import evaluate_on_grid
 from nephireg.geometry import Grid
@@ -191,17 +192,10 @@ def test_field_evaluation_checks_cancel_between_chunks():
         def displacement_mm(self, points_mm):
             return torch.zeros_like(points_mm)
 
-    field = PointField()
-    calls = []
-
-    def cancel():
-        calls.append(1)
-        if len(calls) == 3:
-            raise Cancelled()
-
+    cancel = CancelOnCall(3)
     with pytest.raises(Cancelled):
-        evaluate_on_grid(field, grid, torch.device("cpu"), chunk_points=32 * 32, cancel=cancel)
-    assert len(calls) == 3  # one check per slab of 1024 points, not one at the end
+        evaluate_on_grid(PointField(), grid, torch.device("cpu"), chunk_points=32 * 32, cancel=cancel)
+    assert cancel.calls == 3  # one check per slab of 1024 points, not one at the end
 
 
 def test_one_mapping_from_failures_to_exit_codes():

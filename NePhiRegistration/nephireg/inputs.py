@@ -19,7 +19,7 @@ from nephireg.errors import InputError
 from nephireg.initial import read_initial_transform
 from nephireg.preprocess import WorkingImages, dilate, normalise_intensities, working_images
 from nephireg.presets import Preset, get_preset
-from nephireg.progress import Reporter
+from nephireg.progress import Reporter, WarningsHeld
 
 
 @dataclass
@@ -180,7 +180,7 @@ class PrefetchedInputs:
         self.request = request
         self.preset = preset
         self._stages: List[Tuple[str, str]] = []
-        self._warnings: List[Tuple[str, str]] = []
+        self._warnings = WarningsHeld()
         self._outcome: Optional[Inputs] = None
         self._error: Optional[BaseException] = None
         self._prealignment: Optional[Tuple[str, np.ndarray]] = None
@@ -200,7 +200,7 @@ class PrefetchedInputs:
 
         try:
             self._outcome = _read(self.request, self.preset, stage,
-                                  lambda code, message: self._warnings.append((code, message)))
+                                  self._warnings.warn)
         except BaseException as exc:  # handed to the caller's thread by result()
             self._error = exc
             return
@@ -237,8 +237,7 @@ class PrefetchedInputs:
                 continue
             reporter.stage(name, message)
             if name == "masks":  # the warnings of the mask stage, in it
-                for code, message in self._warnings:
-                    reporter.warn(code, message)
+                self._warnings.replay(reporter)
         if self._error is not None:
             raise self._error
         assert self._outcome is not None

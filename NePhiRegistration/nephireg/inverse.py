@@ -10,9 +10,9 @@ trilinearly onto them). w(z) is the fixed point of x = z - u(x) (the scheme of
 ITK's ``InvertDisplacementFieldImageFilter``), iterated on all points at once with u sampled trilinearly from its
 dense values on the fixed grid (constant beyond its border); it converges where |grad u| < 1, i.e. wherever the
 field does not come close to folding (after :data:`UNDAMPED_ITERATIONS`, the points still moving take half steps).
-The iteration starts from a method's own inverse when it has one (NePhi's backward map, :class:`FieldWithInverse`),
-otherwise from z - u(z); each point stops once it moves less than :data:`TOLERANCE_MM`, all after
-:data:`MAX_ITERATIONS`.
+The iteration starts from a method's own inverse when it has one (NePhi's backward map,
+:class:`~nephireg.fields.FieldWithInverse`), otherwise from z - u(z); each point stops once it moves less than
+:data:`TOLERANCE_MM`, all after :data:`MAX_ITERATIONS`.
 
 The consistency error |phi^-1(phi(x)) - x| (mm) is measured over the fixed mask (or the whole fixed image), at the
 points whose phi(x) lies inside the moving image (elsewhere the inverse is not defined by the registration), with
@@ -29,12 +29,7 @@ import numpy as np
 import torch
 
 from nephireg import io
-from nephireg.fields import (
-    DenseField,
-    DisplacementField,
-    FieldWithInverse,  # noqa: F401 - its home was here: methods import it from here
-    evaluate_on_grid,
-)
+from nephireg.fields import DenseField, DisplacementField, evaluate_on_grid
 from nephireg.geometry import Grid
 from nephireg.sampling import grid_points_mm, matrix_tensor, sample_flat
 
@@ -74,7 +69,8 @@ def invert(field: DisplacementField, displacement_mm: np.ndarray, fixed_grid: Gr
            cancel: Optional[Callable[[], None]] = None) -> InverseMap:
     """The inverse map on ``moving_grid`` of phi(x) = A(x + u(x)).
 
-    ``field``: the method's field (its ``inverse`` starts the iteration when it is a :class:`FieldWithInverse`);
+    ``field``: the method's field (its ``inverse`` starts the iteration when it is a
+    :class:`~nephireg.fields.FieldWithInverse`);
     ``displacement_mm``: u (Z, Y, X, 3) LPS mm at ``fixed_grid``'s voxels, as the forward transform was built from;
     ``prealign``: A, 4x4 LPS mm, fixed -> moving. ``lattice_mm``: the iteration runs on a lattice over the moving
     image no finer than this (mm per axis; the pipeline gives the field's own resolution) and its result is

@@ -10,7 +10,7 @@ import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -32,7 +32,7 @@ from nephireg.pair import PreparedPair
 from nephireg.prealign import Prealignment
 from nephireg.preprocess import WorkingImages, working_grid_of, working_images
 from nephireg.presets import Preset, get_preset
-from nephireg.progress import Reporter, SilentReporter
+from nephireg.progress import Reporter, SilentReporter, WarningsHeld
 from nephireg.protocol import OUTPUT_FILES
 from nephireg.resultdir import ResultFolder
 
@@ -228,20 +228,6 @@ def _warped(moving: sitk.Image, grid: Grid, transform: sitk.Transform) -> sitk.I
     (e.g. air in CT, not 0 HU)."""
     background = float(sitk.GetArrayViewFromImage(moving).min())
     return io.resample_to(moving, grid, transform, default=background)
-
-
-class WarningsHeld:
-    """A stand-in reporter for work on another thread: keeps its ``warn(code, message)`` calls for :meth:`replay`."""
-
-    def __init__(self) -> None:
-        self.held: List[Tuple[str, str]] = []
-
-    def warn(self, code: str, message: str) -> None:
-        self.held.append((code, message))
-
-    def replay(self, reporter: Reporter) -> None:
-        for code, message in self.held:
-            reporter.warn(code, message)
 
 
 def _measure(inputs: Inputs, grid: Grid, prealign: np.ndarray, transform: sitk.Transform, displacement: np.ndarray,

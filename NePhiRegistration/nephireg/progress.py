@@ -11,7 +11,7 @@ import math
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, TextIO
+from typing import Any, Callable, Dict, List, Optional, TextIO, Tuple
 
 from nephireg.errors import Cancelled
 from nephireg.protocol import Event, encode_event
@@ -106,6 +106,21 @@ class Reporter:
             stream.flush()
         except (OSError, ValueError, AttributeError):
             self.output_lost = True
+
+
+class WarningsHeld:
+    """A stand-in reporter for work on another thread: keeps its ``warn(code, message)`` calls, to be emitted by
+    the caller's own reporter on the caller's thread (:meth:`replay`), in order."""
+
+    def __init__(self) -> None:
+        self.held: List[Tuple[str, str]] = []
+
+    def warn(self, code: str, message: str) -> None:
+        self.held.append((code, message))
+
+    def replay(self, reporter: Reporter) -> None:
+        for code, message in self.held:
+            reporter.warn(code, message)
 
 
 class SilentReporter(Reporter):
