@@ -1,5 +1,6 @@
 """Reading a request's inputs: in the caller's thread or prefetched in the background (while torch loads)."""
 
+import json
 import subprocess
 import sys
 
@@ -164,3 +165,89 @@ def test_a_cancelled_result_stops_the_prefetched_prealignment(small_pair, tmp_pa
     assert prefetch._cancelled.is_set()
     prefetch._thread.join(30)
     assert not prefetch._thread.is_alive()
+
+
+FORKED_PREFETCH = """
+import json, os, sys
+import numpy as np, SimpleITK as sitk
+from nephireg.inputs import PrefetchedInputs, Request, prefetch_inputs, read_inputs
+from nephireg.presets import get_preset
+from nephireg.progress import SilentReporter
+
+class Log(SilentReporter):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def stage(self, name, message=""):
+        self.names.append(name)
+
+fixed, moving, out, variant = sys.argv[1:5]
+if variant == "child-dies":  # the child ends before sending anything: this process's thread does the work
+    PrefetchedInputs._in_child = lambda self, send: os._exit(9)
+request = Request(fixed, moving, out, preset="lung-ct", prealign="affine")
+prefetch = prefetch_inputs(request)
+forked = prefetch._child is not None
+log = Log()
+try:
+    inputs = prefetch.result(log)
+except Exception as exc:
+    print(json.dumps({"forked": forked, "error": str(exc), "type": type(exc).__name__}))
+    raise SystemExit(0)
+mode, matrix = prefetch.prealignment(log)
+working = prefetch.working_images(log)
+before = prefetch.before_registration()
+from nephireg.pipeline import prealign_matrix  # torch, now that the child is done
+from nephireg.preprocess import working_images
+from nephireg.quality import before_registration
+from nephireg.geometry import Grid
+direct = read_inputs(request, get_preset("lung-ct"), SilentReporter())
+direct_matrix = prealign_matrix(request, get_preset("lung-ct"), direct, SilentReporter())[1]
+direct_working = working_images(direct, get_preset("lung-ct"), direct_matrix)
+direct_before = before_registration(direct, Grid.of(direct.fixed), direct_matrix)
+same = {name: bool(np.array_equal(sitk.GetArrayViewFromImage(getattr(inputs, name)),
+                                  sitk.GetArrayViewFromImage(getattr(direct, name))))
+        for name in ("fixed", "moving", "fixed_norm", "moving_norm", "fixed_mask", "moving_mask", "fixed_region",
+                     "moving_region")}
+print(json.dumps({
+    "forked": forked, "stages": log.names, "same": same, "mode": mode,
+    "matrix": float(np.abs(matrix - direct_matrix).max()), "window": list(map(float, inputs.moving_window)),
+    "geometry": inputs.fixed.GetSpacing() == direct.fixed.GetSpacing() and
+                inputs.moving.GetDirection() == direct.moving.GetDirection(),
+    "working": [float(np.abs(getattr(working, n) - getattr(direct_working, n)).max())
+                for n in ("fixed", "moving", "fixed_mask", "moving_mask")],
+    "working_writable": bool(working.fixed.flags.writeable), "working_grid": working.grid == direct_working.grid,
+    "before": before.metrics == direct_before.metrics and before.warnings == direct_before.warnings,
+    "masks_derived": inputs.masks_derived}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the forked prefetch is Linux only")
+@pytest.mark.parametrize("variant", ["forked", "child-dies"])
+def test_the_forked_prefetch_gives_what_reading_in_the_process_gives(small_pair, tmp_path, variant):
+    """On the command line (a fresh process, no torch yet) the prefetch runs in a forked child: the same images,
+    pre-alignment, working arrays, checks before registration and stages as the pipeline computing them itself.
+    A child that dies without a result (``child-dies``) leaves the work to the thread: the same again."""
+    done = subprocess.run([sys.executable, "-c", FORKED_PREFETCH, small_pair["fixed"], small_pair["moving"],
+                           str(tmp_path / "out"), variant], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["forked"]  # the child path was taken (the process had one thread and no torch)
+    assert result["stages"] == ["read", "masks", "preprocess", "prealign", "prepare"]
+    assert all(result["same"].values()), result["same"]
+    assert result["mode"] == "affine" and result["matrix"] < 1e-6 and result["geometry"]
+    assert max(result["working"]) < 1e-5 and result["working_writable"] and result["working_grid"]
+    assert result["before"] and result["masks_derived"]
+    assert result["window"] == [-1000.0, 0.0]  # lung-ct's window, kept for the warped image's normalisation
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the forked prefetch is Linux only")
+def test_a_forked_prefetch_error_is_the_in_process_one(small_pair, tmp_path):
+    """The child meets a missing file and ends without a result; the thread reads again and raises the error as the
+    in-process path does (its message names the file)."""
+    missing = str(tmp_path / "nope.nrrd")
+    done = subprocess.run([sys.executable, "-c", FORKED_PREFETCH, small_pair["fixed"], missing,
+                           str(tmp_path / "out"), "forked"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["forked"] and result["type"] == "InputError" and "nope.nrrd" in result["error"]

@@ -173,6 +173,52 @@ def assess_codes(tmp_path, prealign: np.ndarray, folding_percent: float) -> list
     return [w["code"] for w in reporter.warnings]
 
 
+def test_the_checks_measured_before_registration_are_those_assess_makes(tmp_path):
+    """The command line measures :func:`quality.before_registration` while torch loads; :func:`quality.assess`
+    given it returns the same metrics, in the same order, and emits the same warnings in the same order."""
+    from nephireg.compose import affine_transform
+    from nephireg.inputs import read_inputs
+
+    image = blobs(GRID)
+    squashed = np.diag([1.6, 1.0, 0.55, 1.0])  # implausible: a prealignment warning from the part measured before
+    request = Request(write(tmp_path, "fixed", image), write(tmp_path, "moving", image), str(tmp_path / "out"))
+    inputs = read_inputs(request, get_preset("generic"), SilentReporter())
+    warped = quality.normalised_warped(inputs, GRID, affine_transform(squashed))
+    alone, given = SilentReporter(), SilentReporter()
+    expected = quality.assess(inputs, GRID, squashed, warped, 2 * quality.MAX_FOLDING_PERCENT, alone)
+    before = quality.before_registration(inputs, GRID, squashed)
+    assert set(before.metrics) == set(expected) - {"ncc_after"}
+    assert [code for code, _ in before.warnings] == [quality.PREALIGN_IMPLAUSIBLE]
+    got = quality.assess(inputs, GRID, squashed, warped, 2 * quality.MAX_FOLDING_PERCENT, given, before)
+    assert list(got.items()) == list(expected.items())
+    assert given.warnings == alone.warnings and [w["code"] for w in given.warnings][-1] == quality.FOLDING
+
+
+def test_the_similarity_is_measured_on_the_warped_output_as_normalised(tmp_path):
+    """``normalised_warped``: the moving image warped as the output is (its minimum outside) and mapped by
+    moving_norm's window; where no interpolation straddles the window's ends this is moving_norm
+    resampled, and outside the moving image it is the window's bottom (0) for a CT."""
+    from nephireg.compose import affine_transform
+    from nephireg.inputs import read_inputs
+
+    ct = sitk.GetImageFromArray(np.random.default_rng(1).uniform(-1024, 400, GRID.shape_zyx).astype(np.int16))
+    ct.SetSpacing(GRID.spacing)
+    ct.SetOrigin(GRID.origin)
+    request = Request(write(tmp_path, "fixed", ct), write(tmp_path, "moving", ct), str(tmp_path / "out"),
+                      preset="lung-ct")
+    inputs = read_inputs(request, get_preset("lung-ct"), SilentReporter())  # window [-1000, 0] HU
+    shift = np.eye(4)
+    shift[:3, 3] = (5.0, 0.0, 0.0)  # two voxels: integer steps, so no interpolation at all
+    transform = affine_transform(shift)
+    ours = quality.normalised_warped(inputs, GRID, transform)
+    output = io.warp_image(inputs.moving, GRID, transform)
+    resampled = sitk.GetArrayFromImage(io.resample_to(inputs.moving_norm, GRID, transform))
+    assert ours.dtype == np.float32
+    assert np.allclose(ours, resampled, atol=1e-6)  # incl. the two planes outside the moving image: 0
+    assert np.array_equal(ours, quality.normalised_warped(inputs, GRID, transform, output))
+    assert np.all(ours[:, :, -2:] == 0.0)
+
+
 def test_assess_warns_of_folding_and_of_an_implausible_prealignment(tmp_path):
     assert quality.FOLDING not in assess_codes(tmp_path, np.eye(4), 0.0)
     assert quality.FOLDING in assess_codes(tmp_path, np.eye(4), 2 * quality.MAX_FOLDING_PERCENT)
@@ -344,9 +390,9 @@ def test_warnings_of_the_measuring_thread_reach_the_reporter_on_the_callers_thre
 
     real_assess = quality.assess
 
-    def assess_with_a_warning(inputs, grid, prealign, warped_norm, folding_percent, reporter):
+    def assess_with_a_warning(inputs, grid, prealign, warped_norm, folding_percent, reporter, before=None):
         reporter.warn("test-warning", "raised on the measuring thread")
-        return real_assess(inputs, grid, prealign, warped_norm, folding_percent, reporter)
+        return real_assess(inputs, grid, prealign, warped_norm, folding_percent, reporter, before)
 
     monkeypatch.setattr(quality, "assess", assess_with_a_warning)
 

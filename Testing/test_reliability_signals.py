@@ -30,16 +30,20 @@ def smooth_volume(shape, seed):
     return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(noise, 3.0))
 
 
-@pytest.fixture(scope="module")
-def big_pair(tmp_path_factory):
-    """128 x 128 x 96 voxels of 1 mm: writing its result takes long enough to be interrupted."""
-    folder = tmp_path_factory.mktemp("big")
-    base = smooth_volume((96, 128, 128), 0)
+def shifted_pair(folder: Path, shape) -> dict:
+    """A smooth volume of ``shape`` (Z, Y, X) and itself shifted by 2 voxels, written as NRRD: {"fixed", "moving"}."""
+    base = smooth_volume(shape, 0)
     paths = {}
     for name, array in (("fixed", base), ("moving", np.roll(base, 2, axis=1))):
         paths[name] = str(folder / f"{name}.nrrd")
         sitk.WriteImage(sitk.GetImageFromArray(array), paths[name])
     return paths
+
+
+@pytest.fixture(scope="module")
+def big_pair(tmp_path_factory):
+    """128 x 128 x 96 voxels of 1 mm: writing its result takes long enough to be interrupted."""
+    return shifted_pair(tmp_path_factory.mktemp("big"), (96, 128, 128))
 
 
 def start(*args, **popen):
@@ -238,6 +242,49 @@ def test_a_signal_while_torch_loads_cancels_cleanly(big_pair, tmp_path):
     code, evs, err, _ = finish(proc, signal.SIGTERM)
     assert_cancelled(code, evs, err)
     assert [e["event"] for e in evs][0] == "start" and not out.exists()
+
+
+def _gone(pid: int) -> bool:
+    """No such process any more, or only its exit status (a zombie) is left."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    return next(line.split()[1] for line in status.splitlines() if line.startswith("State:")) in ("Z", "X")
+
+
+@pytest.fixture(scope="module")
+def slow_prefetch_pair(tmp_path_factory):
+    """160 x 256 x 256 voxels: reading and pre-aligning them (``--prealign affine``) keeps the command line's
+    prefetch child busy for 1.5-2 s on a 2-core CPU, long after a signal sent as it starts."""
+    return shifted_pair(tmp_path_factory.mktemp("slow"), (160, 256, 256))
+
+
+@needs_proc
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_a_signal_while_the_prefetch_child_reads_leaves_no_process_behind(slow_prefetch_pair, tmp_path, signum):
+    """The command line reads the inputs in a forked child while torch loads (nephireg.forked): a cancelled run
+    kills and reaps it before it exits (SIGTERM: exit 3, as always), and a killed run takes it along (SIGKILL: the
+    child's death signal) - in both cases long before the child's own work would have ended."""
+    out = tmp_path / "out"
+    # Standard error to a file, not a pipe: the child inherits it, and waiting for a pipe's end would wait for the
+    # child's (its standard output is /dev/null).
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "nephireg", "register", "--fixed", slow_prefetch_pair["fixed"],
+                                 "--moving", slow_prefetch_pair["moving"], "--out", str(out), "--progress", "jsonl",
+                                 "--prealign", "affine"], stdout=subprocess.PIPE, stderr=stderr, text=True)
+        wait_for(lambda: _children(proc.pid))  # the prefetch child is forked before torch loads
+        child = _children(proc.pid)[0]
+        proc.send_signal(signum)
+        rest, _ = proc.communicate(timeout=120)
+    err = (tmp_path / "stderr.txt").read_text()
+    if signum == signal.SIGTERM:
+        assert_cancelled(proc.returncode, [e for e in map(parse_event_line, rest.splitlines()) if e], err)
+        assert _gone(child)  # killed and reaped by the engine itself before it exited
+    else:
+        assert proc.returncode == -signal.SIGKILL
+        wait_for(lambda: _gone(child), timeout=0.5)
+    assert not out.exists()
 
 
 def test_a_signal_while_a_single_file_is_published_does_not_interrupt_it(tmp_path, monkeypatch):

@@ -1,8 +1,8 @@
 """What to register (:class:`Request`) and its read, checked, normalised images (:class:`Inputs`); no torch.
 
 Reading, deriving lung masks and dilating masks need only SimpleITK and numpy, so :func:`prefetch_inputs` can do
-them in a thread while the caller imports torch (about 2 s on a 2-core CPU, measured to overlap: SimpleITK's
-filters release the interpreter lock).
+them (and the pre-alignment, the resampling onto the working grid and the checks before registration) while the
+caller imports torch: in a forked child process where it can, else in a thread (:class:`PrefetchedInputs`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import SimpleITK as sitk
 
 from nephireg import io
 from nephireg.errors import InputError
+from nephireg.forked import ChildEnded, ForkedWork, Send, can_fork
 from nephireg.initial import read_initial_transform
-from nephireg.preprocess import WorkingImages, dilate, normalise_intensities, working_images
+from nephireg.preprocess import WorkingImages, dilate, normalise_with_window, working_images
 from nephireg.presets import Preset, get_preset
 from nephireg.progress import Reporter, WarningsHeld
+from nephireg.quality import BeforeRegistration
 
 
 @dataclass
@@ -61,6 +63,9 @@ class Inputs:
     # _alignment_masks); None: those two.
     alignment_masks: Optional[Tuple[Optional[sitk.Image], Optional[sitk.Image]]] = None
     initial: Optional[np.ndarray] = None  # 4x4 fixed -> moving (LPS mm) of request.initial_transform
+    # (low, high): the intensity window moving_norm was made with (nephireg.preprocess.in_window maps the moving
+    # image's intensities, e.g. of the warped output, as moving_norm's); None: not known (then resample moving_norm)
+    moving_window: Optional[Tuple[Any, Any]] = None
 
     def prealignment_masks(self) -> Tuple[Optional[sitk.Image], Optional[sitk.Image]]:
         """(fixed, moving) masks the pre-alignment uses (their centroids, for ``center``)."""
@@ -108,10 +113,11 @@ def _read(request: Request, preset: Preset, stage: StageCallback, warn: WarnCall
         alignment = _alignment_masks(fixed, moving, fixed_mask, moving_mask, sources)
     stage("preprocess", f"Normalising intensities ({preset.name})")
     regions = [None if m is None else dilate(m, preset.mask_dilation_mm) for m in (fixed_mask, moving_mask)]
-    return Inputs(fixed, moving, normalise_intensities(fixed, preset, fixed_mask),
-                  normalise_intensities(moving, preset, moving_mask), fixed_mask, moving_mask,
+    fixed_norm, _ = normalise_with_window(fixed, preset, fixed_mask)
+    moving_norm, moving_window = normalise_with_window(moving, preset, moving_mask)
+    return Inputs(fixed, moving, fixed_norm, moving_norm, fixed_mask, moving_mask,
                   "derived" in sources, *regions, mask_sources=(sources[0], sources[1]), alignment_masks=alignment,
-                  initial=initial)
+                  initial=initial, moving_window=moving_window)
 
 
 def _derive_missing(request: Request, fixed: sitk.Image, moving: sitk.Image, fixed_mask: Optional[sitk.Image],
@@ -166,14 +172,20 @@ _LATER_STAGES = ("prealign", "prepare")
 
 
 class PrefetchedInputs:
-    """:func:`read_inputs`, then the pre-alignment and the images on the working grid, running in a thread;
-    :meth:`result` waits for it and gives the inputs, :meth:`prealignment` the pre-alignment, :meth:`working_images`
-    the resampled pair (SimpleITK alone: on 2 cores this overlaps the time torch takes to load).
+    """:func:`read_inputs`, then the pre-alignment, the images on the working grid and the result checks that need
+    no result (:func:`nephireg.quality.before_registration`), in the background; :meth:`result` waits for the
+    inputs, :meth:`prealignment` gives the pre-alignment, :meth:`working_images` the resampled pair,
+    :meth:`before_registration` those measures (SimpleITK and numpy alone: this overlaps the time torch takes to load).
 
-    The stage and warning events are recorded in the thread and replayed by :meth:`result`, so a reporter sees
-    them in the usual order after the run's start event; the time spent waiting is reported as the ``read`` stage (so a
-    manifest's ``timings_s`` then counts the mask derivation, the pre-alignment and the resampling under ``read``).
-    An error of the pre-alignment or the resampling is raised where the pipeline would have met it.
+    Where it can (:func:`nephireg.forked.can_fork`: a command-line process before torch is imported) the work runs in
+    a forked child on the other core, and a thread of this process takes its results; otherwise that thread does the
+    work itself. A child that ends without a result (any error) leaves the work to the thread, so errors and
+    warnings are the in-process ones.
+
+    The stage and warning events are recorded and replayed by :meth:`result`, so a reporter sees them in the usual
+    order after the run's start event; the time spent waiting is reported as the ``read`` stage (so a manifest's
+    ``timings_s`` then counts the mask derivation, the pre-alignment and the resampling under ``read``). An error of
+    the pre-alignment or the resampling is raised where the pipeline would have met it.
     """
 
     def __init__(self, request: Request, preset: Preset) -> None:
@@ -187,7 +199,11 @@ class PrefetchedInputs:
         self._prealignment_error: Optional[BaseException] = None
         self._working: Optional[WorkingImages] = None
         self._working_error: Optional[BaseException] = None
+        self._before: Optional[BeforeRegistration] = None
         self._cancelled = threading.Event()
+        self._inputs_ready = threading.Event()  # outcome or error, prealignment and working images (or their errors)
+        self._before_ready = threading.Event()
+        self._child = ForkedWork(self._in_child) if can_fork() else None
         # Not a daemon: if a run in this process (a library call of cli.main) fails before taking the result, the
         # interpreter waits for the thread instead of finalising while it is inside SimpleITK. The command line
         # (cli.console_main) ends with os._exit, which does not wait: the thread only reads, so nothing is lost.
@@ -195,12 +211,25 @@ class PrefetchedInputs:
         self._thread.start()
 
     def _run(self) -> None:
+        try:
+            try:
+                if not self._take_from_child(self._take_inputs) and not self._cancelled.is_set():
+                    self._prefetch()
+            finally:
+                self._inputs_ready.set()
+            if not self._take_from_child(self._take_before) and not self._cancelled.is_set():
+                self._before = self._measure_before()
+        finally:
+            self._before_ready.set()
+            if self._child is not None:
+                self._child.finish()
+
+    def _prefetch(self) -> None:
         def stage(name: str, message: str) -> None:
             self._stages.append((name, message))
 
         try:
-            self._outcome = _read(self.request, self.preset, stage,
-                                  self._warnings.warn)
+            self._outcome = _read(self.request, self.preset, stage, self._warnings.warn)
         except BaseException as exc:  # handed to the caller's thread by result()
             self._error = exc
             return
@@ -220,18 +249,56 @@ class PrefetchedInputs:
         except BaseException as exc:  # handed over by working_images()
             self._working_error = exc
 
+    def _measure_before(self) -> Optional[BeforeRegistration]:
+        """:func:`nephireg.quality.before_registration`, or None when the inputs failed or it raised (the pipeline
+        then measures it itself and meets the error there)."""
+        if self._working is None or self._prealignment is None or self._outcome is None:
+            return None
+        from nephireg.geometry import Grid
+        from nephireg.quality import before_registration
+
+        try:
+            return before_registration(self._outcome, Grid.of(self._outcome.fixed), self._prealignment[1])
+        except Exception:  # noqa: BLE001 - measured again, and raised, where the pipeline needs it
+            return None
+
+    def _in_child(self, send: Send) -> None:
+        """The forked child's work: the same steps, their results sent to the parent; nothing sent after an error."""
+        self._prefetch()
+        if self._error is not None or self._prealignment_error is not None or self._working is None:
+            return  # the parent's thread does the work again and meets the error where the pipeline expects it
+        send((self._stages, self._warnings.held, self._outcome, self._prealignment, self._working))
+        before = self._measure_before()
+        if before is not None:
+            send(before)
+
+    def _take_from_child(self, take: Callable[[Any], None]) -> bool:
+        """The child's next message given to ``take``; False when there is no child or it ended without one."""
+        if self._child is None or self._cancelled.is_set():
+            return False
+        try:
+            take(self._child.receive())
+        except ChildEnded:
+            return False
+        return True
+
+    def _take_inputs(self, message: Any) -> None:
+        self._stages, self._warnings.held, self._outcome, self._prealignment, self._working = message
+
+    def _take_before(self, message: Any) -> None:
+        self._before = message
+
     def result(self, reporter: Reporter) -> Inputs:
         try:
             return self._result(reporter)
-        except BaseException:  # e.g. a cancellation: the thread's pre-alignment stops at its next iteration
+        except BaseException:  # e.g. a cancellation: the pre-alignment stops at its next iteration, a child is killed
             self.cancel()
             raise
 
     def _result(self, reporter: Reporter) -> Inputs:
         reporter.stage("read", "Reading and checking the images")
-        while self._thread.is_alive():  # short waits, so a cancellation is seen within 0.1 s
+        while not self._inputs_ready.wait(0.1):  # short waits, so a cancellation is seen within 0.1 s
             reporter.check_cancel()
-            self._thread.join(0.1)
         for name, message in self._stages[1:]:
             if name in _LATER_STAGES:  # replayed where the pipeline takes their outcome
                 continue
@@ -252,18 +319,27 @@ class PrefetchedInputs:
             raise RuntimeError("working_images() before prealignment(), or after a cancellation")
         return self._working
 
+    def before_registration(self) -> Optional[BeforeRegistration]:
+        """:func:`nephireg.quality.before_registration` of these inputs (call after :meth:`working_images`; waits
+        for it, a fraction of a second at most), None if it could not be measured here or the prefetch was cancelled."""
+        self._before_ready.wait()
+        return self._before
+
     def _replay(self, name: str, reporter: Reporter) -> None:
         for stage, message in self._stages:
             if stage == name:
                 reporter.stage(stage, message)
 
     def cancel(self) -> None:
-        """Stop the pre-alignment at its next iteration (a run cancelled before it takes the result)."""
+        """Stop the pre-alignment at its next iteration, or kill the child (a run cancelled before it takes the
+        result, or ended: no work goes on in a process whose run has ended)."""
         self._cancelled.set()
+        if self._child is not None:
+            self._child.stop()
 
     def prealignment(self, reporter: Reporter) -> Tuple[str, np.ndarray]:
         """``(mode, 4x4)`` as :func:`nephireg.prealign.prealignment_of` gave it (call after :meth:`result`)."""
-        if self._thread.is_alive() or self._outcome is None:
+        if not self._inputs_ready.is_set() or self._outcome is None:
             raise RuntimeError("prealignment() before result()")
         self._replay("prealign", reporter)
         if self._prealignment_error is not None:

@@ -310,3 +310,10 @@ def resample_to(image: sitk.Image, grid: Grid, transform: Optional[sitk.Transfor
     reference.SetDirection(grid.direction)
     interpolator = sitk.sitkLinear if linear else sitk.sitkNearestNeighbor
     return sitk.Resample(image, reference, transform or sitk.Transform(), interpolator, default, image.GetPixelID())
+
+
+def warp_image(moving: sitk.Image, grid: Grid, transform: Optional[sitk.Transform] = None) -> sitk.Image:
+    """The moving image resampled onto ``grid`` through ``transform`` (the warped output), in its own pixel type;
+    outside it: its minimum (e.g. air in CT, not 0 HU)."""
+    background = float(sitk.GetArrayViewFromImage(moving).min())
+    return resample_to(moving, grid, transform, default=background)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -75,6 +76,8 @@ def prepare(request: Request, preset: Preset, images: WorkingImages, device: tor
 
 Inverse = Callable[[Callable[[], None]], InverseMap]
 """``inverse(stop)``: computes the inverse map, calling ``stop()`` (which raises to give up) between its steps."""
+Before = Callable[[], Optional[quality.BeforeRegistration]]
+"""``before()``: :func:`nephireg.quality.before_registration` as the prefetch measured it, or None (measured here)."""
 BeforeCommit = Callable[[Dict[str, Any], Path], None]
 """``(manifest, staging folder)``: adds files (listed in ``manifest["files"]``) and keys before the commit."""
 
@@ -138,7 +141,8 @@ def register(request: Request, reporter: Optional[Reporter] = None,
             raise _gpu_out_of_memory(exc) from None
 
     composed = compose_prealignment(fixed_grid, displacement, prealign)  # a new array: u stays for the inverse
-    return _write_result(request, preset, (mode, prealign), settings, inputs, fixed_grid, composed, inverse,
+    before = prefetched.before_registration if prefetched is not None else lambda: None
+    return _write_result(request, preset, (mode, prealign), settings, inputs, fixed_grid, composed, inverse, before,
                          options, device, reporter, started, before_commit)
 
 
@@ -147,15 +151,15 @@ def _gpu_out_of_memory(exc: BaseException) -> OutOfMemory:
 
 
 def _write_result(request: Request, preset: Preset, prealigned: Prealignment, settings: Any, inputs: Inputs, grid: Grid,
-                  displacement: np.ndarray, inverse: Inverse, options: Dict[str, Any],
+                  displacement: np.ndarray, inverse: Inverse, before: Before, options: Dict[str, Any],
                   device: torch.device, reporter: Reporter, started: float,
                   before_commit: Optional[BeforeCommit] = None) -> Dict[str, Any]:
     """The outputs written through the one result writer (:class:`nephireg.resultdir.ResultFolder`); ``inverse``
     computes the inverse map (on a second thread, while phi's files are written)."""
     reporter.stage("write", "Inverting the transform; writing the transform, Jacobian, warped image and inverse")
     with ResultFolder(request.out, request.overwrite) as result:
-        manifest = _write_files(request, preset, prealigned, settings, inputs, grid, displacement, inverse, options,
-                                device, result.staging, reporter)
+        manifest = _write_files(request, preset, prealigned, settings, inputs, grid, displacement, inverse, before,
+                                options, device, result.staging, reporter)
         if before_commit is not None:
             before_commit(manifest, result.staging)
         reporter.check_cancel()
@@ -167,7 +171,7 @@ def _write_result(request: Request, preset: Preset, prealigned: Prealignment, se
 
 
 def _write_files(request: Request, preset: Preset, prealigned: Prealignment, settings: Any, inputs: Inputs, grid: Grid,
-                 displacement: np.ndarray, inverse: Inverse, options: Dict[str, Any],
+                 displacement: np.ndarray, inverse: Inverse, before: Before, options: Dict[str, Any],
                  device: torch.device, folder: Path, reporter: Reporter) -> Dict[str, Any]:
     """The output files, written on this thread in a fixed order, while a second thread
     (:class:`nephireg.background.Background`) computes the inverse map, resamples the warped image and measures the
@@ -175,28 +179,28 @@ def _write_files(request: Request, preset: Preset, prealigned: Prealignment, set
     files = {"transform": OUTPUT_FILES["transform"], "jacobian": OUTPUT_FILES["jacobian"],
              "inverse": OUTPUT_FILES["inverse"]}
     mode, prealign = prealigned
-    det = jacobian_determinant(displacement, grid)
-    metrics = jacobian_summary(det)
-    transform = io.displacement_transform(displacement, grid)
+    mask = sitk.GetArrayViewFromImage(inputs.fixed_mask) > 0 if inputs.fixed_mask is not None else None
     with Background() as background:  # its tasks in the order this thread needs their results
-        inverted = background.submit(inverse, background.check)
-        warped = background.submit(_warped, inputs.moving, grid, transform) if request.write_warped else None
+        inverted = background.submit(inverse, background.check)  # the longest task: first, before det J here
+        transform = io.displacement_transform(displacement, grid)
+        warped = background.submit(io.warp_image, inputs.moving, grid, transform) if request.write_warped else None
+        consistency = background.submit(lambda: inverse_consistency(inverted.result(), displacement, grid, mask))
+        det = jacobian_determinant(displacement, grid)
+        metrics = jacobian_summary(det)
         warnings = WarningsHeld()  # the second thread's warnings, emitted on this one (one thread, fixed order)
         measured = background.submit(_measure, inputs, grid, prealign, transform, displacement,
-                                     metrics["folding_percent"], warnings)
+                                     metrics["folding_percent"], warnings, before, warped)
         io.save_transform(transform, folder / files["transform"])
         reporter.check_cancel()
         io.write_image(io.image_from_array(det, grid), folder / files["jacobian"])
         reporter.check_cancel()
-        inverse_map = inverted.result()
-        write_inverse(inverse_map, folder / files["inverse"])
-        mask = sitk.GetArrayViewFromImage(inputs.fixed_mask) > 0 if inputs.fixed_mask is not None else None
-        metrics.update(inverse_consistency(inverse_map, displacement, grid, mask))
+        write_inverse(inverted.result(), folder / files["inverse"])
         reporter.check_cancel()
         if warped is not None:
             files["warped"] = OUTPUT_FILES["warped"]
             io.write_image(warped.result(), folder / files["warped"])
             reporter.check_cancel()
+        metrics.update(consistency.result())
         warped_norm, measures = measured.result()
         warnings.replay(reporter)
         metrics.update(measures)
@@ -223,19 +227,14 @@ def _write_files(request: Request, preset: Preset, prealigned: Prealignment, set
     }
 
 
-def _warped(moving: sitk.Image, grid: Grid, transform: sitk.Transform) -> sitk.Image:
-    """The moving image resampled onto ``grid`` through ``transform``, in its own pixel type; outside it: its minimum
-    (e.g. air in CT, not 0 HU)."""
-    background = float(sitk.GetArrayViewFromImage(moving).min())
-    return io.resample_to(moving, grid, transform, default=background)
-
-
 def _measure(inputs: Inputs, grid: Grid, prealign: np.ndarray, transform: sitk.Transform, displacement: np.ndarray,
-             folding_percent: float, reporter: WarningsHeld) -> Tuple[np.ndarray, Dict[str, Any]]:
+             folding_percent: float, reporter: WarningsHeld, before: Before, warped: Optional[Future]
+             ) -> Tuple[np.ndarray, Dict[str, Any]]:
     """The result's metrics beyond det J and the inverse (similarity at each step and the quality checks, the
-    largest displacement) and the normalised moving image warped onto ``grid`` (Z, Y, X) for the overview."""
-    warped_norm = sitk.GetArrayFromImage(io.resample_to(inputs.moving_norm, grid, transform))
-    metrics = quality.assess(inputs, grid, prealign, warped_norm, folding_percent, reporter)
+    largest displacement) and the normalised moving image warped onto ``grid`` (Z, Y, X) for the overview
+    (:func:`nephireg.quality.normalised_warped`, from the ``warped`` output when it is written)."""
+    warped_norm = quality.normalised_warped(inputs, grid, transform, warped.result() if warped is not None else None)
+    metrics = quality.assess(inputs, grid, prealign, warped_norm, folding_percent, reporter, before())
     metrics["displacement_max_mm"] = float(torch.from_numpy(displacement).reshape(-1, 3).norm(dim=1).max())
     return warped_norm, metrics
 

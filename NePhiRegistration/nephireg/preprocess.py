@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -15,7 +15,13 @@ MAX_WORKING_VOXELS = 6_000_000  # larger working grids are coarsened (the output
 
 
 def normalise_intensities(image: sitk.Image, preset: Preset, mask: Optional[sitk.Image] = None) -> sitk.Image:
-    """Float32 intensities mapped to about [0, 1] as the preset says.
+    """Float32 intensities mapped to about [0, 1] as the preset says (:func:`normalise_with_window`)."""
+    return normalise_with_window(image, preset, mask)[0]
+
+
+def normalise_with_window(image: sitk.Image, preset: Preset, mask: Optional[sitk.Image] = None
+                          ) -> Tuple[sitk.Image, Tuple[float, float]]:
+    """Float32 intensities mapped to about [0, 1] as the preset says, and the (low, high) window used.
 
     ``window``: clamp to ``preset.window`` (e.g. HU) and scale linearly. ``percentile``: clamp to the
     ``preset.percentiles`` of the voxels inside ``mask`` (or of all voxels) and scale linearly.
@@ -30,10 +36,16 @@ def normalise_intensities(image: sitk.Image, preset: Preset, mask: Optional[sitk
             low, high = float(sample.min()), float(sample.max())
     else:
         raise ValueError(f"unknown intensity mode {preset.intensity!r}")
-    scaled = (np.clip(values, low, high) - low) / max(float(high - low), 1e-12)
-    out = sitk.GetImageFromArray(scaled.astype(np.float32))
+    window = (low, high)  # as they are: numpy scalars (percentiles) make the scaling below float64, as it always was
+    out = sitk.GetImageFromArray(in_window(values, window))
     out.CopyInformation(image)
-    return out
+    return out, window
+
+
+def in_window(values: np.ndarray, window: Tuple[float, float]) -> np.ndarray:
+    """float32 ``values`` clamped to ``window`` (low, high) and scaled to [0, 1] (any shape)."""
+    low, high = window
+    return ((np.clip(values, low, high) - low) / max(float(high - low), 1e-12)).astype(np.float32)
 
 
 def dilate(mask: sitk.Image, radius_mm: float) -> sitk.Image:

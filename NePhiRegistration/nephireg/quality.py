@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -24,7 +25,8 @@ import SimpleITK as sitk
 from nephireg import io
 from nephireg.compose import affine_transform
 from nephireg.geometry import Grid
-from nephireg.progress import Reporter
+from nephireg.preprocess import in_window
+from nephireg.progress import Reporter, WarningsHeld
 
 HEADER_ADVICE = ("a header/orientation mismatch is the likely cause (voxels stored, say, LIA under a header that says "
                  "identity): check both images' direction matrices (SimpleITK's GetDirection(); in Slicer, Volumes > "
@@ -262,34 +264,74 @@ def moving_inside(inputs, grid: Grid, prealign: np.ndarray) -> np.ndarray:
     return sitk.GetArrayFromImage(inside) > 0
 
 
-def assess(inputs, grid: Grid, prealign: np.ndarray, warped_norm: np.ndarray, folding_percent: float,
-           reporter: Reporter) -> Dict[str, Any]:
-    """Per-step similarity, the pre-alignment's linear part and overlap, as metrics; warns for each failed check.
+@dataclass
+class BeforeRegistration:
+    """What :func:`assess` measures before the deformable step (it needs only the inputs and the pre-alignment, so
+    the command line measures it while torch loads): its metrics and the warnings of its checks, held in order."""
 
-    ``inputs``: the run's :class:`nephireg.inputs.Inputs`; ``grid``: the fixed image's grid; ``prealign``: the 4x4
-    pre-alignment (fixed -> moving, LPS mm); ``warped_norm``: (Z, Y, X) the normalised moving image resampled
-    through the final transform onto ``grid``.
-    """
+    metrics: Dict[str, Any]  # ncc_before, ncc_prealigned, similarity_region, overlap_prealigned, the linear part,
+    # orientation_ncc_gain
+    warnings: List[Tuple[str, str]]  # (code, message)
+
+
+def before_registration(inputs, grid: Grid, prealign: np.ndarray) -> BeforeRegistration:
+    """The similarity before any alignment and after the pre-alignment, the pre-alignment's linear part and overlap
+    and the orientation check (arguments as :func:`assess`'s)."""
+    held = WarningsHeld()
     fixed_norm = sitk.GetArrayViewFromImage(inputs.fixed_norm)
-    mask = sitk.GetArrayViewFromImage(inputs.fixed_mask) > 0 if inputs.fixed_mask is not None else None
+    mask = _fixed_mask(inputs)
 
     def ncc_through(transform: Optional[sitk.Transform]) -> float:  # one full-grid copy alive at a time
-        return ncc(fixed_norm, sitk.GetArrayFromImage(io.resample_to(inputs.moving_norm, grid, transform)), mask)
+        return ncc(fixed_norm, normalised_warped(inputs, grid, transform), mask)
 
     metrics: Dict[str, Any] = {
         "ncc_before": ncc_through(None),
         "ncc_prealigned": ncc_through(affine_transform(prealign)),
-        "ncc_after": ncc(fixed_norm, warped_norm, mask),
         "similarity_region": "fixed mask" if mask is not None else "whole fixed image",
         "overlap_prealigned": overlap_share(mask, moving_inside(inputs, grid, prealign)),
     }
     metrics.update(linear_part(prealign))
     reference, scores = orientation_scores(inputs, prealign)
     metrics["orientation_ncc_gain"] = max(score for _, score in scores) - reference
-    check_orientation(reference, scores, reporter)
-    check_prealignment(metrics, reporter)
-    check_overlap(metrics["overlap_prealigned"], reporter)
+    check_orientation(reference, scores, held)
+    check_prealignment(metrics, held)
+    check_overlap(metrics["overlap_prealigned"], held)
+    return BeforeRegistration(metrics, held.held)
+
+
+def assess(inputs, grid: Grid, prealign: np.ndarray, warped_norm: np.ndarray, folding_percent: float,
+           reporter: Reporter, before: Optional[BeforeRegistration] = None) -> Dict[str, Any]:
+    """Per-step similarity, the pre-alignment's linear part and overlap, as metrics; warns for each failed check.
+
+    ``inputs``: the run's :class:`nephireg.inputs.Inputs`; ``grid``: the fixed image's grid; ``prealign``: the 4x4
+    pre-alignment (fixed -> moving, LPS mm); ``warped_norm``: (Z, Y, X) the normalised moving image resampled
+    through the final transform onto ``grid``; ``before``: :func:`before_registration` of these, if already measured.
+    """
+    before = before or before_registration(inputs, grid, prealign)
+    for code, message in before.warnings:
+        reporter.warn(code, message)
+    first = {key: before.metrics[key] for key in ("ncc_before", "ncc_prealigned")}
+    metrics: Dict[str, Any] = {**first, "ncc_after": ncc(sitk.GetArrayViewFromImage(inputs.fixed_norm), warped_norm,
+                                                         _fixed_mask(inputs))}
+    metrics.update(before.metrics)
     check_deformable_gain(metrics["ncc_before"], metrics["ncc_prealigned"], metrics["ncc_after"], reporter)
     if metrics["prealign_determinant"] > 0:  # under a mirror det J < 0 everywhere: the reflection warning says so
         check_folding(folding_percent, reporter)
     return metrics
+
+
+def normalised_warped(inputs, grid: Grid, transform: Optional[sitk.Transform] = None,
+                      warped: Optional[sitk.Image] = None) -> np.ndarray:
+    """(Z, Y, X) float32 on ``grid``: the moving image warped as the output is (:func:`nephireg.io.warp_image`;
+    ``warped`` when already computed) and mapped to [0, 1] by the intensity window of ``inputs.moving_norm``; the
+    similarity before, after pre-alignment and after registration are all measured on it. Without that window
+    (inputs built by hand): ``moving_norm`` resampled (the same but where trilinear interpolation straddles the
+    window's ends)."""
+    if inputs.moving_window is None:
+        return sitk.GetArrayFromImage(io.resample_to(inputs.moving_norm, grid, transform))
+    warped = warped if warped is not None else io.warp_image(inputs.moving, grid, transform)
+    return in_window(sitk.GetArrayViewFromImage(warped), inputs.moving_window)
+
+
+def _fixed_mask(inputs) -> Optional[np.ndarray]:
+    return sitk.GetArrayViewFromImage(inputs.fixed_mask) > 0 if inputs.fixed_mask is not None else None
