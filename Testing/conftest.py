@@ -89,3 +89,14 @@ class CancelOnCall:
         self.calls += 1
         if self.calls == self.n:
             raise Cancelled()
+
+
+def process_gone(pid: int) -> bool:
+    """No process ``pid`` any more, or only its exit status (a zombie) is left (Linux: reads /proc)."""
+    from pathlib import Path
+
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    return next(line.split()[1] for line in status.splitlines() if line.startswith("State:")) in ("Z", "X")

@@ -8,9 +8,10 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
+
+from conftest import process_gone
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the forked child is Linux only")
 
@@ -18,16 +19,6 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="th
 def run_script(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           timeout=timeout)
-
-
-def process_gone(pid: int) -> bool:
-    """No such process any more, or only its exit status (a zombie) is left."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return True
-    state = next(line.split()[1] for line in status.splitlines() if line.startswith("State:"))
-    return state in ("Z", "X")
 
 
 def test_messages_with_arrays_and_images_come_back_whole_and_the_child_is_reaped():
@@ -150,3 +141,60 @@ def test_no_fork_with_torch_loaded_or_another_thread_running():
         """)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "False", "False"]
+
+
+def test_a_message_cut_short_or_a_refused_fork_leaves_nothing_open():
+    """A child that dies within a message is "no message"; a system that refuses the fork (or the pipe, the memfd)
+    raises OSError with nothing left open; a caller that ignores SIGCHLD gets no fork (the kernel would reap the
+    child), and a child reaped behind our back does not break finish(). Open descriptors are counted around each."""
+    done = run_script("""
+        import errno, os, signal, time
+        from nephireg import forked
+
+        def open_fds():
+            return len(os.listdir("/proc/self/fd"))
+
+        before = open_fds()
+        real_send = forked._send
+
+        def cut_short(pipe, shared, offset, message):  # half a header, then the child dies
+            pipe.write(forked._HEADER.pack(100, 10)[:5])
+            pipe.flush()
+            os._exit(0)
+
+        forked._send = cut_short
+        work = forked.ForkedWork(lambda send: send("never whole"))
+        try:
+            work.receive()
+            cut = "received"
+        except forked.ChildEnded:
+            cut = "ended"
+        work.finish()
+        work.finish()  # idempotent
+        forked._send = real_send
+        after_cut = open_fds()
+
+        real_fork = os.fork
+
+        def refuse():
+            raise OSError(errno.EAGAIN, "no more processes")
+
+        os.fork = refuse
+        try:
+            forked.ForkedWork(lambda send: None)
+            refused = "forked"
+        except OSError:
+            refused = "refused"
+        os.fork = real_fork
+        after_refused = open_fds()
+
+        quick = forked.ForkedWork(lambda send: None)
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # from now on the kernel reaps our children
+        ignoring = forked.can_fork()
+        time.sleep(0.5)
+        quick.finish()  # its pid was reaped by the kernel: no error, no signal to another process
+        after_reaped = open_fds()
+        print(cut, refused, ignoring, before == after_cut == after_refused == after_reaped)
+        """)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ended", "refused", "False", "True"]

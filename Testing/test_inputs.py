@@ -185,6 +185,16 @@ class Log(SilentReporter):
 fixed, moving, out, variant = sys.argv[1:5]
 if variant == "child-dies":  # the child ends before sending anything: this process's thread does the work
     PrefetchedInputs._in_child = lambda self, send: os._exit(9)
+if variant == "inputs-only":  # the child sends the inputs, then dies: the thread measures the checks before
+    def inputs_only(self, send):
+        self._prefetch()
+        send((self._stages, self._warnings.held, self._outcome, self._prealignment, self._working))
+        os._exit(9)
+    PrefetchedInputs._in_child = inputs_only
+if variant == "fork-refused":  # the system refuses the fork: the thread does the work
+    def refuse():
+        raise OSError(11, "Resource temporarily unavailable")
+    os.fork = refuse
 request = Request(fixed, moving, out, preset="lung-ct", prealign="affine")
 prefetch = prefetch_inputs(request)
 forked = prefetch._child is not None
@@ -194,6 +204,7 @@ try:
 except Exception as exc:
     print(json.dumps({"forked": forked, "error": str(exc), "type": type(exc).__name__}))
     raise SystemExit(0)
+worked_in = prefetch.worked_in
 mode, matrix = prefetch.prealignment(log)
 working = prefetch.working_images(log)
 before = prefetch.before_registration()
@@ -210,7 +221,7 @@ same = {name: bool(np.array_equal(sitk.GetArrayViewFromImage(getattr(inputs, nam
         for name in ("fixed", "moving", "fixed_norm", "moving_norm", "fixed_mask", "moving_mask", "fixed_region",
                      "moving_region")}
 print(json.dumps({
-    "forked": forked, "stages": log.names, "same": same, "mode": mode,
+    "forked": forked, "worked_in": worked_in, "stages": log.names, "same": same, "mode": mode,
     "matrix": float(np.abs(matrix - direct_matrix).max()), "window": list(map(float, inputs.moving_window)),
     "geometry": inputs.fixed.GetSpacing() == direct.fixed.GetSpacing() and
                 inputs.moving.GetDirection() == direct.moving.GetDirection(),
@@ -223,16 +234,22 @@ print(json.dumps({
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the forked prefetch is Linux only")
-@pytest.mark.parametrize("variant", ["forked", "child-dies"])
-def test_the_forked_prefetch_gives_what_reading_in_the_process_gives(small_pair, tmp_path, variant):
+@pytest.mark.parametrize("variant, forked, worked_in", [("forked", True, "child process"),
+                                                         ("child-dies", True, "this process"),
+                                                         ("inputs-only", True, "child process"),
+                                                         ("fork-refused", False, "this process")])
+def test_the_forked_prefetch_gives_what_reading_in_the_process_gives(small_pair, tmp_path, variant, forked,
+                                                                    worked_in):
     """On the command line (a fresh process, no torch yet) the prefetch runs in a forked child: the same images,
     pre-alignment, working arrays, checks before registration and stages as the pipeline computing them itself.
-    A child that dies without a result (``child-dies``) leaves the work to the thread: the same again."""
+    A child that dies without a result (``child-dies``), or after the inputs but before the checks
+    (``inputs-only``), or a fork the system refuses, leaves that work to the thread: the same again."""
     done = subprocess.run([sys.executable, "-c", FORKED_PREFETCH, small_pair["fixed"], small_pair["moving"],
                            str(tmp_path / "out"), variant], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    assert result["forked"]  # the child path was taken (the process had one thread and no torch)
+    assert result["forked"] == forked  # the child path was taken (the process had one thread and no torch)
+    assert result["worked_in"] == worked_in  # who delivered the inputs
     assert result["stages"] == ["read", "masks", "preprocess", "prealign", "prepare"]
     assert all(result["same"].values()), result["same"]
     assert result["mode"] == "affine" and result["matrix"] < 1e-6 and result["geometry"]

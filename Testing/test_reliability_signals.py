@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import CancelOnCall
+from conftest import CancelOnCall, process_gone
 from nephireg.errors import Cancelled, describe_failure
 from nephireg.fields import evaluate_on_grid
 from nephireg.geometry import Grid
@@ -244,15 +244,6 @@ def test_a_signal_while_torch_loads_cancels_cleanly(big_pair, tmp_path):
     assert [e["event"] for e in evs][0] == "start" and not out.exists()
 
 
-def _gone(pid: int) -> bool:
-    """No such process any more, or only its exit status (a zombie) is left."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return True
-    return next(line.split()[1] for line in status.splitlines() if line.startswith("State:")) in ("Z", "X")
-
-
 @pytest.fixture(scope="module")
 def slow_prefetch_pair(tmp_path_factory):
     """160 x 256 x 256 voxels: reading and pre-aligning them (``--prealign affine``) keeps the command line's
@@ -280,10 +271,10 @@ def test_a_signal_while_the_prefetch_child_reads_leaves_no_process_behind(slow_p
     err = (tmp_path / "stderr.txt").read_text()
     if signum == signal.SIGTERM:
         assert_cancelled(proc.returncode, [e for e in map(parse_event_line, rest.splitlines()) if e], err)
-        assert _gone(child)  # killed and reaped by the engine itself before it exited
+        assert process_gone(child)  # killed and reaped by the engine itself before it exited
     else:
         assert proc.returncode == -signal.SIGKILL
-        wait_for(lambda: _gone(child), timeout=0.5)
+        wait_for(lambda: process_gone(child), timeout=1.0)  # its own work would go on for 1.5 s and more
     assert not out.exists()
 
 

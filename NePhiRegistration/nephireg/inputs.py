@@ -8,6 +8,7 @@ caller imports torch: in a forked child process where it can, else in a thread (
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -16,7 +17,7 @@ import SimpleITK as sitk
 
 from nephireg import io
 from nephireg.errors import InputError
-from nephireg.forked import ChildEnded, ForkedWork, Send, can_fork
+from nephireg.forked import ForkedWork, Send, can_fork
 from nephireg.initial import read_initial_transform
 from nephireg.preprocess import WorkingImages, dilate, normalise_with_window, working_images
 from nephireg.presets import Preset, get_preset
@@ -65,7 +66,7 @@ class Inputs:
     initial: Optional[np.ndarray] = None  # 4x4 fixed -> moving (LPS mm) of request.initial_transform
     # (low, high): the intensity window moving_norm was made with (nephireg.preprocess.in_window maps the moving
     # image's intensities, e.g. of the warped output, as moving_norm's); None: not known (then resample moving_norm)
-    moving_window: Optional[Tuple[Any, Any]] = None
+    moving_window: Optional[Tuple[float, float]] = None
 
     def prealignment_masks(self) -> Tuple[Optional[sitk.Image], Optional[sitk.Image]]:
         """(fixed, moving) masks the pre-alignment uses (their centroids, for ``center``)."""
@@ -166,8 +167,12 @@ def _alignment_masks(fixed: sitk.Image, moving: sitk.Image, fixed_mask: Optional
     return (derived, moving_mask) if given == 0 else (fixed_mask, derived)
 
 
+BEFORE_WAIT_S = 60.0
+"""How long :meth:`PrefetchedInputs.before_registration` waits before the pipeline measures the checks itself (a
+safeguard against a child that hangs; on the lung pair they are ready a second before they are asked for)."""
+
 _LATER_STAGES = ("prealign", "prepare")
-"""Stages the prefetch thread runs after reading; their events are replayed where the pipeline takes their outcome
+"""Stages the prefetch runs after reading; their events are replayed where the pipeline takes their outcome
 (:meth:`PrefetchedInputs.prealignment`, :meth:`PrefetchedInputs.working_images`), not with the reading's."""
 
 
@@ -203,7 +208,8 @@ class PrefetchedInputs:
         self._cancelled = threading.Event()
         self._inputs_ready = threading.Event()  # outcome or error, prealignment and working images (or their errors)
         self._before_ready = threading.Event()
-        self._child = ForkedWork(self._in_child) if can_fork() else None
+        self._child = _forked(self._in_child)
+        self.worked_in = "none yet"  # who did the reading: "child process" or "this process" (diagnostics, tests)
         # Not a daemon: if a run in this process (a library call of cli.main) fails before taking the result, the
         # interpreter waits for the thread instead of finalising while it is inside SimpleITK. The command line
         # (cli.console_main) ends with os._exit, which does not wait: the thread only reads, so nothing is lost.
@@ -225,6 +231,8 @@ class PrefetchedInputs:
                 self._child.finish()
 
     def _prefetch(self) -> None:
+        self.worked_in = "this process"
+
         def stage(name: str, message: str) -> None:
             self._stages.append((name, message))
 
@@ -273,19 +281,27 @@ class PrefetchedInputs:
             send(before)
 
     def _take_from_child(self, take: Callable[[Any], None]) -> bool:
-        """The child's next message given to ``take``; False when there is no child or it ended without one."""
+        """The child's next message given to ``take``; False when there is no child, it ended without one, or its
+        message is not what ``take`` expects (the child is stopped then: this thread does the work)."""
         if self._child is None or self._cancelled.is_set():
             return False
         try:
             take(self._child.receive())
-        except ChildEnded:
+        except Exception:  # noqa: BLE001 - ChildEnded, or a message that does not fit: no result from the child
+            self._child.stop()
             return False
         return True
 
     def _take_inputs(self, message: Any) -> None:
+        stages, held, outcome, prealignment, working = message
+        if not isinstance(outcome, Inputs) or not isinstance(working, WorkingImages):
+            raise TypeError("the child's inputs message is not (stages, warnings, Inputs, prealignment, working)")
         self._stages, self._warnings.held, self._outcome, self._prealignment, self._working = message
+        self.worked_in = "child process"
 
     def _take_before(self, message: Any) -> None:
+        if not isinstance(message, BeforeRegistration):
+            raise TypeError("the child's second message is not a BeforeRegistration")
         self._before = message
 
     def result(self, reporter: Reporter) -> Inputs:
@@ -307,7 +323,8 @@ class PrefetchedInputs:
                 self._warnings.replay(reporter)
         if self._error is not None:
             raise self._error
-        assert self._outcome is not None
+        if self._outcome is None:  # cancelled before the work was done (the cancellation is raised above)
+            raise RuntimeError("the prefetch ended without reading the inputs")
         return self._outcome
 
     def working_images(self, reporter: Reporter) -> WorkingImages:
@@ -319,10 +336,19 @@ class PrefetchedInputs:
             raise RuntimeError("working_images() before prealignment(), or after a cancellation")
         return self._working
 
-    def before_registration(self) -> Optional[BeforeRegistration]:
-        """:func:`nephireg.quality.before_registration` of these inputs (call after :meth:`working_images`; waits
-        for it, a fraction of a second at most), None if it could not be measured here or the prefetch was cancelled."""
-        self._before_ready.wait()
+    def before_registration(self, check_cancel: Callable[[], None] = lambda: None,
+                            timeout_s: float = BEFORE_WAIT_S) -> Optional[BeforeRegistration]:
+        """:func:`nephireg.quality.before_registration` of these inputs (call after :meth:`working_images`), once
+        measured (in the child or this process's thread, while the method ran; on the lung pair it is ready long
+        before the write stage asks); ``check_cancel`` is called every 0.1 s while waiting (it raises to cancel).
+        None if it could not be measured here, the prefetch was cancelled, or it is not ready after ``timeout_s``
+        (a child that hangs is then stopped): the caller measures it itself."""
+        deadline = time.monotonic() + timeout_s
+        while not self._before_ready.wait(0.1):
+            check_cancel()
+            if time.monotonic() > deadline:
+                self.cancel()
+                return None
         return self._before
 
     def _replay(self, name: str, reporter: Reporter) -> None:
@@ -346,6 +372,17 @@ class PrefetchedInputs:
             raise self._prealignment_error
         assert self._prealignment is not None
         return self._prealignment
+
+
+def _forked(work: Callable[[Send], None]) -> Optional[ForkedWork]:
+    """``work`` in a forked child where :func:`nephireg.forked.can_fork` allows it and the system gives a pipe, a
+    memfd and a process; None otherwise (the prefetch thread then does the work)."""
+    if not can_fork():
+        return None
+    try:
+        return ForkedWork(work)
+    except OSError:
+        return None
 
 
 def prefetch_inputs(request: Request) -> Optional[PrefetchedInputs]:

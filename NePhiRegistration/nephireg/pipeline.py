@@ -76,8 +76,9 @@ def prepare(request: Request, preset: Preset, images: WorkingImages, device: tor
 
 Inverse = Callable[[Callable[[], None]], InverseMap]
 """``inverse(stop)``: computes the inverse map, calling ``stop()`` (which raises to give up) between its steps."""
-Before = Callable[[], Optional[quality.BeforeRegistration]]
-"""``before()``: :func:`nephireg.quality.before_registration` as the prefetch measured it, or None (measured here)."""
+Before = Callable[[Callable[[], None]], Optional[quality.BeforeRegistration]]
+"""``before(check)``: :func:`nephireg.quality.before_registration` as the prefetch measured it, or None (then measured
+here); ``check`` is called while it waits (raises to stop waiting)."""
 BeforeCommit = Callable[[Dict[str, Any], Path], None]
 """``(manifest, staging folder)``: adds files (listed in ``manifest["files"]``) and keys before the commit."""
 
@@ -141,7 +142,7 @@ def register(request: Request, reporter: Optional[Reporter] = None,
             raise _gpu_out_of_memory(exc) from None
 
     composed = compose_prealignment(fixed_grid, displacement, prealign)  # a new array: u stays for the inverse
-    before = prefetched.before_registration if prefetched is not None else lambda: None
+    before: Before = prefetched.before_registration if prefetched is not None else lambda check: None
     return _write_result(request, preset, (mode, prealign), settings, inputs, fixed_grid, composed, inverse, before,
                          options, device, reporter, started, before_commit)
 
@@ -179,9 +180,13 @@ def _write_files(request: Request, preset: Preset, prealigned: Prealignment, set
     files = {"transform": OUTPUT_FILES["transform"], "jacobian": OUTPUT_FILES["jacobian"],
              "inverse": OUTPUT_FILES["inverse"]}
     mode, prealign = prealigned
-    mask = sitk.GetArrayViewFromImage(inputs.fixed_mask) > 0 if inputs.fixed_mask is not None else None
+    mask = quality.fixed_mask_array(inputs)
     with Background() as background:  # its tasks in the order this thread needs their results
         inverted = background.submit(inverse, background.check)  # the longest task: first, before det J here
+
+        def stop_measuring() -> None:  # the run's cancellation, or the write stage given up
+            reporter.check_cancel()
+            background.check()
         transform = io.displacement_transform(displacement, grid)
         warped = background.submit(io.warp_image, inputs.moving, grid, transform) if request.write_warped else None
         consistency = background.submit(lambda: inverse_consistency(inverted.result(), displacement, grid, mask))
@@ -189,7 +194,7 @@ def _write_files(request: Request, preset: Preset, prealigned: Prealignment, set
         metrics = jacobian_summary(det)
         warnings = WarningsHeld()  # the second thread's warnings, emitted on this one (one thread, fixed order)
         measured = background.submit(_measure, inputs, grid, prealign, transform, displacement,
-                                     metrics["folding_percent"], warnings, before, warped)
+                                     metrics["folding_percent"], warnings, lambda: before(stop_measuring), warped)
         io.save_transform(transform, folder / files["transform"])
         reporter.check_cancel()
         io.write_image(io.image_from_array(det, grid), folder / files["jacobian"])
@@ -228,7 +233,8 @@ def _write_files(request: Request, preset: Preset, prealigned: Prealignment, set
 
 
 def _measure(inputs: Inputs, grid: Grid, prealign: np.ndarray, transform: sitk.Transform, displacement: np.ndarray,
-             folding_percent: float, reporter: WarningsHeld, before: Before, warped: Optional[Future]
+             folding_percent: float, reporter: WarningsHeld,
+             before: Callable[[], Optional[quality.BeforeRegistration]], warped: Optional[Future]
              ) -> Tuple[np.ndarray, Dict[str, Any]]:
     """The result's metrics beyond det J and the inverse (similarity at each step and the quality checks, the
     largest displacement) and the normalised moving image warped onto ``grid`` (Z, Y, X) for the overview

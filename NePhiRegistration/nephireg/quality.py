@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -27,6 +27,9 @@ from nephireg.compose import affine_transform
 from nephireg.geometry import Grid
 from nephireg.preprocess import in_window
 from nephireg.progress import Reporter, WarningsHeld
+
+if TYPE_CHECKING:  # nephireg.inputs imports this module
+    from nephireg.inputs import Inputs
 
 HEADER_ADVICE = ("a header/orientation mismatch is the likely cause (voxels stored, say, LIA under a header that says "
                  "identity): check both images' direction matrices (SimpleITK's GetDirection(); in Slicer, Volumes > "
@@ -120,7 +123,7 @@ def _mask_on(mask: Optional[sitk.Image], grid: Grid) -> Optional[np.ndarray]:
     return sitk.GetArrayFromImage(io.resample_to(sitk.Cast(mask, sitk.sitkFloat32), grid)) > 0.5
 
 
-def orientation_scores(inputs, prealign: np.ndarray) -> Tuple[float, List[Tuple[np.ndarray, float]]]:
+def orientation_scores(inputs: Inputs, prealign: np.ndarray) -> Tuple[float, List[Tuple[np.ndarray, float]]]:
     """How well the moving image matches the fixed one as the headers and the pre-alignment orient it, and turned
     by each of the 47 other axis orientations.
 
@@ -252,7 +255,7 @@ def check_identity_bias(mean_mm: float, reporter: Reporter) -> None:
                       "trained for these images")
 
 
-def moving_inside(inputs, grid: Grid, prealign: np.ndarray) -> np.ndarray:
+def moving_inside(inputs: Inputs, grid: Grid, prealign: np.ndarray) -> np.ndarray:
     """(Z, Y, X) bool on ``grid`` (the fixed grid): the voxels whose pre-aligned position lies inside the moving
     mask, else inside the moving image's field of view."""
     if inputs.moving_mask is not None:
@@ -274,12 +277,12 @@ class BeforeRegistration:
     warnings: List[Tuple[str, str]]  # (code, message)
 
 
-def before_registration(inputs, grid: Grid, prealign: np.ndarray) -> BeforeRegistration:
+def before_registration(inputs: Inputs, grid: Grid, prealign: np.ndarray) -> BeforeRegistration:
     """The similarity before any alignment and after the pre-alignment, the pre-alignment's linear part and overlap
     and the orientation check (arguments as :func:`assess`'s)."""
     held = WarningsHeld()
     fixed_norm = sitk.GetArrayViewFromImage(inputs.fixed_norm)
-    mask = _fixed_mask(inputs)
+    mask = fixed_mask_array(inputs)
 
     def ncc_through(transform: Optional[sitk.Transform]) -> float:  # one full-grid copy alive at a time
         return ncc(fixed_norm, normalised_warped(inputs, grid, transform), mask)
@@ -299,7 +302,7 @@ def before_registration(inputs, grid: Grid, prealign: np.ndarray) -> BeforeRegis
     return BeforeRegistration(metrics, held.held)
 
 
-def assess(inputs, grid: Grid, prealign: np.ndarray, warped_norm: np.ndarray, folding_percent: float,
+def assess(inputs: Inputs, grid: Grid, prealign: np.ndarray, warped_norm: np.ndarray, folding_percent: float,
            reporter: Reporter, before: Optional[BeforeRegistration] = None) -> Dict[str, Any]:
     """Per-step similarity, the pre-alignment's linear part and overlap, as metrics; warns for each failed check.
 
@@ -312,7 +315,7 @@ def assess(inputs, grid: Grid, prealign: np.ndarray, warped_norm: np.ndarray, fo
         reporter.warn(code, message)
     first = {key: before.metrics[key] for key in ("ncc_before", "ncc_prealigned")}
     metrics: Dict[str, Any] = {**first, "ncc_after": ncc(sitk.GetArrayViewFromImage(inputs.fixed_norm), warped_norm,
-                                                         _fixed_mask(inputs))}
+                                                         fixed_mask_array(inputs))}
     metrics.update(before.metrics)
     check_deformable_gain(metrics["ncc_before"], metrics["ncc_prealigned"], metrics["ncc_after"], reporter)
     if metrics["prealign_determinant"] > 0:  # under a mirror det J < 0 everywhere: the reflection warning says so
@@ -320,7 +323,7 @@ def assess(inputs, grid: Grid, prealign: np.ndarray, warped_norm: np.ndarray, fo
     return metrics
 
 
-def normalised_warped(inputs, grid: Grid, transform: Optional[sitk.Transform] = None,
+def normalised_warped(inputs: Inputs, grid: Grid, transform: Optional[sitk.Transform] = None,
                       warped: Optional[sitk.Image] = None) -> np.ndarray:
     """(Z, Y, X) float32 on ``grid``: the moving image warped as the output is (:func:`nephireg.io.warp_image`;
     ``warped`` when already computed) and mapped to [0, 1] by the intensity window of ``inputs.moving_norm``; the
@@ -333,5 +336,7 @@ def normalised_warped(inputs, grid: Grid, transform: Optional[sitk.Transform] = 
     return in_window(sitk.GetArrayViewFromImage(warped), inputs.moving_window)
 
 
-def _fixed_mask(inputs) -> Optional[np.ndarray]:
+def fixed_mask_array(inputs: Inputs) -> Optional[np.ndarray]:
+    """(Z, Y, X) bool: ``inputs``' fixed mask on the fixed grid, or None without one (the similarity region is then
+    the whole fixed image)."""
     return sitk.GetArrayViewFromImage(inputs.fixed_mask) > 0 if inputs.fixed_mask is not None else None

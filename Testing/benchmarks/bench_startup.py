@@ -16,9 +16,11 @@ run with each other (ratios), not with another run's.
   --progress jsonl`` on the shared lung pair): when (s since the exec) the ``start`` event, each ``stage`` event and
   the ``result`` event arrive, and the exit; plus the engine's own ``timings_s``.
 * ``importtime``: ``-X importtime`` of that command: the top-level modules imported before torch starts loading.
-* ``overlap``: what the prefetch (reading, lung masks, pre-alignment, resampling onto the working grid, in a thread
-  while torch loads) buys: fresh processes that only ``import nephireg.pipeline``, only prefetch, do both as the
-  command does (prefetch thread + import), or both one after the other.
+* ``overlap``: what the prefetch (reading, lung masks, pre-alignment, resampling onto the working grid and the
+  checks before registration, in a forked child while torch loads) buys: fresh processes that only
+  ``import nephireg.pipeline``, only prefetch, do both as the command does (prefetch child + import), both with the
+  prefetch in a thread of the process (as before session 7, and where the engine cannot fork), or both one after
+  the other.
 * ``slicer``: the Slicer module's Register on Slicer's real libraries (trame-slicer ``SlicerApp`` scene as
   ``Testing/slicer_scene.py`` builds it; the lung pair loaded as volume nodes; ``RegistrationJob`` with
   ``python=sys.executable``, as the tests run it): writing the inputs, launch -> ``start`` event, ``start`` ->
@@ -227,11 +229,12 @@ request = Request(fixed={fixed!r}, moving={moving!r}, out={out!r}, method={metho
 def prefetch():
     return prefetch_inputs(request)
 
-def take(prefetched):  # waits for the prefetch thread (read, masks, pre-alignment, images on the working grid)
+def take(prefetched):  # waits for the prefetch (read, masks, pre-alignment, working grid, checks before)
     reporter = SilentReporter()
     prefetched.result(reporter)
     prefetched.prealignment(reporter)
     prefetched.working_images(reporter)
+    prefetched.before_registration()
 
 if mode == "import":
     import nephireg.pipeline
@@ -241,11 +244,17 @@ elif mode == "both (as the command)":
     prefetched = prefetch()
     import nephireg.pipeline
     take(prefetched)
+elif mode == "both, prefetch in a thread":
+    import nephireg.inputs
+    nephireg.inputs.can_fork = lambda: False  # the prefetch as before session 7 (and where forking is not allowed)
+    prefetched = prefetch()
+    import nephireg.pipeline
+    take(prefetched)
 else:
     take(prefetch())
     import nephireg.pipeline
 """
-OVERLAP_MODES = ("import", "prefetch", "both (as the command)", "one after the other")
+OVERLAP_MODES = ("import", "prefetch", "both (as the command)", "both, prefetch in a thread", "one after the other")
 
 
 def part_overlap(repeats: int, work: Path) -> Dict[str, Any]:
