@@ -101,6 +101,15 @@ def test_slabwise_composition_with_an_affine_equals_the_whole_grid_formula():
     composed = compose_prealignment(FINE, u, prealign)
     assert composed.dtype == np.float64 and np.abs(composed - expected).max() < 1e-9
     assert np.abs(compose_prealignment(FINE, u, np.eye(4)) - u).max() == 0.0  # a translation-free identity: u
+    shift = np.eye(4)
+    shift[:3, 3] = [4.0, -7.0, 2.5]
+    for matrix in (prealign, shift):  # in place (the pipeline's use: u replaced by phi's displacement): the same
+        new = compose_prealignment(FINE, u, matrix)
+        in_place = u.copy()
+        assert compose_prealignment(FINE, in_place, matrix, out=in_place) is in_place
+        assert np.array_equal(in_place, new)
+    with pytest.raises(ValueError, match="C-contiguous float64"):
+        compose_prealignment(FINE, u, prealign, out=np.empty(u.shape, np.float32))
 
 
 def test_separable_resampling_in_slabs_equals_point_sampling_and_checks_cancel_per_slab():

@@ -136,12 +136,15 @@ def register(request: Request, reporter: Optional[Reporter] = None,
             stop()
 
         try:
-            return invert(field_, displacement, fixed_grid, Grid.of(inputs.moving), prealign, device,
+            return invert(field_, u_float32, fixed_grid, Grid.of(inputs.moving), prealign, device,
                           lattice_mm(pair.grid), cancel=cancel)
         except torch.cuda.OutOfMemoryError as exc:
             raise _gpu_out_of_memory(exc) from None
 
-    composed = compose_prealignment(fixed_grid, displacement, prealign)  # a new array: u stays for the inverse
+    # u as the inverse needs it (it iterates in float32); then phi's displacement replaces u in place (one
+    # full-grid float64 array fewer to allocate and fault in)
+    u_float32 = np.ascontiguousarray(displacement, dtype=np.float32)
+    composed = compose_prealignment(fixed_grid, displacement, prealign, out=displacement)
     before: Before = prefetched.before_registration if prefetched is not None else lambda check: None
     return _write_result(request, preset, (mode, prealign), settings, inputs, fixed_grid, composed, inverse, before,
                          options, device, reporter, started, before_commit)
