@@ -208,6 +208,10 @@ worked_in = prefetch.worked_in
 mode, matrix = prefetch.prealignment(log)
 working = prefetch.working_images(log)
 before = prefetch.before_registration()
+prefetch._thread.join()
+import gc
+gc.collect()
+mapped = any("nephireg-forked" in line for line in open("/proc/self/maps"))  # the shared file still mapped?
 from nephireg.pipeline import prealign_matrix  # torch, now that the child is done
 from nephireg.preprocess import working_images
 from nephireg.quality import before_registration
@@ -229,7 +233,7 @@ print(json.dumps({
                 for n in ("fixed", "moving", "fixed_mask", "moving_mask")],
     "working_writable": bool(working.fixed.flags.writeable), "working_grid": working.grid == direct_working.grid,
     "before": before.metrics == direct_before.metrics and before.warnings == direct_before.warnings,
-    "masks_derived": inputs.masks_derived}))
+    "masks_derived": inputs.masks_derived, "mapped": mapped}))
 """
 
 
@@ -255,6 +259,7 @@ def test_the_forked_prefetch_gives_what_reading_in_the_process_gives(small_pair,
     assert result["mode"] == "affine" and result["matrix"] < 1e-6 and result["geometry"]
     assert max(result["working"]) < 1e-5 and result["working_writable"] and result["working_grid"]
     assert result["before"] and result["masks_derived"]
+    assert not result["mapped"]  # the arrays kept were copied: the child's shared file is gone with its messages
     assert result["window"] == [-1000.0, 0.0]  # lung-ct's window, kept for the warped image's normalisation
 
 

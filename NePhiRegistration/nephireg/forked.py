@@ -23,9 +23,9 @@ the interpreter lock that torch's import holds (measured: 0.15 s for the lung pa
 
 Memory: while the child works, the inputs exist in the child, in the shared file and, once received, in the
 parent - about twice their size more than a thread needs, for the second the prefetch lasts; the child exits after
-its last message. The parent keeps the shared file mapped while the arrays made over it (the working images) are
-in use: the lung pair's 0.1 GB of images and working arrays, counted in the engine's peak memory (0.95 GiB there,
-at the write stage, as before this module: the float64 fields on the fixed grid dominate it).
+its last message and the parent closes the file then. A large buffer is a view of the parent's mapping of the file
+(:data:`MAPPED_FROM_BYTES`): SimpleITK images copy it as they are made, and the caller copies the arrays it keeps
+(:class:`nephireg.inputs.PrefetchedInputs` does), so that the mapping is released with the message.
 """
 
 from __future__ import annotations
@@ -47,6 +47,12 @@ CHILD_NICENESS = 10
 """The child runs at a lower priority: it has a core to itself while torch loads on the other (the import is one
 thread), but where both processes want both cores (the child's filters are multi-threaded; later the parent's
 network and writing) the parent, which the run waits for, goes first."""
+
+
+MAPPED_FROM_BYTES = 1 << 20
+"""Buffers from this size on come as views of the shared file's mapping (not copied; SimpleITK images copy them
+anyway, arrays do not): a caller that keeps such an array past the message copies it, or the mapping - all of the
+message's buffers - stays in memory with it. Smaller buffers (a 4x4 matrix) are copied."""
 
 
 class ChildEnded(Exception):
@@ -97,7 +103,8 @@ class ForkedWork:
 
     def receive(self) -> Any:
         """The child's next message; :class:`ChildEnded` once it has ended without one (or sent one that cannot
-        be read: whatever went wrong, the caller then does the work itself)."""
+        be read: whatever went wrong, the caller then does the work itself). Arrays of :data:`MAPPED_FROM_BYTES` or
+        more in it are views of the shared file: copy what is kept."""
         try:
             header = self._pipe.read(_HEADER.size)
             if len(header) < _HEADER.size:
@@ -108,7 +115,8 @@ class ForkedWork:
                 raise ChildEnded("the child ended within a message")
             places: List[Tuple[int, int]] = pickle.loads(table)
             shared = _mapped(self._shared, places)
-            return pickle.loads(data, buffers=[shared[offset:offset + size] for offset, size in places])
+            return pickle.loads(data, buffers=[bytearray(shared[offset:offset + size]) if size < MAPPED_FROM_BYTES
+                                               else shared[offset:offset + size] for offset, size in places])
         except Exception:  # noqa: BLE001 - a short or unreadable message (or no memory for it): no result
             self.stop()
             raise ChildEnded("the child ended without its message") from None

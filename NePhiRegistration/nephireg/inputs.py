@@ -296,7 +296,13 @@ class PrefetchedInputs:
         stages, held, outcome, prealignment, working = message
         if not isinstance(outcome, Inputs) or not isinstance(working, WorkingImages):
             raise TypeError("the child's inputs message is not (stages, warnings, Inputs, prealignment, working)")
-        self._stages, self._warnings.held, self._outcome, self._prealignment, self._working = message
+        # The working arrays are views of the shared file (nephireg.forked.MAPPED_FROM_BYTES): copied, so that the
+        # mapping - the images too, which SimpleITK copied already - is released now, not at the end of the run
+        # (on the brain pair it held 0.1-0.2 GiB more for the whole run).
+        owned = [None if a is None else np.array(a) for a in (working.fixed, working.moving, working.fixed_mask,
+                                                                working.moving_mask)]
+        self._stages, self._warnings.held, self._outcome, self._prealignment = stages, held, outcome, prealignment
+        self._working = WorkingImages(working.grid, *owned)
         self.worked_in = "child process"
 
     def _take_before(self, message: Any) -> None:
