@@ -185,12 +185,13 @@ class Log(SilentReporter):
 fixed, moving, out, variant = sys.argv[1:5]
 if variant == "child-dies":  # the child ends before sending anything: this process's thread does the work
     PrefetchedInputs._in_child = lambda self, send: os._exit(9)
-if variant == "inputs-only":  # the child sends the inputs, then dies: the thread measures the checks before
-    def inputs_only(self, send):
-        self._prefetch()
-        send((self._stages, self._warnings.held, self._outcome, self._prealignment, self._working))
-        os._exit(9)
-    PrefetchedInputs._in_child = inputs_only
+if variant in ("inputs-only", "no-checks"):  # the child dies after its first or second message: the thread does
+    def die_after(self, send):                 # the rest (the working grid, the checks before registration)
+        messages = []
+        self._in_child_all(lambda message: (send(message), messages.append(1),
+                                            len(messages) == (1 if variant == "inputs-only" else 2) and os._exit(9)))
+    PrefetchedInputs._in_child_all = PrefetchedInputs._in_child
+    PrefetchedInputs._in_child = die_after
 if variant == "fork-refused":  # the system refuses the fork: the thread does the work
     def refuse():
         raise OSError(11, "Resource temporarily unavailable")
@@ -211,7 +212,11 @@ before = prefetch.before_registration()
 prefetch._thread.join()
 import gc
 gc.collect()
-mapped = any("nephireg-forked" in line for line in open("/proc/self/maps"))  # the shared file still mapped?
+mapped = 0  # bytes of the child's shared file still mapped here: at most the working arrays (the images' part freed)
+for line in open("/proc/self/maps"):
+    if "nephireg-forked" in line:
+        low, high = (int(x, 16) for x in line.split()[0].split("-"))
+        mapped += high - low
 from nephireg.pipeline import prealign_matrix  # torch, now that the child is done
 from nephireg.preprocess import working_images
 from nephireg.quality import before_registration
@@ -233,7 +238,9 @@ print(json.dumps({
                 for n in ("fixed", "moving", "fixed_mask", "moving_mask")],
     "working_writable": bool(working.fixed.flags.writeable), "working_grid": working.grid == direct_working.grid,
     "before": before.metrics == direct_before.metrics and before.warnings == direct_before.warnings,
-    "masks_derived": inputs.masks_derived, "mapped": mapped}))
+    "masks_derived": inputs.masks_derived, "mapped": mapped,
+    "working_bytes": sum(a.nbytes for a in (working.fixed, working.moving, working.fixed_mask, working.moving_mask)
+                         if a is not None)}))
 """
 
 
@@ -241,13 +248,14 @@ print(json.dumps({
 @pytest.mark.parametrize("variant, forked, worked_in", [("forked", True, "child process"),
                                                          ("child-dies", True, "this process"),
                                                          ("inputs-only", True, "child process"),
+                                                         ("no-checks", True, "child process"),
                                                          ("fork-refused", False, "this process")])
 def test_the_forked_prefetch_gives_what_reading_in_the_process_gives(small_pair, tmp_path, variant, forked,
                                                                     worked_in):
     """On the command line (a fresh process, no torch yet) the prefetch runs in a forked child: the same images,
     pre-alignment, working arrays, checks before registration and stages as the pipeline computing them itself.
-    A child that dies without a result (``child-dies``), or after the inputs but before the checks
-    (``inputs-only``), or a fork the system refuses, leaves that work to the thread: the same again."""
+    A child that dies without a result (``child-dies``), after the inputs (``inputs-only``) or after the working
+    arrays (``no-checks``), or a fork the system refuses, leaves the rest to the thread: the same again."""
     done = subprocess.run([sys.executable, "-c", FORKED_PREFETCH, small_pair["fixed"], small_pair["moving"],
                            str(tmp_path / "out"), variant], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -259,7 +267,10 @@ def test_the_forked_prefetch_gives_what_reading_in_the_process_gives(small_pair,
     assert result["mode"] == "affine" and result["matrix"] < 1e-6 and result["geometry"]
     assert max(result["working"]) < 1e-5 and result["working_writable"] and result["working_grid"]
     assert result["before"] and result["masks_derived"]
-    assert not result["mapped"]  # the arrays kept were copied: the child's shared file is gone with its messages
+    # what stays mapped of the child's shared file is the working arrays' message (used as they are), never the
+    # images' (SimpleITK copied them: that message was unmapped and freed)
+    assert result["mapped"] <= result["working_bytes"] + 64 * 1024
+    assert (result["mapped"] >= result["working_bytes"]) == (variant in ("forked", "no-checks"))
     assert result["window"] == [-1000.0, 0.0]  # lung-ct's window, kept for the warped image's normalisation
 
 

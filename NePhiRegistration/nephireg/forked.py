@@ -23,9 +23,10 @@ the interpreter lock that torch's import holds (measured: 0.15 s for the lung pa
 
 Memory: while the child works, the inputs exist in the child, in the shared file and, once received, in the
 parent - about twice their size more than a thread needs, for the second the prefetch lasts; the child exits after
-its last message and the parent closes the file then. A large buffer is a view of the parent's mapping of the file
-(:data:`MAPPED_FROM_BYTES`): SimpleITK images copy it as they are made, and the caller copies the arrays it keeps
-(:class:`nephireg.inputs.PrefetchedInputs` does), so that the mapping is released with the message.
+its last message and the parent closes the file then. Each message is mapped on its own (its buffers start on a
+page), and a large buffer is a view of that mapping (:data:`MAPPED_FROM_BYTES`): a message whose objects copied
+everything (SimpleITK images copy as they are made) is unmapped and its part of the file freed at once; a message
+of arrays stays mapped as long as its arrays are used - as much memory as the arrays themselves.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import signal
 import struct
 import sys
 import threading
-from typing import Any, BinaryIO, Callable, List, Tuple
+from typing import Any, BinaryIO, Callable, List, Optional, Tuple
 
 Send = Callable[[Any], None]
 """``send(message)``: pickles ``message`` to the parent (in the child)."""
@@ -50,9 +51,10 @@ network and writing) the parent, which the run waits for, goes first."""
 
 
 MAPPED_FROM_BYTES = 1 << 20
-"""Buffers from this size on come as views of the shared file's mapping (not copied; SimpleITK images copy them
-anyway, arrays do not): a caller that keeps such an array past the message copies it, or the mapping - all of the
-message's buffers - stays in memory with it. Smaller buffers (a 4x4 matrix) are copied."""
+"""Buffers from this size on come as views of their message's mapping of the shared file (not copied; SimpleITK
+images copy them as they are made, arrays do not): an array kept keeps its message's mapping, so a message should
+carry either what is kept (arrays) or what is copied (images), not both. Smaller buffers (a 4x4 matrix) are
+copied."""
 
 
 class ChildEnded(Exception):
@@ -114,9 +116,14 @@ class ForkedWork:
             if len(data) < length or len(table) < table_length:
                 raise ChildEnded("the child ended within a message")
             places: List[Tuple[int, int]] = pickle.loads(table)
-            shared = _mapped(self._shared, places)
-            return pickle.loads(data, buffers=[bytearray(shared[offset:offset + size]) if size < MAPPED_FROM_BYTES
-                                               else shared[offset:offset + size] for offset, size in places])
+            mapping, start, end = _mapped(self._shared, places)
+            whole = memoryview(mapping) if mapping is not None else memoryview(b"")
+            views = [whole[offset - start:offset - start + size] for offset, size in places]
+            message = pickle.loads(data, buffers=[bytearray(view) if view.nbytes < MAPPED_FROM_BYTES else view
+                                                  for view in views])
+            if _unused(views + [whole], mapping):  # everything made from it copied (images): free it now
+                _punch_hole(self._shared, start, end - start)
+            return message
         except Exception:  # noqa: BLE001 - a short or unreadable message (or no memory for it): no result
             self.stop()
             raise ChildEnded("the child ended without its message") from None
@@ -187,9 +194,13 @@ def _die_with(parent: int) -> None:
 
 
 def _send(pipe: BinaryIO, shared: int, offset: int, message: Any) -> int:
-    """Writes ``message`` (its buffers into ``shared`` from ``offset`` on); returns the offset after them."""
+    """Writes ``message`` (its buffers into ``shared`` from ``offset`` on, rounded up to a page: each message is
+    mapped on its own); returns the offset after them."""
+    import mmap
+
     buffers: List[pickle.PickleBuffer] = []
     data = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+    offset = -(-offset // mmap.ALLOCATIONGRANULARITY) * mmap.ALLOCATIONGRANULARITY
     places = []
     for buffer in buffers:
         raw = buffer.raw()
@@ -208,14 +219,50 @@ def _write_at(fd: int, view: memoryview, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _mapped(fd: int, places: List[Tuple[int, int]]) -> memoryview:
-    """The shared file mapped copy-on-write (arrays unpickled over it are writable, and a write stays in this
-    process): no copy of the buffers; the mapping lives as long as an object made over it."""
+def _mapped(fd: int, places: List[Tuple[int, int]]) -> Tuple[Optional[Any], int, int]:
+    """The part of the shared file that holds one message's buffers, mapped copy-on-write (arrays unpickled over it
+    are writable, and a write stays in this process), and the file range (start, end) it covers; None for a message
+    without buffers. The mapping lives as long as an object made over it (another message's objects keep only
+    their own)."""
     import mmap
 
-    size = max((offset + length for offset, length in places), default=0)
-    if size == 0:
-        return memoryview(b"")
-    if os.fstat(fd).st_size < size:
-        raise ChildEnded("the shared file ends early")
-    return memoryview(mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE))
+    if not places:
+        return None, 0, 0
+    start = min(offset for offset, _ in places)
+    end = max(offset + length for offset, length in places)
+    if start % mmap.ALLOCATIONGRANULARITY or os.fstat(fd).st_size < end:
+        raise ChildEnded("the shared file does not hold the message")
+    if end == start:  # only empty buffers
+        return None, start, end
+    mapping = mmap.mmap(fd, end - start, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                        offset=start)
+    return mapping, start, end
+
+
+def _unused(views: List[memoryview], mapping: Optional[Any]) -> bool:
+    """Release ``views`` and close ``mapping``; False when an object made from them still uses one (an array):
+    the mapping then stays with it."""
+    in_use = False
+    for view in views:
+        try:
+            view.release()
+        except BufferError:
+            in_use = True
+    if mapping is not None and not in_use:
+        try:
+            mapping.close()
+        except BufferError:
+            in_use = True
+    return mapping is not None and not in_use
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free the shared file's memory in [offset, offset + length) (Linux ``fallocate`` with
+    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE); where that fails it is freed when the file is closed."""
+    import ctypes
+
+    fallocate = getattr(ctypes.CDLL(None, use_errno=True), "fallocate", None)
+    if fallocate is None or length <= 0:
+        return
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fallocate(fd, 0x02 | 0x01, offset, length)

@@ -219,8 +219,12 @@ class PrefetchedInputs:
     def _run(self) -> None:
         try:
             try:
-                if not self._take_from_child(self._take_inputs) and not self._cancelled.is_set():
-                    self._prefetch()
+                if not self._take_from_child(self._take_inputs):
+                    if not self._cancelled.is_set():
+                        self._read_and_prealign()
+                        self._prepare()
+                elif not self._take_from_child(self._take_working) and not self._cancelled.is_set():
+                    self._prepare()
             finally:
                 self._inputs_ready.set()
             if not self._take_from_child(self._take_before) and not self._cancelled.is_set():
@@ -230,29 +234,31 @@ class PrefetchedInputs:
             if self._child is not None:
                 self._child.finish()
 
-    def _prefetch(self) -> None:
+    def _stage(self, name: str, message: str) -> None:
+        self._stages.append((name, message))
+
+    def _read_and_prealign(self) -> None:
+        """:func:`read_inputs` and the pre-alignment in this process; their errors kept for the pipeline."""
         self.worked_in = "this process"
-
-        def stage(name: str, message: str) -> None:
-            self._stages.append((name, message))
-
         try:
-            self._outcome = _read(self.request, self.preset, stage, self._warnings.warn)
+            self._outcome = _read(self.request, self.preset, self._stage, self._warnings.warn)
         except BaseException as exc:  # handed to the caller's thread by result()
             self._error = exc
             return
         from nephireg.prealign import prealignment_of
 
         try:
-            self._prealignment = prealignment_of(self.request, self.preset, self._outcome, stage,
+            self._prealignment = prealignment_of(self.request, self.preset, self._outcome, self._stage,
                                                  self._cancelled.is_set)
         except BaseException as exc:  # handed over by prealignment()
             self._prealignment_error = exc
-            return
-        if self._cancelled.is_set():
+
+    def _prepare(self) -> None:
+        """The pair on the working grid, after :meth:`_read_and_prealign` succeeded; its error kept."""
+        if self._outcome is None or self._prealignment is None or self._cancelled.is_set():
             return
         try:  # bounded in size (preprocess.MAX_WORKING_VOXELS), so safe before the pipeline's geometry check
-            stage("prepare", "Resampling the images onto the working grid")
+            self._stage("prepare", "Resampling the images onto the working grid")
             self._working = working_images(self._outcome, self.preset, self._prealignment[1])
         except BaseException as exc:  # handed over by working_images()
             self._working_error = exc
@@ -271,11 +277,18 @@ class PrefetchedInputs:
             return None
 
     def _in_child(self, send: Send) -> None:
-        """The forked child's work: the same steps, their results sent to the parent; nothing sent after an error."""
-        self._prefetch()
-        if self._error is not None or self._prealignment_error is not None or self._working is None:
-            return  # the parent's thread does the work again and meets the error where the pipeline expects it
-        send((self._stages, self._warnings.held, self._outcome, self._prealignment, self._working))
+        """The forked child's work: the same steps, each result sent to the parent as it is ready (the images while
+        the working grid is still being resampled); nothing sent after an error (the parent's thread then does that
+        step and the rest itself, and meets the error where the pipeline expects it)."""
+        self._read_and_prealign()
+        if self._error is not None or self._prealignment_error is not None:
+            return
+        send((self._stages, self._warnings.held, self._outcome, self._prealignment))
+        sent = len(self._stages)
+        self._prepare()
+        if self._working is None:
+            return
+        send((self._stages[sent:], self._working))
         before = self._measure_before()
         if before is not None:
             send(before)
@@ -293,21 +306,24 @@ class PrefetchedInputs:
         return True
 
     def _take_inputs(self, message: Any) -> None:
-        stages, held, outcome, prealignment, working = message
-        if not isinstance(outcome, Inputs) or not isinstance(working, WorkingImages):
-            raise TypeError("the child's inputs message is not (stages, warnings, Inputs, prealignment, working)")
-        # The working arrays are views of the shared file (nephireg.forked.MAPPED_FROM_BYTES): copied, so that the
-        # mapping - the images too, which SimpleITK copied already - is released now, not at the end of the run
-        # (on the brain pair it held 0.1-0.2 GiB more for the whole run).
-        owned = [None if a is None else np.array(a) for a in (working.fixed, working.moving, working.fixed_mask,
-                                                                working.moving_mask)]
+        stages, held, outcome, prealignment = message
+        if not isinstance(outcome, Inputs) or not isinstance(prealignment[1], np.ndarray):
+            raise TypeError("the child's first message is not (stages, warnings, Inputs, prealignment)")
         self._stages, self._warnings.held, self._outcome, self._prealignment = stages, held, outcome, prealignment
-        self._working = WorkingImages(working.grid, *owned)
         self.worked_in = "child process"
+
+    def _take_working(self, message: Any) -> None:
+        # The arrays are views of this message's own mapping of the shared file (nephireg.forked): kept as they are
+        # (the images' mapping is released with the first message, SimpleITK having copied them).
+        stages, working = message
+        if not isinstance(working, WorkingImages):
+            raise TypeError("the child's second message is not (stages, WorkingImages)")
+        self._stages = self._stages + list(stages)
+        self._working = working
 
     def _take_before(self, message: Any) -> None:
         if not isinstance(message, BeforeRegistration):
-            raise TypeError("the child's second message is not a BeforeRegistration")
+            raise TypeError("the child's third message is not a BeforeRegistration")
         self._before = message
 
     def result(self, reporter: Reporter) -> Inputs:
