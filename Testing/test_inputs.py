@@ -185,11 +185,9 @@ class Log(SilentReporter):
 fixed, moving, out, variant = sys.argv[1:5]
 if variant == "child-dies":  # the child ends before sending anything: this process's thread does the work
     PrefetchedInputs._in_child = lambda self, send: os._exit(9)
-if variant in ("inputs-only", "no-checks"):  # the child dies after its first or second message: the thread does
-    def die_after(self, send):                 # the rest (the working grid, the checks before registration)
-        messages = []
-        self._in_child_all(lambda message: (send(message), messages.append(1),
-                                            len(messages) == (1 if variant == "inputs-only" else 2) and os._exit(9)))
+if variant == "inputs-only":  # the child dies after its first message: the thread resamples onto the working grid
+    def die_after(self, send):
+        self._in_child_all(lambda message: (send(message), os._exit(9)))
     PrefetchedInputs._in_child_all = PrefetchedInputs._in_child
     PrefetchedInputs._in_child = die_after
 if variant == "fork-refused":  # the system refuses the fork: the thread does the work
@@ -248,14 +246,13 @@ print(json.dumps({
 @pytest.mark.parametrize("variant, forked, worked_in", [("forked", True, "child process"),
                                                          ("child-dies", True, "this process"),
                                                          ("inputs-only", True, "child process"),
-                                                         ("no-checks", True, "child process"),
                                                          ("fork-refused", False, "this process")])
 def test_the_forked_prefetch_gives_what_reading_in_the_process_gives(small_pair, tmp_path, variant, forked,
                                                                     worked_in):
     """On the command line (a fresh process, no torch yet) the prefetch runs in a forked child: the same images,
     pre-alignment, working arrays, checks before registration and stages as the pipeline computing them itself.
-    A child that dies without a result (``child-dies``), after the inputs (``inputs-only``) or after the working
-    arrays (``no-checks``), or a fork the system refuses, leaves the rest to the thread: the same again."""
+    A child that dies without a result (``child-dies``) or after the inputs (``inputs-only``), or a fork the
+    system refuses, leaves the rest to the thread: the same again."""
     done = subprocess.run([sys.executable, "-c", FORKED_PREFETCH, small_pair["fixed"], small_pair["moving"],
                            str(tmp_path / "out"), variant], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -270,7 +267,7 @@ def test_the_forked_prefetch_gives_what_reading_in_the_process_gives(small_pair,
     # what stays mapped of the child's shared file is the working arrays' message (used as they are), never the
     # images' (SimpleITK copied them: that message was unmapped and freed)
     assert result["mapped"] <= result["working_bytes"] + 64 * 1024
-    assert (result["mapped"] >= result["working_bytes"]) == (variant in ("forked", "no-checks"))
+    assert (result["mapped"] >= result["working_bytes"]) == (variant == "forked")
     assert result["window"] == [-1000.0, 0.0]  # lung-ct's window, kept for the warped image's normalisation
 
 

@@ -31,6 +31,7 @@ of arrays stays mapped as long as its arrays are used - as much memory as the ar
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import signal
@@ -166,6 +167,7 @@ def _run_child(work: Callable[[Send], None], write_end: int, shared: int, parent
             signal.signal(signum, signal.SIG_DFL)
         _die_with(parent)
         os.nice(CHILD_NICENESS)
+        gc.disable()  # a short life that makes no garbage worth a collector's passes
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         pipe = os.fdopen(write_end, "wb")

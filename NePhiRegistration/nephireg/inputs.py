@@ -183,9 +183,10 @@ class PrefetchedInputs:
     :meth:`before_registration` those measures (SimpleITK and numpy alone: this overlaps the time torch takes to load).
 
     Where it can (:func:`nephireg.forked.can_fork`: a command-line process before torch is imported) the work runs in
-    a forked child on the other core, and a thread of this process takes its results; otherwise that thread does the
-    work itself. A child that ends without a result (any error) leaves the work to the thread, so errors and
-    warnings are the in-process ones.
+    a forked child on the other core, and a thread of this process takes its results (the images and the
+    pre-alignment first, then the working arrays) and measures the checks before registration meanwhile; otherwise
+    that thread does the work itself. A child that ends without a result (any error) leaves the rest of the work to
+    the thread, so errors and warnings are the in-process ones.
 
     The stage and warning events are recorded and replayed by :meth:`result`, so a reporter sees them in the usual
     order after the run's start event; the time spent waiting is reported as the ``read`` stage (so a manifest's
@@ -217,22 +218,33 @@ class PrefetchedInputs:
         self._thread.start()
 
     def _run(self) -> None:
+        measuring: Optional[threading.Thread] = None
         try:
             try:
                 if not self._take_from_child(self._take_inputs):
                     if not self._cancelled.is_set():
                         self._read_and_prealign()
                         self._prepare()
-                elif not self._take_from_child(self._take_working) and not self._cancelled.is_set():
-                    self._prepare()
+                else:
+                    # The checks before registration need only the images and the pre-alignment: measured here, on
+                    # the core the child does not use, while it resamples (this process is waiting for it then).
+                    measuring = threading.Thread(target=self._measure_before_here, name="nephireg-before")
+                    measuring.start()
+                    if not self._take_from_child(self._take_working) and not self._cancelled.is_set():
+                        self._prepare()
             finally:
                 self._inputs_ready.set()
-            if not self._take_from_child(self._take_before) and not self._cancelled.is_set():
-                self._before = self._measure_before()
+            if measuring is not None:
+                measuring.join()
+            elif not self._cancelled.is_set():
+                self._measure_before_here()
         finally:
             self._before_ready.set()
             if self._child is not None:
                 self._child.finish()
+
+    def _measure_before_here(self) -> None:
+        self._before = self._measure_before()
 
     def _stage(self, name: str, message: str) -> None:
         self._stages.append((name, message))
@@ -266,7 +278,7 @@ class PrefetchedInputs:
     def _measure_before(self) -> Optional[BeforeRegistration]:
         """:func:`nephireg.quality.before_registration`, or None when the inputs failed or it raised (the pipeline
         then measures it itself and meets the error there)."""
-        if self._working is None or self._prealignment is None or self._outcome is None:
+        if self._prealignment is None or self._outcome is None or self._cancelled.is_set():
             return None
         from nephireg.geometry import Grid
         from nephireg.quality import before_registration
@@ -277,21 +289,18 @@ class PrefetchedInputs:
             return None
 
     def _in_child(self, send: Send) -> None:
-        """The forked child's work: the same steps, each result sent to the parent as it is ready (the images while
-        the working grid is still being resampled); nothing sent after an error (the parent's thread then does that
-        step and the rest itself, and meets the error where the pipeline expects it)."""
+        """The forked child's work: reading and pre-aligning, then the working grid, each result sent to the parent
+        as it is ready (it copies the images and measures the checks before registration while the child still
+        resamples); nothing sent after an error (the parent's thread then does that step and the rest itself, and
+        meets the error where the pipeline expects it)."""
         self._read_and_prealign()
         if self._error is not None or self._prealignment_error is not None:
             return
         send((self._stages, self._warnings.held, self._outcome, self._prealignment))
         sent = len(self._stages)
         self._prepare()
-        if self._working is None:
-            return
-        send((self._stages[sent:], self._working))
-        before = self._measure_before()
-        if before is not None:
-            send(before)
+        if self._working is not None:
+            send((self._stages[sent:], self._working))
 
     def _take_from_child(self, take: Callable[[Any], None]) -> bool:
         """The child's next message given to ``take``; False when there is no child, it ended without one, or its
@@ -320,11 +329,6 @@ class PrefetchedInputs:
             raise TypeError("the child's second message is not (stages, WorkingImages)")
         self._stages = self._stages + list(stages)
         self._working = working
-
-    def _take_before(self, message: Any) -> None:
-        if not isinstance(message, BeforeRegistration):
-            raise TypeError("the child's third message is not a BeforeRegistration")
-        self._before = message
 
     def result(self, reporter: Reporter) -> Inputs:
         try:

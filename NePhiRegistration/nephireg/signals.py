@@ -16,6 +16,7 @@ action.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import signal
 import sys
@@ -108,16 +109,29 @@ def held() -> Iterator[None]:
 def import_polling(name: str, check_cancel: Callable[[], None], every_s: float = 0.1) -> ModuleType:
     """Import module ``name`` in a helper thread while this one calls ``check_cancel`` every ``every_s``: loading
     torch takes a second or more, and a cancel must not wait for it. A cancel leaves the import running in its
-    (daemon) thread; the command line exits without waiting for it."""
+    (daemon) thread; the command line exits without waiting for it.
+
+    The cyclic garbage collector is paused during the import and what it made is frozen after it (``gc.freeze``:
+    later collections skip those objects): torch's import allocates a few hundred thousand objects, none of them
+    garbage, and the collector's passes over them were 0.13-0.16 s of its 1.1-1.3 s (``python -c "import torch"``,
+    medians of 5 interleaved runs each way)."""
     done = threading.Event()
     failure: List[BaseException] = []
 
     def load() -> None:
+        first = name not in sys.modules  # a library call of cli.main after the import: nothing to pause or freeze
+        collecting = gc.isenabled()
+        if first:
+            gc.disable()
         try:
             importlib.import_module(name)
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
             failure.append(exc)
         finally:
+            if first:
+                gc.freeze()
+                if collecting:
+                    gc.enable()
             done.set()
 
     threading.Thread(target=load, name=f"import {name}", daemon=True).start()

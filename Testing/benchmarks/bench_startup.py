@@ -17,7 +17,7 @@ run with each other (ratios), not with another run's.
   the ``result`` event arrive, and the exit; plus the engine's own ``timings_s``.
 * ``importtime``: ``-X importtime`` of that command: the top-level modules imported before torch starts loading.
 * ``overlap``: what the prefetch (reading, lung masks, pre-alignment, resampling onto the working grid and the
-  checks before registration, in a forked child while torch loads) buys: fresh processes that only
+  checks before registration, in a forked child and a thread while torch loads) buys: fresh processes that only
   ``import nephireg.pipeline``, only prefetch, do both as the command does (prefetch child + import), both with the
   prefetch in a thread of the process (as before session 7, and where the engine cannot fork), or both one after
   the other.
