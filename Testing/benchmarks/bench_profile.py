@@ -211,6 +211,9 @@ def counted_run(request) -> Dict[str, Any]:
         def __exit__(self, *exc):
             return None
 
+        def check(self):  # never abandoned: the tasks have run by the time anything polls
+            return None
+
         def submit(self, fn, *args):
             future: Future = Future()
             try:
