@@ -50,8 +50,8 @@ def compose_prealignment(grid: Grid, displacement_mm: np.ndarray, prealign: np.n
     or none) is u + t: no points and no products.
     """
     if out is not None and (out.dtype != np.float64 or out.shape != displacement_mm.shape
-                            or not out.flags.c_contiguous):
-        raise ValueError("out must be a C-contiguous float64 array of the displacement's shape")
+                            or not out.flags.c_contiguous or not out.flags.writeable):
+        raise ValueError("out must be a writable C-contiguous float64 array of the displacement's shape")
     linear = prealign[:3, :3]
     if np.allclose(linear, np.eye(3), rtol=0.0, atol=1e-12):
         return np.add(displacement_mm, prealign[:3, 3], dtype=np.float64, out=out)

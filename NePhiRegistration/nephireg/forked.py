@@ -243,7 +243,8 @@ def _mapped(fd: int, places: List[Tuple[int, int]]) -> Tuple[Optional[Any], int,
 
 def _unused(views: List[memoryview], mapping: Optional[Any]) -> bool:
     """Release ``views`` and close ``mapping``; False when an object made from them still uses one (an array):
-    the mapping then stays with it."""
+    the mapping then stays with it. The guard is ``close()``: it raises BufferError while any export of the mapping
+    lives (an array keeps its own view of it even after ``views`` are released), so never skip it."""
     in_use = False
     for view in views:
         try:

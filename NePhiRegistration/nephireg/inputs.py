@@ -229,7 +229,10 @@ class PrefetchedInputs:
                     # The checks before registration need only the images and the pre-alignment: measured here, on
                     # the core the child does not use, while it resamples (this process is waiting for it then).
                     measuring = threading.Thread(target=self._measure_before_here, name="nephireg-before")
-                    measuring.start()
+                    try:
+                        measuring.start()
+                    except RuntimeError:  # no thread to be had: measured below, after the working arrays
+                        measuring = None
                     if not self._take_from_child(self._take_working) and not self._cancelled.is_set():
                         self._prepare()
             finally:

@@ -111,10 +111,10 @@ def import_polling(name: str, check_cancel: Callable[[], None], every_s: float =
     torch takes a second or more, and a cancel must not wait for it. A cancel leaves the import running in its
     (daemon) thread; the command line exits without waiting for it.
 
-    The cyclic garbage collector is paused during the import and what it made is frozen after it (``gc.freeze``:
-    later collections skip those objects): torch's import allocates a few hundred thousand objects, none of them
-    garbage, and the collector's passes over them were 0.13-0.16 s of its 1.1-1.3 s (``python -c "import torch"``,
-    medians of 5 interleaved runs each way)."""
+    The cyclic garbage collector (of the whole process) is paused during a first import and what it made is frozen
+    after it (``gc.freeze``: later collections skip those objects): torch's import allocates a few hundred
+    thousand objects, none of them garbage, and the collector's passes over them were 0.13-0.16 s of its 1.1-1.3 s
+    (``python -c "import torch"``, medians of 5 interleaved runs each way)."""
     done = threading.Event()
     failure: List[BaseException] = []
 
@@ -125,13 +125,13 @@ def import_polling(name: str, check_cancel: Callable[[], None], every_s: float =
             gc.disable()
         try:
             importlib.import_module(name)
+            if first:
+                gc.freeze()  # what the import made: never garbage (not after a failed import: that may be)
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
             failure.append(exc)
         finally:
-            if first:
-                gc.freeze()
-                if collecting:
-                    gc.enable()
+            if first and collecting:
+                gc.enable()
             done.set()
 
     threading.Thread(target=load, name=f"import {name}", daemon=True).start()
