@@ -25,6 +25,7 @@ import datetime
 import json
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -380,6 +381,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"unknown method(s) {unknown}; choose from {ALL_METHODS}", file=sys.stderr)
         return 2
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_accuracy_"))
+    try:
+        return _run(args, argv, methods, work)
+    finally:
+        if not args.work:  # a temporary work folder (the runs' outputs: GBs) goes with the run; --work keeps it
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args, argv, methods, work: Path) -> int:
     cases = build_cases([c.strip() for c in args.cases.split(",") if c.strip()], work)
     if not cases:
         print("skipped: no case has its data")

@@ -20,6 +20,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -434,6 +435,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     sys.path.insert(0, str(REPO / "NePhiRegistration"))
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_lung_"))
+    try:
+        return _run(args, argv, methods, work)
+    finally:
+        if not args.work:  # a temporary work folder (the runs' outputs: GBs) goes with the run; --work keeps it
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args, argv, methods, work: Path) -> int:
     report = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
               "command": " ".join(shlex.quote(a) for a in ["python", "Testing/benchmarks/bench_lung.py",
                                                            *(sys.argv[1:] if argv is None else argv)]),
