@@ -14,11 +14,6 @@ from nephireg.presets import Preset
 MAX_WORKING_VOXELS = 6_000_000  # larger working grids are coarsened (the output stays on the full fixed grid)
 
 
-def normalise_intensities(image: sitk.Image, preset: Preset, mask: Optional[sitk.Image] = None) -> sitk.Image:
-    """Float32 intensities mapped to about [0, 1] as the preset says (:func:`normalise_with_window`)."""
-    return normalise_with_window(image, preset, mask)[0]
-
-
 def normalise_with_window(image: sitk.Image, preset: Preset, mask: Optional[sitk.Image] = None
                           ) -> Tuple[sitk.Image, Tuple[float, float]]:
     """Float32 intensities mapped to about [0, 1] as the preset says, and the (low, high) window used.

@@ -25,9 +25,7 @@ import datetime
 import json
 import os
 import shlex
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -380,12 +378,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if unknown:
         print(f"unknown method(s) {unknown}; choose from {ALL_METHODS}", file=sys.stderr)
         return 2
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_accuracy_"))
-    try:
+    with bench_lung.work_folder(args.work, "bench_accuracy_") as work:
         return _run(args, argv, methods, work)
-    finally:
-        if not args.work:  # a temporary work folder (the runs' outputs: GBs) goes with the run; --work keeps it
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def _run(args, argv, methods, work: Path) -> int:

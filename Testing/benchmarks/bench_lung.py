@@ -27,8 +27,9 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 
@@ -434,12 +435,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"unknown method(s) {unknown}; choose from {ALL_METHODS}", file=sys.stderr)
         return 2
     sys.path.insert(0, str(REPO / "NePhiRegistration"))
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_lung_"))
-    try:
+    with work_folder(args.work, "bench_lung_") as work:
         return _run(args, argv, methods, work)
+
+
+@contextmanager
+def work_folder(given: Optional[str], prefix: str) -> Iterator[Path]:
+    """``given`` (kept), or a temporary folder that goes with the block: the runs' outputs are GBs."""
+    if given:
+        yield Path(given)
+        return
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield work
     finally:
-        if not args.work:  # a temporary work folder (the runs' outputs: GBs) goes with the run; --work keeps it
-            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _run(args, argv, methods, work: Path) -> int:
