@@ -77,6 +77,19 @@ def test_resampled_grid_keeps_field_of_view_and_overlap():
     assert overlap_fraction(OBLIQUE, far) == 0.0
 
 
+def test_a_covering_grid_reaches_every_voxel_centre():
+    """Grid.covering: the first centre kept, the last at or beyond the grid's own last one, never a lattice step
+    beyond it. 10 voxels of 1 mm at 2 mm is the tie that rounding leaves short (4.5 steps -> 4)."""
+    grid = Grid((10, 7, 5), (1.0, 1.5, 2.5), (3.0, -4.0, 5.0), OBLIQUE.direction)
+    assert grid.resampled([2.0, 3.0, 3.0]).size[0] == 5  # last centre 8 mm: short of 9
+    for spacing in ([2.0, 3.0, 3.0], [4.0, 4.0, 4.0], [1.0, 1.5, 2.5], [2.25, 3.0, 5.0]):
+        cover = grid.covering(spacing)
+        assert cover.origin == grid.origin and cover.direction == grid.direction and cover.spacing == tuple(spacing)
+        reach = cover.extent_mm() - grid.extent_mm()
+        assert np.all(reach >= -1e-9) and np.all(reach < np.asarray(spacing) - 1e-9), (spacing, reach)
+    assert grid.covering(grid.spacing) == grid
+
+
 def test_invalid_grid_rejected():
     with pytest.raises(ValueError):
         Grid((0, 4, 4), (1, 1, 1), (0, 0, 0), tuple(np.eye(3).ravel()))

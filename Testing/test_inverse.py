@@ -1,5 +1,5 @@
-"""The inverse transform (moving -> fixed, on the moving image's grid): the fixed-point inversion, the file every run
-writes (adam and nephi-io), its consistency metrics, and ``nephireg warp --inverse``."""
+"""The inverse transform (moving -> fixed, over the moving image): the fixed-point inversion, the file every run
+writes (adam and nephi-io) on the inversion lattice, its consistency metrics, and ``nephireg warp --inverse``."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from test_cli import run_cli
 from conftest import CancelOnCall, sample_mask
 from nephireg import io
 from nephireg.fields import DenseField, FieldWithInverse
-from nephireg.geometry import Grid, apply_affine
-from nephireg.inverse import consistency_mm, invert
+from nephireg.geometry import Grid, apply_affine, inverse_lattice, inverse_lattice_mm
+from nephireg.inverse import consistency_mm, invert, write_inverse
+from nephireg.preprocess import working_grid
+from nephireg.presets import get_preset
 from nephireg.synthetic import deform, random_displacement, rotation_direction, thorax_phantom
 
 FIXED_GRID = Grid((56, 48, 36), (3.0, 3.3, 4.2), (-80.0, -70.0, -300.0), rotation_direction((7.0, -5.0, 10.0)))
@@ -77,6 +79,25 @@ def test_a_known_inverse_starts_the_iteration():
     assert np.abs(warm.displacement_mm - plain.displacement_mm).max() < 0.05
 
 
+def test_the_written_inverse_reaches_every_moving_voxel(tmp_path):
+    """On the inversion lattice, as ITK reads the file, the inverse of a translation by c is -c at every corner voxel
+    of the moving grid too; with a lattice that stopped short of the last voxel centres (4.5 lattice steps rounded to
+    4 along x here), ITK would leave that layer unmoved (it applies no displacement beyond the buffer)."""
+    moving = Grid((10, 9, 8), (1.0, 1.0, 1.0), (-3.0, 2.0, 1.0), tuple(np.eye(3).ravel()))  # exact indices
+    fixed = Grid((12, 11, 10), (1.0, 1.0, 1.0), (-4.0, 1.0, 0.0), moving.direction)
+    c = np.array([0.7, -0.4, 0.3])
+    u = np.broadcast_to(c, fixed.shape_zyx + (3,)).copy()
+    field = DenseField(fixed, torch.from_numpy(u).float().permute(3, 0, 1, 2)[None])
+    inverse = invert(field, u, fixed, moving, np.eye(4), torch.device("cpu"), lattice_mm=2.0)
+    assert inverse.domain == moving and inverse.grid.size == (6, 5, 5) and inverse.grid.spacing == (2.0, 2.0, 2.0)
+    write_inverse(inverse, tmp_path / "inverse.h5")
+    read = sitk.ReadTransform(str(tmp_path / "inverse.h5"))
+    for corner in moving.corners_physical():
+        assert np.allclose(np.array(read.TransformPoint(tuple(corner))) - corner, -c, atol=1e-5), corner
+    errors = consistency_mm(u, fixed, inverse)
+    assert errors.size > 0 and errors.max() < 1e-5
+
+
 @pytest.fixture(scope="module")
 def oblique_pair(tmp_path_factory):
     """Fixed and moving thorax phantoms on different oblique anisotropic grids, with a known smooth deformation."""
@@ -109,8 +130,9 @@ def test_every_run_writes_an_inverse_that_maps_back(oblique_pair, method, option
     manifest = register(request)
     assert manifest["files"]["inverse"] == "inverse.h5"
     inverse = sitk.ReadTransform(str(out / "inverse.h5"))
-    field = sitk.DisplacementFieldTransform(inverse).GetDisplacementField()
-    assert io.same_grid(Grid.of(field), MOVING_GRID)  # on the moving image's grid
+    lattice = Grid.of(sitk.DisplacementFieldTransform(inverse).GetDisplacementField())
+    step = inverse_lattice_mm(working_grid(FIXED_GRID, get_preset("generic").working_spacing_mm))  # 4 mm
+    assert io.same_grid(lattice, inverse_lattice(MOVING_GRID, step)) and lattice.spacing[0] == pytest.approx(4.0)
     forward = sitk.ReadTransform(str(out / "transform.h5"))
     points = FIXED_GRID.physical_points()[sample_mask(oblique_pair["mask"], 400)]
     errors = round_trip_mm(forward, inverse, points)

@@ -15,6 +15,8 @@ import SimpleITK as sitk
 from nephireg import io, resultdir, staging, validate
 from nephireg.errors import InputError
 from nephireg.geometry import Grid
+from nephireg.preprocess import working_grid
+from nephireg.presets import get_preset
 from nephireg.protocol import ExitCode, parse_event_line
 from nephireg.resultdir import STAGING_PREFIX, ResultFolder
 
@@ -214,8 +216,9 @@ def test_a_result_that_just_fits_is_not_refused(pair, small_disk, capsys):
     """The free-space check is a lower bound (the uncompressed transform, Jacobian, warped image, inverse): a result
     that fits runs, where the former estimate (1.2 x 64 bytes a voxel + 1 MB) refused it."""
     grid = Grid.of(sitk.ReadImage(pair["fixed"]))
-    needed = validate.result_bytes(grid, grid)
-    assert needed == (32 + 24) * 16 ** 3  # transform, Jacobian, warped image; the inverse
+    needed = validate.result_bytes(grid, grid, working_grid(grid, get_preset("generic").working_spacing_mm))
+    # transform, Jacobian and warped image at the 1 mm voxels; the inverse on its 4 mm lattice (2x the working spacing)
+    assert needed == 32 * 16 ** 3 + 24 * 5 ** 3
     free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
     (small_disk / "filler").write_bytes(b"\0" * (free - int(needed) - 120_000))  # the result + headers, png
     code, evs, _ = register(capsys, pair, small_disk / "result", "--no-overview")

@@ -57,7 +57,7 @@ def synthetic_result(folder, grid=GRID, inverse=False):
     from NePhiRegistrationLib import selftest
 
     manifest, displacement = selftest.writeSyntheticResult(str(folder), grid)
-    if inverse:  # to the contract: an ITK displacement field on the moving grid, moving -> fixed (here: -u)
+    if inverse:  # to the contract: an ITK displacement field over the moving image, moving -> fixed (here: -u)
         from nephireg.io import write_transform
 
         write_transform(-displacement, grid, os.path.join(folder, "inverse.h5"))

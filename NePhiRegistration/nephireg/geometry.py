@@ -140,6 +140,14 @@ class Grid:
         size = np.maximum(np.round(self.extent_mm() / spacing).astype(int) + 1, 1)
         return Grid(tuple(int(s) for s in size), tuple(float(s) for s in spacing), self.origin, self.direction)
 
+    def covering(self, spacing_mm: Sequence[float]) -> Grid:
+        """Like :meth:`resampled`, but its voxel centres reach at least as far as this grid's along every axis (the
+        last one at or beyond this grid's last centre): a displacement stored on it is defined, as ITK and Slicer
+        interpolate it, at every voxel centre of this grid."""
+        spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=float), (3,))
+        size = np.maximum(np.ceil(self.extent_mm() / spacing - 1e-9).astype(int) + 1, 1)
+        return Grid(tuple(int(s) for s in size), tuple(float(s) for s in spacing), self.origin, self.direction)
+
     def ijk_to_ras(self) -> np.ndarray:
         """4x4 index -> RAS mm (what Slicer's volume nodes store as IJKToRAS)."""
         return lps_to_ras_matrix4() @ self.index_to_physical()
@@ -162,3 +170,22 @@ def overlap_fraction(a: Grid, b: Grid, samples_per_axis: int = 9, a_to_b: Option
     idx_b = apply_affine(b.physical_to_index(), pts)
     inside = np.all((idx_b >= -0.5) & (idx_b <= np.asarray(b.size) - 0.5), axis=1)
     return float(inside.mean())
+
+
+INVERSE_LATTICE_FACTOR = 2.0
+"""The inverse map is computed and stored on a lattice of this x the working spacing over the moving image: the scale
+the methods' fields vary on (continuous Adam's finest level and NePhi's output lattice are 2x the working grid). On
+the lung pair (moving grid 1.37 x 1.37 x 2.5 mm) the 3 mm lattice cost a third of an inversion at every moving voxel,
+for a consistency error of 0.090 mm mean instead of 0.042 (docs/methods.md)."""
+
+
+def inverse_lattice_mm(working: Grid) -> float:
+    """The inverse lattice's spacing (mm) for a method that ran on the working grid ``working``."""
+    return INVERSE_LATTICE_FACTOR * min(working.spacing)
+
+
+def inverse_lattice(moving: Grid, spacing_mm: float) -> Grid:
+    """The grid the inverse map is computed and stored on: over ``moving``, no finer than ``spacing_mm`` along any
+    axis, its voxel centres covering ``moving``'s (:meth:`Grid.covering`); ``moving`` itself when that is no coarser."""
+    lattice = moving.covering([max(s, spacing_mm) for s in moving.spacing])
+    return moving if lattice.size == moving.size else lattice

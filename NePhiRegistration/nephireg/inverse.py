@@ -1,22 +1,24 @@
-"""The inverse of a registration (moving -> fixed) on the moving image's grid, and its consistency with the forward map.
+"""The inverse of a registration (moving -> fixed) over the moving image, and its consistency with the forward map.
 
 The forward map the engine writes is phi(x) = A(x + u(x)) (:func:`nephireg.compose.compose_prealignment`): the
 method's field u on the fixed space, then the pre-alignment A, fixed -> moving. Its inverse is
 
     phi^-1(y) = w(A^-1 y),   w = (id + u)^-1,
 
-at the voxel centres y of the moving image (computed on a lattice over it, :data:`LATTICE_FACTOR`, and interpolated
-trilinearly onto them). w(z) is the fixed point of x = z - u(x) (the scheme of
-ITK's ``InvertDisplacementFieldImageFilter``), iterated on all points at once with u sampled trilinearly from its
-dense values on the fixed grid (constant beyond its border); it converges where |grad u| < 1, i.e. wherever the
-field does not come close to folding (after :data:`UNDAMPED_ITERATIONS`, the points still moving take half steps).
+on a lattice over the moving image (:func:`nephireg.geometry.inverse_lattice`; its voxel centres cover the moving
+image's), stored as it is: ITK and Slicer interpolate the file trilinearly, which at the moving voxel centres gives
+what interpolating the lattice onto them and storing that would, in a file an eighth of the size (lung pair: 11 MB,
+not 56). w(z) is the fixed point of x = z - u(x) (the scheme of ITK's ``InvertDisplacementFieldImageFilter``),
+iterated on all points at once with u sampled trilinearly from its dense values on the fixed grid (constant beyond
+its border); it converges where |grad u| < 1, i.e. wherever the field does not come close to folding (after
+:data:`UNDAMPED_ITERATIONS`, the points still moving take half steps).
 The iteration starts from a method's own inverse when it has one (NePhi's backward map,
 :class:`~nephireg.fields.FieldWithInverse`), otherwise from z - u(z); each point stops once it moves less than
 :data:`TOLERANCE_MM`, all after :data:`MAX_ITERATIONS`.
 
 The consistency error |phi^-1(phi(x)) - x| (mm) is measured over the fixed mask (or the whole fixed image), at the
 points whose phi(x) lies inside the moving image (elsewhere the inverse is not defined by the registration), with
-both maps as ITK applies the files: the forward field trilinear on the fixed grid, the inverse on the moving grid.
+both maps as ITK applies the files: the forward field trilinear on the fixed grid, the inverse on its lattice.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ import numpy as np
 import torch
 
 from nephireg import io
-from nephireg.fields import DenseField, DisplacementField, evaluate_on_grid
-from nephireg.geometry import Grid
+from nephireg.fields import DisplacementField
+from nephireg.geometry import Grid, inverse_lattice
 from nephireg.sampling import grid_points_mm, matrix_tensor, sample_flat
 
 MAX_ITERATIONS = 30
@@ -42,24 +44,15 @@ TOLERANCE_MM = 0.01
 CONSISTENCY_STRIDE = 2
 """The manifest's consistency metrics sample every second fixed voxel along each axis (an eighth of them)."""
 
-LATTICE_FACTOR = 2.0
-"""The pipeline inverts on a lattice of this x the working spacing: the scale the methods' fields vary on (continuous
-Adam's finest level and NePhi's output lattice are 2x the working grid). On the lung pair (moving grid 1.37 x 1.37 x
-2.5 mm) the 3 mm lattice cost a third of an inversion at every moving voxel, for a consistency error of 0.090 mm
-mean instead of 0.042 (docs/methods.md)."""
-
-
-def lattice_mm(working: Grid) -> float:
-    """The inversion lattice's spacing (mm) for a method that ran on the working grid ``working``."""
-    return LATTICE_FACTOR * min(working.spacing)
-
-
 @dataclass
 class InverseMap:
-    """phi^-1 as y -> y + v(y): ``displacement_mm`` v (Z, Y, X, 3) float64 LPS mm on ``grid`` (the moving image's)."""
+    """phi^-1 as y -> y + v(y): ``displacement_mm`` v (Z, Y, X, 3) float64 LPS mm on ``grid``, the inversion lattice
+    over ``domain`` (the moving image's grid, where the inverse is defined; ``grid`` is ``domain`` itself when the
+    lattice is no coarser; :func:`nephireg.geometry.inverse_lattice`)."""
 
     displacement_mm: np.ndarray
     grid: Grid
+    domain: Grid
     iterations: int  # fixed-point iterations run
     started_from: str  # "backward map" (the method's own inverse) or "negated field"
 
@@ -73,19 +66,14 @@ def invert(field: DisplacementField, displacement_mm: np.ndarray, fixed_grid: Gr
     :class:`~nephireg.fields.FieldWithInverse`);
     ``displacement_mm``: u (Z, Y, X, 3) LPS mm at ``fixed_grid``'s voxels, as the forward transform was built from;
     ``prealign``: A, 4x4 LPS mm, fixed -> moving. ``lattice_mm``: the iteration runs on a lattice over the moving
-    image no finer than this (mm per axis; the pipeline gives the field's own resolution) and its result is
-    interpolated (trilinearly) onto ``moving_grid``; 0: on ``moving_grid`` itself. ``cancel``: called every
-    iteration and between chunks (raises to stop).
+    image no finer than this (mm per axis; the pipeline gives the field's own resolution), whose voxel centres cover
+    ``moving_grid``'s, and the map is returned on it; 0: on ``moving_grid`` itself. ``cancel``: called every
+    iteration (raises to stop).
     """
-    lattice = moving_grid.resampled([max(s, lattice_mm) for s in moving_grid.spacing])
-    if lattice.size == moving_grid.size:
-        lattice = moving_grid
+    lattice = inverse_lattice(moving_grid, lattice_mm)
     v, iterations, started_from = _invert_on(field, displacement_mm, fixed_grid, lattice, prealign, device, cancel)
-    if lattice == moving_grid:
-        values = v[0].permute(1, 2, 3, 0).double().cpu().numpy()
-    else:  # trilinear onto the moving grid, in slabs (memory flat in the grid's size), float64 as ITK stores it
-        values = evaluate_on_grid(DenseField(lattice, v), moving_grid, device, cancel=cancel)
-    return InverseMap(values, moving_grid, iterations, started_from)
+    values = v[0].permute(1, 2, 3, 0).double().cpu().numpy()  # float64, as ITK stores it
+    return InverseMap(values, lattice, moving_grid, iterations, started_from)
 
 
 def _invert_on(field: DisplacementField, displacement_mm: np.ndarray, fixed_grid: Grid, moving_grid: Grid,
@@ -139,9 +127,10 @@ def consistency_mm(forward_mm: np.ndarray, fixed_grid: Grid, inverse: InverseMap
         points, forward_mm = points[mask], forward_mm[mask]
     points, forward_mm = points.reshape(-1, 3), forward_mm.reshape(-1, 3)
     mapped = points + forward_mm
+    domain = inverse.domain
+    index = mapped @ domain.physical_to_index()[:3, :3].T + domain.physical_to_index()[:3, 3]
+    inside = np.all((index >= 0) & (index <= np.asarray(domain.size) - 1.0), axis=1)
     grid = inverse.grid
-    index = mapped @ grid.physical_to_index()[:3, :3].T + grid.physical_to_index()[:3, 3]
-    inside = np.all((index >= 0) & (index <= np.asarray(grid.size) - 1.0), axis=1)
     # (1, 3, Z, Y, X) over the (Z, Y, X, 3) array as it is: channels-last strides, no copy of the 60 MB field (the
     # sampler reads any strides; the same numbers, a third of the time on the lung pair)
     values = torch.from_numpy(inverse.displacement_mm).permute(3, 0, 1, 2).unsqueeze(0)
@@ -158,7 +147,8 @@ def _strided(grid: Grid, stride: int) -> Grid:
 
 
 def write_inverse(inverse: InverseMap, path: Path) -> None:
-    """Write ``inverse`` as an ITK displacement-field transform (moving grid, moving -> fixed) to ``path``."""
+    """Write ``inverse`` as an ITK displacement-field transform (its lattice over the moving image, moving -> fixed)
+    to ``path``."""
     io.write_transform(inverse.displacement_mm, inverse.grid, path)
 
 

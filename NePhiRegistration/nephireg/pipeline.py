@@ -23,9 +23,9 @@ from nephireg.background import Background
 from nephireg.compose import compose_prealignment
 from nephireg.errors import InputError, OutOfMemory
 from nephireg.fields import evaluate_on_grid
-from nephireg.geometry import Grid, overlap_fraction
+from nephireg.geometry import Grid, inverse_lattice_mm, overlap_fraction
 from nephireg.inputs import Inputs, PrefetchedInputs, Request, read_inputs
-from nephireg.inverse import InverseMap, inverse_consistency, invert, lattice_mm, write_inverse
+from nephireg.inverse import InverseMap, inverse_consistency, invert, write_inverse
 from nephireg.jacobian import jacobian_determinant, jacobian_summary
 from nephireg.methods import get_method, model_record
 from nephireg.overview import overview
@@ -137,7 +137,7 @@ def register(request: Request, reporter: Optional[Reporter] = None,
 
         try:
             return invert(field_, u_float32, fixed_grid, Grid.of(inputs.moving), prealign, device,
-                          lattice_mm(pair.grid), cancel=cancel)
+                          inverse_lattice_mm(pair.grid), cancel=cancel)
         except torch.cuda.OutOfMemoryError as exc:
             raise _gpu_out_of_memory(exc) from None
 

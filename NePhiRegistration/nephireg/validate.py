@@ -18,7 +18,7 @@ from typing import Any, Iterable, List, Optional
 import numpy as np
 
 from nephireg.errors import InputError
-from nephireg.geometry import Grid
+from nephireg.geometry import Grid, inverse_lattice, inverse_lattice_mm
 from nephireg.options import GRID_SPACING_RULE, SEED_RULE
 from nephireg.protocol import DEVICES, METHODS, OUTPUT_FILES, PREALIGN_MODES, PRESETS, RESULT_MANIFEST
 from nephireg.staging import nearest_existing
@@ -234,12 +234,13 @@ def check_free_space(folder: Path, needed_bytes: float) -> None:
                          f"{free / 1e6:.1f} MB free", folder)
 
 
-def result_bytes(fixed: Grid, moving: Grid, write_warped: bool = True) -> float:
+def result_bytes(fixed: Grid, moving: Grid, working: Grid, write_warped: bool = True) -> float:
     """The least a result folder takes: the uncompressed transform and Jacobian (and warped image) on the fixed
-    grid and the inverse on the moving grid. Headers, overview.png and files other steps add are not counted (a
-    lower bound)."""
+    grid and the inverse on its lattice over the moving image (the method's working grid ``working`` sets it).
+    Headers, overview.png and files other steps add are not counted (a lower bound)."""
     per_fixed_voxel = TRANSFORM_BYTES_PER_VOXEL + IMAGE_BYTES_PER_VOXEL * (2 if write_warped else 1)
-    return float(per_fixed_voxel) * _voxels(fixed) + float(TRANSFORM_BYTES_PER_VOXEL) * _voxels(moving)
+    lattice = inverse_lattice(moving, inverse_lattice_mm(working))
+    return float(per_fixed_voxel) * _voxels(fixed) + float(TRANSFORM_BYTES_PER_VOXEL) * _voxels(lattice)
 
 
 def _voxels(grid: Grid) -> float:
@@ -263,7 +264,7 @@ def check_geometry(request: Any, settings: Any, fixed: Grid, moving: Grid, worki
 
     coarsest = method_module(request.method).coarsest_pooling(settings, working)
     check_working_grid(working, coarsest, request.preset, request.method, request.fixed, fixed.extent_mm())
-    check_free_space(Path(os.fspath(request.out)), result_bytes(fixed, moving, request.write_warped))
+    check_free_space(Path(os.fspath(request.out)), result_bytes(fixed, moving, working, request.write_warped))
 
 
 def check_working_grid(working: Grid, coarsest_factor: int, preset: str, method: str, fixed_path: str,
