@@ -212,15 +212,54 @@ def test_body_hull_holds_a_cut_lung_and_not_the_outside_air():
 
 
 def test_convex_hull_of_a_slice():
-    from nephireg.lungmask import _convex_hull_2d
+    from nephireg.lungmask import convex_hulls_2d
 
     section = np.zeros((7, 9), dtype=np.uint8)
     section[1, 2] = section[1, 6] = section[5, 6] = 1  # a right triangle's corners
-    hull = _convex_hull_2d(section)
+    hull = convex_hulls_2d(section[None])[0]
     rows, cols = np.nonzero(hull)
     assert hull.sum() == 15  # 5 + 4 + 3 + 2 + 1 pixel centres on or inside the triangle
     assert np.all(cols - rows >= 1) and np.all((rows >= 1) & (rows <= 5) & (cols <= 6))
     line = np.zeros((4, 5), dtype=np.uint8)
     line[2, 1:4] = 1
-    assert np.array_equal(_convex_hull_2d(line), line)  # collinear: the pixels themselves
-    assert not _convex_hull_2d(np.zeros((3, 3), dtype=np.uint8)).any()
+    assert np.array_equal(convex_hulls_2d(line[None])[0], line)  # collinear: the pixels themselves
+    assert not convex_hulls_2d(np.zeros((2, 3, 3), dtype=np.uint8)).any()
+
+
+def _in_hull_by_half_planes(points: np.ndarray, shape) -> np.ndarray:
+    """The pixel centres in the convex hull of ``points`` (n, 2) (at least three, not all on one line): on the
+    inner side of (or on) every line through two of the points that has all of them on one side."""
+    r, c = np.mgrid[:shape[0], :shape[1]]
+    inside = np.ones(shape, dtype=bool)
+    for a in points:
+        for b in points:
+            if np.array_equal(a, b):
+                continue
+            side = (b[0] - a[0]) * (points[:, 1] - a[1]) - (b[1] - a[1]) * (points[:, 0] - a[0])
+            if np.all(side >= 0):
+                inside &= (b[0] - a[0]) * (c - a[1]) - (b[1] - a[1]) * (r - a[0]) >= 0
+    return inside
+
+
+def _collinear(points: np.ndarray) -> bool:
+    d = points - points[0]
+    far = d[np.argmax(np.abs(d).sum(axis=1))]
+    return not np.any(d[:, 0] * far[1] - d[:, 1] * far[0])
+
+
+def test_convex_hulls_match_the_half_plane_definition():
+    """Random sparse sections, several at once (one call fills all): every pixel centre on or inside the hull of
+    the nonzero pixels, none outside, exactly (integer arithmetic: pixels on an edge count)."""
+    from nephireg.lungmask import convex_hulls_2d
+
+    rng = np.random.default_rng(5)
+    sections = (rng.random((60, 13, 17)) < rng.uniform(0.005, 0.08, (60, 1, 1))).astype(np.uint8)
+    hulls = convex_hulls_2d(sections)
+    checked = 0
+    for section, hull in zip(sections, hulls):
+        points = np.argwhere(section)
+        if len(points) < 3 or _collinear(points):
+            continue  # fewer than three points or all on one line: the spans, checked above
+        assert np.array_equal(hull.astype(bool), _in_hull_by_half_planes(points, section.shape))
+        checked += 1
+    assert checked > 40

@@ -129,56 +129,75 @@ def body_hull(ct: sitk.Image) -> sitk.Image:
     parts = np.flatnonzero(sizes[1:] >= BODY_PART_FRACTION * sizes[1]) + 1  # label 1 is the largest
     body = np.isin(sitk.GetArrayViewFromImage(components), parts)  # [k, j, i]
     array_axis = 2 - _axial_axis(ct)
-    slices = np.moveaxis(body, array_axis, 0)
-    hull = np.zeros(slices.shape, dtype=np.uint8)
-    for n, section in enumerate(slices):
-        hull[n] = _convex_hull_2d(section)
+    hull = convex_hulls_2d(np.moveaxis(body, array_axis, 0))
     out = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(hull, 0, array_axis)))
     out.CopyInformation(ct)
     return out
 
 
-def _convex_hull_2d(section: np.ndarray) -> np.ndarray:
-    """uint8 (H, W): the pixels whose centres lie in the convex hull of the nonzero pixels of ``section``."""
-    rows = np.flatnonzero(section.any(axis=1))
-    if rows.size == 0:
-        return np.zeros(section.shape, dtype=np.uint8)
-    occupied = section[rows] > 0
-    first = occupied.argmax(axis=1)
-    last = section.shape[1] - 1 - occupied[:, ::-1].argmax(axis=1)
-    # The hull of a pixel set is the hull of each row's two end pixels.
-    points = np.concatenate([np.stack([rows, first], 1), np.stack([rows, last], 1)]).astype(float)
-    hull = _monotone_chain(points)
-    if len(hull) < 3:  # all on one line: the row spans themselves are the hull
-        spans = np.zeros(section.shape, dtype=np.uint8)
-        for row, lo, hi in zip(rows, first, last):
-            spans[row, lo:hi + 1] = 1
-        return spans
-    r, c = np.mgrid[:section.shape[0], :section.shape[1]]
-    inside = np.ones(section.shape, dtype=bool)
-    for (r0, c0), (r1, c1) in zip(hull, np.roll(hull, -1, axis=0)):
-        inside &= (r1 - r0) * (c - c0) - (c1 - c0) * (r - r0) >= -1e-9  # left of (or on) every edge
-    return inside.astype(np.uint8)
+def convex_hulls_2d(sections: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W): in each section of ``sections`` (N, H, W), the pixels whose centres lie in the convex hull of
+    its nonzero pixels (on its boundary included); where those are all on one line, the rows' spans themselves.
+
+    The hull of a pixel set is the hull of each row's two end pixels, and its extent along a row is bounded by the
+    lower convex envelope of the rows' first pixels and the upper concave envelope of their last ones (functions of
+    the row). The envelopes are built per section (Andrew's monotone chain, on the rows' ends only); each row's
+    bounds are then rounded inwards in exact integer arithmetic, and all sections are filled in one operation.
+    """
+    count, height, width = sections.shape
+    occupied = sections != 0
+    any_in_row = occupied.any(axis=2)  # (N, H)
+    first = occupied.argmax(axis=2)
+    last = width - 1 - occupied[:, :, ::-1].argmax(axis=2)
+    low = np.full((count, height), width, dtype=np.int64)  # an empty row: low > high
+    high = np.full((count, height), -1, dtype=np.int64)
+    for n in np.flatnonzero(any_in_row.any(axis=1)):
+        rows = np.flatnonzero(any_in_row[n])
+        lefts, rights = first[n, rows], last[n, rows]
+        if _collinear(rows, lefts, rights):
+            low[n, rows], high[n, rows] = lefts, rights
+            continue
+        span = np.arange(rows[0], rows[-1] + 1)
+        low[n, span] = _envelope_at(_envelope(rows.tolist(), lefts.tolist(), lower=True), span, ceil=True)
+        high[n, span] = _envelope_at(_envelope(rows.tolist(), rights.tolist(), lower=False), span, ceil=False)
+    columns = np.arange(width)
+    return ((columns >= low[:, :, None]) & (columns <= high[:, :, None])).astype(np.uint8)
 
 
-def _monotone_chain(points: np.ndarray) -> np.ndarray:
-    """Vertices (n, 2) of the convex hull of 2D ``points``, counter-clockwise in (row, column) axes; collinear
-    points dropped (Andrew's monotone chain)."""
-    ordered = sorted(set(map(tuple, points.tolist())))
-    if len(ordered) < 3:
-        return np.asarray(ordered)
+def _collinear(rows: np.ndarray, lefts: np.ndarray, rights: np.ndarray) -> bool:
+    """Whether the points (row, left) and (row, right) all lie on one line (exact: integer cross products)."""
+    r = np.concatenate([rows, rows]).astype(np.int64)
+    c = np.concatenate([lefts, rights]).astype(np.int64)
+    far = int(np.argmax(np.abs(r - r[0]) + np.abs(c - c[0])))  # a point other than the first, if any
+    return not np.any((r[far] - r[0]) * (c - c[0]) - (c[far] - c[0]) * (r - r[0]))
 
-    def chain(sequence):
-        out: list = []
-        for p in sequence:
-            # pop while the last two points and p make no left turn (cross product <= 0)
-            while len(out) >= 2 and ((out[-1][0] - out[-2][0]) * (p[1] - out[-2][1])
-                                     - (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0])) <= 0:
-                out.pop()
-            out.append(p)
-        return out[:-1]
 
-    return np.asarray(chain(ordered) + chain(ordered[::-1]))
+def _envelope(rows: List[int], columns: List[int], lower: bool) -> Tuple[List[int], List[int]]:
+    """Vertices (rows, columns) of the lower convex (``lower``) or upper concave envelope of the points, as functions
+    of the row; ``rows`` ascending, distinct. Collinear points are dropped."""
+    out_r: List[int] = []
+    out_c: List[int] = []
+    sign = 1 if lower else -1
+    for r, c in zip(rows, columns):
+        # pop while the last two vertices and (r, c) make no turn towards the envelope's side
+        while len(out_r) >= 2 and sign * ((out_r[-1] - out_r[-2]) * (c - out_c[-2])
+                                          - (out_c[-1] - out_c[-2]) * (r - out_r[-2])) <= 0:
+            out_r.pop()
+            out_c.pop()
+        out_r.append(r)
+        out_c.append(c)
+    return out_r, out_c
+
+
+def _envelope_at(vertices: Tuple[List[int], List[int]], rows: np.ndarray, ceil: bool) -> np.ndarray:
+    """The envelope through ``vertices`` (at least two) at integer ``rows``, rounded up (``ceil``) or down to a
+    column, exactly: c0 + (c1 - c0)(r - r0)/(r1 - r0) in integers."""
+    vr = np.asarray(vertices[0], dtype=np.int64)
+    vc = np.asarray(vertices[1], dtype=np.int64)
+    k = np.clip(np.searchsorted(vr, rows, side="right") - 1, 0, len(vr) - 2)
+    step = vr[k + 1] - vr[k]
+    numerator = vc[k] * step + (vc[k + 1] - vc[k]) * (rows - vr[k])
+    return -((-numerator) // step) if ceil else numerator // step
 
 
 def _select(labels: sitk.Image, kept: List[int]) -> sitk.Image:
