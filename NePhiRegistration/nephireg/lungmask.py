@@ -1,4 +1,5 @@
-"""Lung masks derived from a thorax CT in Hounsfield units (SimpleITK morphology and numpy, no learned model).
+"""Lung masks derived from a thorax CT in Hounsfield units (binary morphology, components, hole filling; no learned
+model).
 
 Pipeline (:func:`lung_mask`):
 
@@ -28,6 +29,7 @@ from typing import List, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from nephireg import binary_morphology
 from nephireg.errors import InputError
 
 AIR_HU = -400.0
@@ -79,8 +81,8 @@ def lung_mask(ct: sitk.Image) -> sitk.Image:
 
 def _lung_mask(ct: sitk.Image) -> sitk.Image:
     """:func:`lung_mask` on ``ct`` (float32) as it is."""
-    inside = body_hull(ct)
-    air = sitk.BinaryMorphologicalOpening(sitk.And(sitk.Less(ct, AIR_HU), inside), [1, 1, 1])
+    inside = sitk.GetArrayViewFromImage(body_hull(ct)) > 0
+    air = _image_like(binary_morphology.opening((sitk.GetArrayViewFromImage(ct) < AIR_HU) & inside, [1, 1, 1]), ct)
     labels = sitk.RelabelComponent(sitk.ConnectedComponent(air), sortByObjectSize=True)
     kept = _lung_labels(labels, ct.GetSpacing())
     if not kept:
@@ -119,7 +121,7 @@ def body_hull(ct: sitk.Image) -> sitk.Image:
     the mediastinum). Empty where no tissue is found.
     """
     radius = [max(1, int(round(BODY_OPENING_MM / s))) for s in ct.GetSpacing()]
-    tissue = sitk.BinaryMorphologicalOpening(sitk.Greater(ct, BODY_HU), radius)
+    tissue = _image_like(binary_morphology.opening(sitk.GetArrayViewFromImage(ct) > BODY_HU, radius), ct)
     components = sitk.RelabelComponent(sitk.ConnectedComponent(tissue), sortByObjectSize=True)
     sizes = np.bincount(sitk.GetArrayViewFromImage(components).ravel())  # sizes[0]: background
     if sizes.size < 2:
@@ -210,13 +212,17 @@ def _select(labels: sitk.Image, kept: List[int]) -> sitk.Image:
 def _close_and_fill(mask: sitk.Image) -> sitk.Image:
     """Closing with a ball of :data:`CLOSING_MM`, 3D hole filling, then 2D hole filling across the body axis."""
     radius = [max(1, int(round(CLOSING_MM / s))) for s in mask.GetSpacing()]
-    # Pad so the closing does not glue the mask to the volume border (a dilation there has nothing to erode back).
-    padded = sitk.ConstantPad(mask, radius, radius, 0)
-    closed = sitk.BinaryMorphologicalClosing(padded, radius)
-    closed = sitk.Crop(closed, radius, radius)
-    closed.CopyInformation(mask)
-    filled = sitk.BinaryFillhole(closed)
+    # on the mask padded by the radius (binary_morphology.closing): not glued to the volume border
+    closed = binary_morphology.closing(sitk.GetArrayViewFromImage(mask) > 0, radius)
+    filled = sitk.BinaryFillhole(_image_like(closed, mask))
     return _fill_slices(filled, _axial_axis(mask))
+
+
+def _image_like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """uint8 {0, 1} image of the (Z, Y, X) bool ``array`` with ``reference``'s geometry."""
+    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    image.CopyInformation(reference)
+    return image
 
 
 def _axial_axis(image: sitk.Image) -> int:
