@@ -81,7 +81,8 @@ def lung_mask(ct: sitk.Image) -> sitk.Image:
 
 def _lung_mask(ct: sitk.Image) -> sitk.Image:
     """:func:`lung_mask` on ``ct`` (float32) as it is."""
-    inside = sitk.GetArrayViewFromImage(body_hull(ct)) > 0
+    hull = body_hull(ct)  # held: a SimpleITK array view does not keep its image alive
+    inside = sitk.GetArrayViewFromImage(hull) > 0
     air = _image_like(binary_morphology.opening((sitk.GetArrayViewFromImage(ct) < AIR_HU) & inside, [1, 1, 1]), ct)
     labels = sitk.RelabelComponent(sitk.ConnectedComponent(air), sortByObjectSize=True)
     kept = _lung_labels(labels, ct.GetSpacing())
