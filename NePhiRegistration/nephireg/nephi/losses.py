@@ -97,7 +97,8 @@ class PointSampler:
     """Random points inside a mask (or the whole grid), jittered within their voxels.
 
     ``mask``: (1, 1, Z, Y, X) in {0, 1} or None. Points are normalised coordinates (P, 3). Only the flat indices
-    of the mask's voxels are kept (none without a mask), so memory does not hold a coordinate per voxel.
+    of the mask's voxels are kept (none without a mask), so memory does not hold a coordinate per voxel; they are
+    found at the first :meth:`sample` (NePhi predict builds its samplers and never samples).
     """
 
     def __init__(self, shape_zyx, mask: Optional[torch.Tensor], device: torch.device) -> None:
@@ -107,11 +108,17 @@ class PointSampler:
         # voxel index -> normalised, from the one home of the convention (a unit grid of this shape)
         unit = Grid(self.shape_zyx[::-1], (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
         self.to_normalised = matrix_tensor(unit.index_to_normalised(), torch.zeros(1, device=device))
-        self.inside: Optional[torch.Tensor] = None
-        if mask is not None:
-            inside = torch.nonzero(mask.reshape(-1) > 0.5).reshape(-1)
-            if inside.numel() > 0:
-                self.inside = inside.to(device)
+        self._mask = mask
+        self._inside: Optional[torch.Tensor] = None
+
+    @property
+    def inside(self) -> Optional[torch.Tensor]:
+        """Flat indices (N,) of the mask's voxels; None without a mask or for an empty one (the whole grid)."""
+        if self._mask is not None:
+            inside = torch.nonzero(self._mask.reshape(-1) > 0.5).reshape(-1)
+            self._inside = inside.to(self.device) if inside.numel() > 0 else None
+            self._mask = None
+        return self._inside
 
     def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
         device = self.device
