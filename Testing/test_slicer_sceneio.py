@@ -295,6 +295,11 @@ def test_oblique_anisotropic_volume_registered_and_loaded_maps_world_points_as_i
                                    atol=1e-4)
         assert np.linalg.norm(back - LPS_TO_RAS @ lps) < 0.25  # mm (voxels 1.5-3 mm)
     assert moved > 0.5  # mm: a real displacement was compared, not the identity
+    for lps in GRID.corners_physical():  # the moving image's last voxel layers: inside the inverse's lattice
+        ras = LPS_TO_RAS @ lps
+        expected = LPS_TO_RAS @ np.array(itkInverse.TransformPoint(tuple(lps)))
+        np.testing.assert_allclose(np.array(inverse.TransformPoint(tuple(ras))), expected, atol=1e-4)
+        assert np.linalg.norm(expected - ras) > 0.1  # moved: not the identity ITK applies beyond a field's buffer
 
 
 def _ijk_to_ras(node):

@@ -7,8 +7,8 @@ method's field u on the fixed space, then the pre-alignment A, fixed -> moving. 
 
 on a lattice over the moving image (:func:`nephireg.geometry.inverse_lattice`; its voxel centres cover the moving
 image's), stored as it is: ITK and Slicer interpolate the file trilinearly, which at the moving voxel centres gives
-what interpolating the lattice onto them and storing that would, in a file an eighth of the size (lung pair: 11 MB,
-not 56). w(z) is the fixed point of x = z - u(x) (the scheme of ITK's ``InvertDisplacementFieldImageFilter``),
+what interpolating the lattice onto them and storing that would, in a file a fifth to an eighth of the size (lung pair:
+11 MB, not 60). w(z) is the fixed point of x = z - u(x) (the scheme of ITK's ``InvertDisplacementFieldImageFilter``),
 iterated on all points at once with u sampled trilinearly from its dense values on the fixed grid (constant beyond
 its border); it converges where |grad u| < 1, i.e. wherever the field does not come close to folding (after
 :data:`UNDAMPED_ITERATIONS`, the points still moving take half steps).
@@ -60,7 +60,7 @@ class InverseMap:
 def invert(field: DisplacementField, displacement_mm: np.ndarray, fixed_grid: Grid, moving_grid: Grid,
            prealign: np.ndarray, device: torch.device, lattice_mm: float = 0.0,
            cancel: Optional[Callable[[], None]] = None) -> InverseMap:
-    """The inverse map on ``moving_grid`` of phi(x) = A(x + u(x)).
+    """The inverse map of phi(x) = A(x + u(x)) over ``moving_grid`` (on its lattice, below).
 
     ``field``: the method's field (its ``inverse`` starts the iteration when it is a
     :class:`~nephireg.fields.FieldWithInverse`);
@@ -117,8 +117,8 @@ def _invert_on(field: DisplacementField, displacement_mm: np.ndarray, fixed_grid
 def consistency_mm(forward_mm: np.ndarray, fixed_grid: Grid, inverse: InverseMap,
                    mask: Optional[np.ndarray] = None, stride: int = 1) -> np.ndarray:
     """|phi^-1(phi(x)) - x| (mm) at the voxels x of ``fixed_grid`` (inside ``mask``, (Z, Y, X) bool, when given)
-    whose phi(x) = x + ``forward_mm``(x) lies inside the inverse's grid; every ``stride``-th voxel along each axis;
-    1D float64."""
+    whose phi(x) = x + ``forward_mm``(x) lies inside the moving image (``inverse.domain``); every ``stride``-th voxel
+    along each axis; 1D float64."""
     every = (slice(None, None, stride),) * 3
     forward_mm = forward_mm[every]
     points = _strided(fixed_grid, stride).physical_points()
@@ -131,8 +131,8 @@ def consistency_mm(forward_mm: np.ndarray, fixed_grid: Grid, inverse: InverseMap
     index = mapped @ domain.physical_to_index()[:3, :3].T + domain.physical_to_index()[:3, 3]
     inside = np.all((index >= 0) & (index <= np.asarray(domain.size) - 1.0), axis=1)
     grid = inverse.grid
-    # (1, 3, Z, Y, X) over the (Z, Y, X, 3) array as it is: channels-last strides, no copy of the 60 MB field (the
-    # sampler reads any strides; the same numbers, a third of the time on the lung pair)
+    # (1, 3, Z, Y, X) over the (Z, Y, X, 3) array as it is: channels-last strides, no copy of the field (the sampler
+    # reads any strides; the same numbers, a third of the time on the lung pair)
     values = torch.from_numpy(inverse.displacement_mm).permute(3, 0, 1, 2).unsqueeze(0)
     mapped_t = torch.from_numpy(mapped[inside])
     to_norm = matrix_tensor(grid.physical_to_normalised(), mapped_t)

@@ -121,7 +121,7 @@ def body_hull(ct: sitk.Image) -> sitk.Image:
     at least :data:`BODY_PART_FRACTION` of it (a crop through the lung can leave the body in pieces: the chest wall,
     the mediastinum). Empty where no tissue is found.
     """
-    radius = [max(1, int(round(BODY_OPENING_MM / s))) for s in ct.GetSpacing()]
+    radius = binary_morphology.ball_radius_voxels(BODY_OPENING_MM, ct.GetSpacing())
     tissue = _image_like(binary_morphology.opening(sitk.GetArrayViewFromImage(ct) > BODY_HU, radius), ct)
     components = sitk.RelabelComponent(sitk.ConnectedComponent(tissue), sortByObjectSize=True)
     sizes = np.bincount(sitk.GetArrayViewFromImage(components).ravel())  # sizes[0]: background
@@ -212,7 +212,7 @@ def _select(labels: sitk.Image, kept: List[int]) -> sitk.Image:
 
 def _close_and_fill(mask: sitk.Image) -> sitk.Image:
     """Closing with a ball of :data:`CLOSING_MM`, 3D hole filling, then 2D hole filling across the body axis."""
-    radius = [max(1, int(round(CLOSING_MM / s))) for s in mask.GetSpacing()]
+    radius = binary_morphology.ball_radius_voxels(CLOSING_MM, mask.GetSpacing())
     # on the mask padded by the radius (binary_morphology.closing): not glued to the volume border
     closed = binary_morphology.closing(sitk.GetArrayViewFromImage(mask) > 0, radius)
     filled = sitk.BinaryFillhole(_image_like(closed, mask))

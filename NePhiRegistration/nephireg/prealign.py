@@ -210,8 +210,9 @@ def _grown(mask: sitk.Image, radius_mm: float) -> sitk.Image:
     binary = sitk.Cast(mask > 0, sitk.sitkUInt8)
     if radius_mm <= 0:
         return binary
-    radius = [max(1, int(round(radius_mm / s))) for s in mask.GetSpacing()]
-    return sitk.BinaryDilate(binary, radius, sitk.sitkBall, 0, 1)
+    from nephireg.binary_morphology import ball_radius_voxels
+
+    return sitk.BinaryDilate(binary, ball_radius_voxels(radius_mm, mask.GetSpacing()), sitk.sitkBall, 0, 1)
 
 
 def _set_metric(method: sitk.ImageRegistrationMethod, settings: RegistrationSettings) -> None:

@@ -47,8 +47,10 @@ def dilate(mask: sitk.Image, radius_mm: float) -> sitk.Image:
     """Binary dilation of a {0, 1} mask by a ball of ``radius_mm`` (per-axis voxel radius from the spacing)."""
     if radius_mm <= 0:
         return mask
-    radius = [max(1, int(round(radius_mm / s))) for s in mask.GetSpacing()]
-    return sitk.BinaryDilate(mask, radius, sitk.sitkBall, 0, 1)
+    from nephireg.binary_morphology import ball_radius_voxels
+
+    # ITK's boundary-following dilation: a 6 mm ball on a CT's own grid has hundreds of offsets
+    return sitk.BinaryDilate(mask, ball_radius_voxels(radius_mm, mask.GetSpacing()), sitk.sitkBall, 0, 1)
 
 
 def working_grid(fixed: Grid, spacing_mm: float, max_voxels: int = MAX_WORKING_VOXELS) -> Grid:

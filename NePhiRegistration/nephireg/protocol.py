@@ -53,7 +53,7 @@ RESULT_MANIFEST = "result.json"
 # Keys of the manifest's "files" mapping and the file names the engine writes.
 OUTPUT_FILES = {
     "transform": "transform.h5",  # ITK DisplacementFieldTransform, LPS mm, fixed grid, fixed -> moving
-    "inverse": "inverse.h5",  # ITK DisplacementFieldTransform, LPS mm, moving grid, moving -> fixed (phi^-1)
+    "inverse": "inverse.h5",  # ITK DisplacementFieldTransform, LPS mm, over the moving image, moving -> fixed
     "jacobian": "jacobian.nrrd",  # float32 det(D phi) on the fixed grid
     "warped": "warped.nrrd",  # moving resampled onto the fixed grid through the transform
     "overview": "overview.png",  # fixed / warped / checkerboard / Jacobian slices

@@ -27,7 +27,7 @@ from nephireg.staging import nearest_existing
 COMMON_RULES = {"grid_spacing_mm": GRID_SPACING_RULE}
 MIN_LEVEL_VOXELS = 2  # voxels along every axis of the coarsest pooled level a method uses
 SPACING_RANGE_MM = (1e-4, 1e4)  # plausible voxel spacings of a medical image (0.1 um .. 10 m)
-TRANSFORM_BYTES_PER_VOXEL = 24  # float64 3-vectors (transform.h5 on the fixed grid, inverse.h5 on the moving)
+TRANSFORM_BYTES_PER_VOXEL = 24  # float64 3-vectors (transform.h5 on the fixed grid, inverse.h5 on its lattice)
 IMAGE_BYTES_PER_VOXEL = 4  # float32 maps on the fixed grid (jacobian.nrrd, warped.nrrd, uncompressed)
 
 
