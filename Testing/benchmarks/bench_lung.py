@@ -350,7 +350,25 @@ def machine() -> Dict[str, object]:
     return {"nproc": os.cpu_count(), "cpu_model": cpu, "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "platform": platform.platform(), "convexAdam": _dist_version("convexAdam"),
-            "itk-elastix": _dist_version("itk-elastix")}
+            "itk-elastix": _dist_version("itk-elastix"), "speed_probe_s": speed_probe()}
+
+
+SPEED_PROBES = {"import_torch": "import torch",
+                "fresh_600mb": "import numpy; [numpy.ones(7_500_000) for _ in range(10)]"}
+"""Fresh processes whose time tells the VM's phase: this 2-core VM drifts by up to 2x within hours (memory a process
+touches for the first time cost ~7 us a page in its slow phase), most for short runs (docs/benchmarks.md, session 8)."""
+
+
+def speed_probe(repeats: int = 3) -> Dict[str, float]:
+    """Median seconds of each :data:`SPEED_PROBES` snippet in a fresh interpreter (minus an empty one's start)."""
+    def seconds(code: str) -> float:
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True)
+        return time.perf_counter() - started
+
+    empty = statistics.median(seconds("pass") for _ in range(repeats))
+    return {name: round(statistics.median(seconds(code) for _ in range(repeats)) - empty, 3)
+            for name, code in SPEED_PROBES.items()}
 
 
 def identity_error() -> Dict[str, float]:
@@ -374,6 +392,9 @@ def markdown(report: Dict[str, object]) -> str:
         f"- Date (UTC): {report['date']}; repeats: {report['repeats']} (medians shown)",
         f"- Machine: {m['nproc']} CPU cores, {m['cpu_model']}; torch {m['torch']} ({m['torch_threads']} threads); "
         f"convexAdam {m['convexAdam']}, itk-elastix {m['itk-elastix']}",
+        "- VM speed probe (fresh processes, s): "
+        + ", ".join(f"{name} {value}" for name, value in (m.get("speed_probe_s") or {}).items())
+        + " (import_torch: about 1.0 in session 7's fast phase, 1.5-2.1 in session 8's slow one)",
         f"- Load average at start: {report['loadavg_start']} (1/5/15 min), at end: {report['loadavg_end']}. The "
         "machine is shared: other processes may have been running, which inflates wall times.",
         f"- Command: `{report['command']}`", "",
