@@ -393,7 +393,7 @@ def markdown(report: Dict[str, object]) -> str:
         f"- Machine: {m['nproc']} CPU cores, {m['cpu_model']}; torch {m['torch']} ({m['torch_threads']} threads); "
         f"convexAdam {m['convexAdam']}, itk-elastix {m['itk-elastix']}",
         "- VM speed probe (fresh processes, s): "
-        + ", ".join(f"{name} {value}" for name, value in (m.get("speed_probe_s") or {}).items())
+        + (", ".join(f"{name} {value}" for name, value in (m.get("speed_probe_s") or {}).items()) or "not measured")
         + " (import_torch: about 1.0 in session 7's fast phase, 1.5-2.1 in session 8's slow one)",
         f"- Load average at start: {report['loadavg_start']} (1/5/15 min), at end: {report['loadavg_end']}. The "
         "machine is shared: other processes may have been running, which inflates wall times.",
