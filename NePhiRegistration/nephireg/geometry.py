@@ -18,7 +18,7 @@ Conventions
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -136,16 +136,19 @@ class Grid:
 
     def resampled(self, spacing_mm: Sequence[float]) -> Grid:
         """A grid with the same direction and field of view (first voxel centre kept) at ``spacing_mm``."""
-        spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=float), (3,))
-        size = np.maximum(np.round(self.extent_mm() / spacing).astype(int) + 1, 1)
-        return Grid(tuple(int(s) for s in size), tuple(float(s) for s in spacing), self.origin, self.direction)
+        return self._at_spacing(spacing_mm, np.round)
 
     def covering(self, spacing_mm: Sequence[float]) -> Grid:
         """Like :meth:`resampled`, but its voxel centres reach at least as far as this grid's along every axis (the
         last one at or beyond this grid's last centre): a displacement stored on it is defined, as ITK and Slicer
         interpolate it, at every voxel centre of this grid."""
+        return self._at_spacing(spacing_mm, lambda steps: np.ceil(steps - 1e-9))
+
+    def _at_spacing(self, spacing_mm: Sequence[float], steps_to_int: Callable[[np.ndarray], np.ndarray]) -> Grid:
+        """This grid's direction and first voxel centre at ``spacing_mm``, with ``steps_to_int`` of the field of
+        view in steps of the new spacing (per axis) + 1 voxels."""
         spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=float), (3,))
-        size = np.maximum(np.ceil(self.extent_mm() / spacing - 1e-9).astype(int) + 1, 1)
+        size = np.maximum(steps_to_int(self.extent_mm() / spacing).astype(int) + 1, 1)
         return Grid(tuple(int(s) for s in size), tuple(float(s) for s in spacing), self.origin, self.direction)
 
     def ijk_to_ras(self) -> np.ndarray:

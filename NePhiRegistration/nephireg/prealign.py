@@ -27,6 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from nephireg.geometry import Grid, apply_affine
+from nephireg.preprocess import dilate
 from nephireg.protocol import PREALIGN_MODES
 
 MODES = tuple(m for m in PREALIGN_MODES if m != "preset")
@@ -207,12 +208,7 @@ def _method(fixed: sitk.Image, fixed_mask: Optional[sitk.Image], moving_mask: Op
 
 def _grown(mask: sitk.Image, radius_mm: float) -> sitk.Image:
     """uint8 {0, 1} ``mask`` dilated by a ball of ``radius_mm`` (per-axis voxel radius from the spacing)."""
-    binary = sitk.Cast(mask > 0, sitk.sitkUInt8)
-    if radius_mm <= 0:
-        return binary
-    from nephireg.binary_morphology import ball_radius_voxels
-
-    return sitk.BinaryDilate(binary, ball_radius_voxels(radius_mm, mask.GetSpacing()), sitk.sitkBall, 0, 1)
+    return dilate(sitk.Cast(mask > 0, sitk.sitkUInt8), radius_mm)
 
 
 def _set_metric(method: sitk.ImageRegistrationMethod, settings: RegistrationSettings) -> None:

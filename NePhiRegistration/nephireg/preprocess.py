@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from nephireg.binary_morphology import ball_radius_voxels
 from nephireg.geometry import Grid
 from nephireg.presets import Preset
 
@@ -47,8 +48,6 @@ def dilate(mask: sitk.Image, radius_mm: float) -> sitk.Image:
     """Binary dilation of a {0, 1} mask by a ball of ``radius_mm`` (per-axis voxel radius from the spacing)."""
     if radius_mm <= 0:
         return mask
-    from nephireg.binary_morphology import ball_radius_voxels
-
     # ITK's boundary-following dilation: a 6 mm ball on a CT's own grid has hundreds of offsets
     return sitk.BinaryDilate(mask, ball_radius_voxels(radius_mm, mask.GetSpacing()), sitk.sitkBall, 0, 1)
 
