@@ -377,3 +377,32 @@ def test_identical_runs_give_identical_transforms_as_documented(pair, tmp_path, 
         field = sitk.DisplacementFieldTransform(sitk.ReadTransform(str(tmp_path / name / "transform.h5")))
         fields.append(sitk.GetArrayFromImage(field.GetDisplacementField()))
     assert np.array_equal(fields[0], fields[1]) and np.abs(fields[0]).max() > 0
+
+
+@pytest.mark.parametrize("failing", ["warp_image", "save_transform"])
+def test_a_failure_in_the_write_stage_ends_the_run_with_its_error_and_keeps_the_old_result(pair, tmp_path, capsys,
+                                                                                          monkeypatch, failing):
+    """The write stage's second thread measures the result from the warped image this thread resamples: when the
+    resampling (or a write before it) fails, the run ends with that error at once - the measuring task is not left
+    waiting for an image that never comes - and the previous result stays as it was."""
+    import threading
+    import time
+
+    out = tmp_path / "out"
+    assert register(capsys, pair, out)[0] == ExitCode.SUCCESS
+    before = snapshot(out)
+
+    def fail(*args, **kwargs):
+        time.sleep(1.0)  # the second thread is done with the inverse by now and waits for the warped image
+        raise OSError(28, "No space left on device", str(out / "warped.nrrd"))
+
+    monkeypatch.setattr(io, failing, fail)
+    outcome = []
+    runner = threading.Thread(target=lambda: outcome.append(register(capsys, pair, out, "--overwrite")), daemon=True)
+    runner.start()
+    runner.join(timeout=120)
+    assert not runner.is_alive(), "the run hung in the write stage"
+    code, evs, err = outcome[0]
+    assert code == ExitCode.BAD_INPUT and "Traceback" not in err
+    assert "No space left on device" in evs[-1]["message"], evs[-1]
+    assert snapshot(out) == before
