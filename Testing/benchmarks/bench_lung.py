@@ -159,13 +159,15 @@ def _vm_hwm_kib(pid: int) -> int:
     return 0
 
 
-def run_child(cmd: List[str], log: Path, timeout_s: float) -> Dict[str, object]:
+def run_child(cmd: List[str], log: Path, timeout_s: float, engine: Path = REPO / "NePhiRegistration"
+              ) -> Dict[str, object]:
     """Run ``cmd``; wall seconds, exit status, peak RSS (GiB, from the child's rusage) and the log's tail.
+    ``engine``: the folder holding the ``nephireg`` package the child imports (first on its PYTHONPATH).
 
     This thread blocks in ``wait4`` (the wall time ends when the child does, not at the next poll: polling every
     50 ms added 0-50 ms to every run, 25 ms on average); a second thread samples the child's VmHWM every 50 ms and
     kills it at the timeout."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "NePhiRegistration"),
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(engine),
                                                                    os.environ.get("PYTHONPATH", "")])))
     with open(log, "wb") as sink:
         started = time.perf_counter()
