@@ -69,6 +69,25 @@ def test_mind_is_invariant_to_monotone_intensity_remaps():
     assert (unrelated - reference).abs().mean() > 5 * (gamma - reference).abs().mean()
 
 
+def test_mind_with_shared_working_arrays_gives_the_same_features_as_without():
+    """``MindScratch`` reuses the working arrays across calls (the two images of a pair); the features must be the
+    same numbers as a call with fresh arrays, whatever the order and sizes of the calls, and must not change when
+    the arrays are reused afterwards."""
+    from nephireg.features import MindScratch
+
+    torch.manual_seed(1)
+    images = [torch.nn.functional.avg_pool3d(torch.rand(1, 1, *shape), 3, 1, 1)
+              for shape in ((12, 14, 16), (20, 18, 22), (12, 14, 16))]  # grows, then smaller again
+    for radius, dilation in ((1, 2), (0, 1), (2, 1)):
+        scratch = MindScratch()
+        shared = [mind_ssc(image, radius, dilation, scratch) for image in images]
+        kept = [features.clone() for features in shared]
+        mind_ssc(torch.rand(1, 1, 20, 18, 22), radius, dilation, scratch)  # overwrites the working arrays
+        for image, features, copy in zip(images, shared, kept):
+            assert torch.equal(features, mind_ssc(image, radius, dilation))
+            assert torch.equal(features, copy)
+
+
 def test_ssc_pairs_are_the_twelve_octahedron_edges():
     pairs = ssc_pairs()
     assert len({tuple(sorted(p)) for p in pairs}) == 12

@@ -11,7 +11,8 @@ Shapes: image (N, 1, Z, Y, X) -> features (N, 12, Z, Y, X).
 from __future__ import annotations
 
 import itertools
-from typing import List, Tuple
+import math
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,8 @@ def ssc_pairs() -> List[Tuple[Tuple[int, int, int], Tuple[int, int, int]]]:
     return pairs
 
 
-def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
+def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2,
+             scratch: Optional[MindScratch] = None) -> torch.Tensor:
     """MIND-SSC of ``image`` (N, 1, Z, Y, X) -> (N, 12, Z, Y, X), values in (0, 1].
 
     The 12 pairs share 6 difference directions c = a - b (up to sign): D_ab(x) = box_r (I(y + d c) - I(y))^2 at
@@ -37,29 +39,57 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
     replicate-padded by 2d + r, and each pair's channel is a shifted view of its direction's result: half the work
     of filtering 12 channels. Inside (more than 2d + r voxels from the border) the numbers equal the pairwise
     definition; nearer the border the padded image stands in for the replicated distances.
+
+    ``scratch``: the working arrays of an earlier call (:class:`MindScratch`), reused: pass one to the calls for
+    both images of a pair. The working arrays are written in place, never allocated per step.
     """
     if image.ndim != 5 or image.shape[1] != 1:
         raise ValueError(f"mind_ssc expects (N, 1, Z, Y, X); got {tuple(image.shape)}")
+    scratch = scratch if scratch is not None else MindScratch()
     d, r = dilation, radius
     margin = 2 * d + r
     size = image.shape[2:]
     padded = F.pad(image, (margin,) * 6, mode="replicate")
     directions = ssc_directions()
     # squared differences on the region y in [-(d + r), n + d + r) per axis, padded index y + margin
-    squares = torch.cat([(_window(padded, [d + d * ci for ci in c], [n + 2 * (d + r) for n in size])
-                          - _window(padded, [d] * 3, [n + 2 * (d + r) for n in size])) ** 2 for c in directions],
-                        dim=1)
-    boxed = _box_sum_valid(squares, r)  # (N, 6, n + 2d per axis), index j <-> y = j - d
-    del squares
+    region = [n + 2 * (d + r) for n in size]
+    squares = scratch.array(0, (image.shape[0], len(directions), *region), image)
+    for k, c in enumerate(directions):
+        torch.sub(_window(padded, [d + d * ci for ci in c], region), _window(padded, [d] * 3, region),
+                  out=squares[:, k:k + 1])
+    del padded
+    boxed = _box_sum_valid(squares.square_(), r, scratch)  # (N, 6, n + 2d per axis), index j <-> y = j - d
     ssd = torch.cat([_window(boxed[:, k:k + 1], [d + d * bi for bi in base], list(size))
                      for k, base in ssc_pair_bases(directions)], dim=1)
-    del boxed
     # In place from here: the (N, 12, Z, Y, X) tensors are the largest of a run and nothing else holds them.
-    ssd.sub_(ssd.min(dim=1, keepdim=True).values)
+    ssd.sub_(torch.amin(ssd, dim=1, keepdim=True))
     variance = ssd.mean(dim=1, keepdim=True)
     global_mean = variance.mean()
     variance.clamp_(min=global_mean * 1e-3 + 1e-12, max=global_mean * 1e3 + 1e-12)
     return ssd.div_(variance).neg_().exp_()
+
+
+class MindScratch:
+    """Two flat working arrays that :func:`mind_ssc` writes its intermediate results into, grown as needed and
+    reused by the next call.
+
+    Why: each intermediate is tens to hundreds of MB (the lung pair's working grid: 80 MB per 6-channel array).
+    Allocated afresh, each is new memory that the kernel maps page by page on first touch (each call allocated
+    ~700 MB; on this VM 2-7 us a page, i.e. 0.4-1.2 s of the features stage in a slow phase); reused, the second
+    image's intermediates cost no new pages and the first's half as many.
+    """
+
+    def __init__(self) -> None:
+        self._flat: List[Optional[torch.Tensor]] = [None, None]
+
+    def array(self, slot: int, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+        """A contiguous ``shape`` view of working array ``slot`` (0 or 1), its old contents undefined."""
+        count = math.prod(shape)
+        flat = self._flat[slot]
+        if flat is None or flat.numel() < count or flat.dtype != like.dtype or flat.device != like.device:
+            flat = self._flat[slot] = None  # the old one freed before the larger one is made
+            flat = self._flat[slot] = torch.empty(count, dtype=like.dtype, device=like.device)
+        return flat[:count].view(*shape)
 
 
 def ssc_directions() -> List[Tuple[int, int, int]]:
@@ -95,19 +125,25 @@ def _window(volume: torch.Tensor, start: List[int], length: List[int]) -> torch.
     return volume
 
 
-def _box_sum_valid(volume: torch.Tensor, radius: int) -> torch.Tensor:
-    """Mean over (2r+1)^3 boxes without padding: each of the last 3 axes shrinks by 2r."""
+def _box_sum_valid(volume: torch.Tensor, radius: int, scratch: Optional[MindScratch] = None) -> torch.Tensor:
+    """Mean over (2r+1)^3 boxes without padding: each of the last 3 axes shrinks by 2r. With ``scratch`` (whose
+    array 0 may be ``volume`` itself: it is read before being overwritten, one axis after another), the result and
+    the passes between alternate between its two arrays; otherwise each pass is a new tensor."""
     width = 2 * radius + 1
+    if radius == 0:
+        return volume.clone()
     out = volume
-    for dim in (2, 3, 4):
+    for number, dim in enumerate((2, 3, 4)):
         size = out.shape[dim] - 2 * radius
-        if radius == 0:
-            break
-        summed = out.narrow(dim, 0, size) + out.narrow(dim, 1, size)
+        shape = list(out.shape)
+        shape[dim] = size
+        summed = torch.empty(shape, dtype=out.dtype, device=out.device) if scratch is None else \
+            scratch.array(1 - number % 2, shape, out)  # z -> array 1, y -> array 0, x -> array 1
+        torch.add(out.narrow(dim, 0, size), out.narrow(dim, 1, size), out=summed)
         for shift in range(2, width):
             summed += out.narrow(dim, shift, size)
         out = summed
-    return out.div_(width ** 3) if radius > 0 else out.clone()
+    return out.div_(width ** 3)
 
 
 def _box_filter(volume: torch.Tensor, radius: int) -> torch.Tensor:

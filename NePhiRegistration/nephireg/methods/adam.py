@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from nephireg.errors import InputError
-from nephireg.features import mind_ssc
+from nephireg.features import MindScratch, mind_ssc
 from nephireg.fields import DenseField
 from nephireg.geometry import Grid
 from nephireg.lncc import local_ncc
@@ -143,9 +143,11 @@ def run(pair: PreparedPair, options: Mapping[str, Any], reporter: Reporter) -> D
     check_mind_pooling(settings, factors)
     reporter.stage("features", "MIND-SSC features")
     with torch.no_grad():
-        fixed_features = features(pool(pair.fixed, settings.mind_pooling), settings)
+        scratch = MindScratch()  # the second image's working arrays are the first's
+        fixed_features = features(pool(pair.fixed, settings.mind_pooling), settings, scratch)
         reporter.check_cancel()  # each takes a second on a big working grid
-        moving_features = features(pool(pair.moving, settings.mind_pooling), settings)
+        moving_features = features(pool(pair.moving, settings.mind_pooling), settings, scratch)
+        del scratch
     field: Optional[DenseField] = None
     for number, factor in enumerate(factors, start=1):
         steps = settings.iterations if number == len(factors) else settings.coarse_iterations
@@ -160,12 +162,13 @@ def run(pair: PreparedPair, options: Mapping[str, Any], reporter: Reporter) -> D
     return field
 
 
-def features(image: torch.Tensor, settings: Settings) -> torch.Tensor:
+def features(image: torch.Tensor, settings: Settings, scratch: Optional[MindScratch] = None) -> torch.Tensor:
     """The features compared by squared differences, of a (1, 1, Z, Y, X) image: (1, C, Z, Y, X), C = 12 (MIND-SSC)
-    or 13 (with intensities); C = 0 for ``lncc`` alone (the LNCC term uses the images themselves)."""
+    or 13 (with intensities); C = 0 for ``lncc`` alone (the LNCC term uses the images themselves). ``scratch``:
+    MIND-SSC's working arrays, shared by the calls for the two images (:class:`nephireg.features.MindScratch`)."""
     if settings.similarity == "lncc":
         return image[:, :0]
-    mind = mind_ssc(image, settings.mind_radius, settings.mind_dilation)
+    mind = mind_ssc(image, settings.mind_radius, settings.mind_dilation, scratch)
     if settings.similarity in ("mind", "mind+lncc"):
         return mind
     # sqrt(C): the squared difference of the intensity channel weighs as much as those of all MIND channels

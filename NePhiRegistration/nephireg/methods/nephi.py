@@ -214,14 +214,16 @@ def _inputs(pair: PreparedPair, settings: Settings, reporter: Reporter, with_fea
 def _mind_features(fixed: torch.Tensor, moving: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """MIND-SSC (1, 12, Z, Y, X) of both unmasked images, with continuous Adam's radius and dilation (a mask
     edge would otherwise be the strongest structure); the similarity points still come from the masks."""
-    from nephireg.features import mind_ssc
+    from nephireg.features import MindScratch, mind_ssc
     from nephireg.methods.adam import Settings as AdamSettings
     from nephireg.sampling import channels_last
 
     defaults = AdamSettings()
+    scratch = MindScratch()  # the second image's working arrays are the first's
     with torch.no_grad():
-        fixed_features = mind_ssc(fixed, defaults.mind_radius, defaults.mind_dilation)
-        moving_features = mind_ssc(moving, defaults.mind_radius, defaults.mind_dilation)
+        fixed_features = mind_ssc(fixed, defaults.mind_radius, defaults.mind_dilation, scratch)
+        moving_features = mind_ssc(moving, defaults.mind_radius, defaults.mind_dilation, scratch)
+    del scratch
     return channels_last(fixed_features), channels_last(moving_features)
 
 
