@@ -41,7 +41,9 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2,
     definition; nearer the border the padded image stands in for the replicated distances.
 
     ``scratch``: the working arrays of an earlier call (:class:`MindScratch`), reused: pass one to the calls for
-    both images of a pair. The working arrays are written in place, never allocated per step.
+    both images of a pair. The working arrays are written in place (``out=``), never allocated per step, so the
+    features are not differentiable with respect to ``image``: call it under ``torch.no_grad()`` (every caller
+    does; the similarity terms differentiate through the sampling of precomputed features).
     """
     if image.ndim != 5 or image.shape[1] != 1:
         raise ValueError(f"mind_ssc expects (N, 1, Z, Y, X); got {tuple(image.shape)}")

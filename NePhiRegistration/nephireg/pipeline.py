@@ -197,10 +197,13 @@ def _write_files(request: Request, preset: Preset, prealigned: Prealignment, set
         det = jacobian_determinant(displacement, grid)
         metrics = jacobian_summary(det)
         warnings = WarningsHeld()  # the second thread's warnings, emitted on this one (one thread, fixed order)
-        warped: Optional[Future] = Future() if request.write_warped else None  # set by this thread, below
-        measured = background.submit(_measure, inputs, grid, prealign, transform, displacement,
-                                     metrics["folding_percent"], warnings, lambda: before(stop_measuring), warped)
+        # The warped image, set by this thread below (a Future the executor did not make: only its result/cancel
+        # hand-over is used, so the measuring task can wait on it like on any other task).
+        warped: Optional[Future] = Future() if request.write_warped else None
         try:
+            measured = background.submit(_measure, inputs, grid, prealign, transform, displacement,
+                                         metrics["folding_percent"], warnings, lambda: before(stop_measuring),
+                                         warped)
             io.save_transform(transform, folder / files["transform"])
             reporter.check_cancel()
             io.write_image(io.image_from_array(det, grid), folder / files["jacobian"])
