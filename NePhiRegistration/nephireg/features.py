@@ -127,10 +127,10 @@ def _window(volume: torch.Tensor, start: List[int], length: List[int]) -> torch.
     return volume
 
 
-def _box_sum_valid(volume: torch.Tensor, radius: int, scratch: Optional[MindScratch] = None) -> torch.Tensor:
-    """Mean over (2r+1)^3 boxes without padding: each of the last 3 axes shrinks by 2r. With ``scratch`` (whose
-    array 0 may be ``volume`` itself: it is read before being overwritten, one axis after another), the result and
-    the passes between alternate between its two arrays; otherwise each pass is a new tensor."""
+def _box_sum_valid(volume: torch.Tensor, radius: int, scratch: MindScratch) -> torch.Tensor:
+    """Mean over (2r+1)^3 boxes without padding: each of the last 3 axes shrinks by 2r. The passes alternate
+    between ``scratch``'s two arrays (its array 0 may be ``volume`` itself: each pass reads one array and writes the
+    other), so the result is a view of array 1."""
     width = 2 * radius + 1
     if radius == 0:
         return volume.clone()
@@ -139,8 +139,7 @@ def _box_sum_valid(volume: torch.Tensor, radius: int, scratch: Optional[MindScra
         size = out.shape[dim] - 2 * radius
         shape = list(out.shape)
         shape[dim] = size
-        summed = torch.empty(shape, dtype=out.dtype, device=out.device) if scratch is None else \
-            scratch.array(1 - number % 2, shape, out)  # z -> array 1, y -> array 0, x -> array 1
+        summed = scratch.array(1 - number % 2, shape, out)  # z -> array 1, y -> array 0, x -> array 1
         torch.add(out.narrow(dim, 0, size), out.narrow(dim, 1, size), out=summed)
         for shift in range(2, width):
             summed += out.narrow(dim, shift, size)

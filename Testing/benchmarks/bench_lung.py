@@ -301,9 +301,12 @@ def verify_elastix(out: Path) -> Dict[str, float]:
 
 
 # -- the benchmark ----------------------------------------------------------------------------------------
-def one_run(method: str, out: Path, timeout_s: float, verify: bool) -> Dict[str, object]:
+def one_run(method: str, out: Path, timeout_s: float, verify: bool,
+            engine: Path = REPO / "NePhiRegistration") -> Dict[str, object]:
+    """One run of ``method`` into ``out``, scored; ``engine``: the folder of the ``nephireg`` the child imports."""
     out.mkdir(parents=True, exist_ok=True)
-    record: Dict[str, object] = {"method": method, **run_child(command_for(method, out), out / "log.txt", timeout_s)}
+    record: Dict[str, object] = {"method": method, **run_child(command_for(method, out), out / "log.txt", timeout_s,
+                                                               engine=engine)}
     if record["exit_code"] != 0:
         record["failure"] = record["log_tail"] or f"exit code {record['exit_code']}"
         if record["timed_out"]:

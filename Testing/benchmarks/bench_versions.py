@@ -34,20 +34,6 @@ import bench_lung  # noqa: E402  (this folder's benchmark: its command, runner a
 DEFAULT_BASE = "3fdf711"
 
 
-def run_version(engine: Path, method: str, out: Path, timeout_s: float) -> Dict[str, object]:
-    """One registration by the engine in ``engine`` (the folder holding ``nephireg``), scored as bench_lung does."""
-    out.mkdir(parents=True, exist_ok=True)
-    record: Dict[str, object] = bench_lung.run_child(bench_lung.command_for(method, out), out / "log.txt",
-                                                     timeout_s, engine=engine)
-    if record["exit_code"] != 0:
-        record["failure"] = record["log_tail"] or f"exit code {record['exit_code']}"
-        return record
-    manifest = json.loads((out / "result.json").read_text())
-    record.update(bench_lung.score(out / manifest["files"]["transform"]))
-    record["engine_timings_s"] = manifest.get("timings_s")
-    return record
-
-
 def ratios(runs: List[Dict[str, object]], methods: List[str]) -> Dict[str, Dict[str, object]]:
     """Per method: the medians of each version, new / base of the median wall times, and the paired ratios (the
     new run over the base run of the same repeat: the drift between repeats cancels in each) with their median,
@@ -110,8 +96,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for method in methods:
                     order = ("base", "new") if repeat % 2 == 0 else ("new", "base")  # ABBA: no fixed first place
                     for version in order:
-                        record = run_version(engines[version], method, Path(work) / f"{version}-{method}-{repeat}",
-                                             args.timeout)
+                        record = bench_lung.one_run(method, Path(work) / f"{version}-{method}-{repeat}",
+                                                    args.timeout, verify=False, engine=engines[version])
                         record.update(version=version, method=method, repeat=repeat)
                         record.pop("errors_mm", None)
                         report["runs"].append(record)
