@@ -138,6 +138,73 @@ def test_adam_smoothing_gradient_is_the_exact_adjoint():
         assert torch.autograd.gradcheck(lambda v, p=passes: smooth(v, p), (u,))
 
 
+def test_adam_diffusion_term_matches_its_definition_with_its_written_out_gradient():
+    from nephireg.methods.adam import diffusion
+
+    torch.manual_seed(0)
+    spacing = torch.tensor([1.3, 0.7, 2.5], dtype=torch.float64)  # x, y, z (mm)
+    u = torch.rand(1, 3, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    dz = (u[:, :, 1:] - u[:, :, :-1]) / 2.5
+    dy = (u[:, :, :, 1:] - u[:, :, :, :-1]) / 0.7
+    dx = (u[:, :, :, :, 1:] - u[:, :, :, :, :-1]) / 1.3
+    definition = (dz ** 2).mean() + (dy ** 2).mean() + (dx ** 2).mean()
+    assert torch.allclose(diffusion(u, spacing), definition, rtol=1e-12, atol=0)
+    assert torch.autograd.gradcheck(lambda v: diffusion(v, spacing), (u,))
+    linear = (torch.arange(5, dtype=torch.float64) * 2.5 * 0.3).reshape(1, 1, 5, 1, 1).expand(1, 3, 5, 6, 7)
+    assert math.isclose(float(diffusion(linear, spacing)), 0.3 ** 2, rel_tol=1e-12)  # 0.3 mm/mm along z, each component
+    flat = torch.rand(1, 3, 1, 6, 7, dtype=torch.float64)  # one plane: the z term is 0, not the NaN of an empty mean
+    assert torch.isfinite(diffusion(flat, spacing))
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_adam_mind_data_term_equals_the_mean_squared_difference_of_the_sampled_features(masked):
+    from nephireg.methods.adam import MindDataTerm
+    from nephireg.sampling import identity_normalised, sample_normalised
+
+    torch.manual_seed(1)
+    shape = (19, 21, 25)  # z, y, x: 9975 voxels, an odd count over the 2 batch entries of 2 threads
+    grid = Grid(shape[::-1], (1.0, 1.5, 2.5), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    target = torch.rand(1, 5, *shape, dtype=torch.float64)
+    source = torch.rand(1, 5, *shape, dtype=torch.float64)
+    mask = (torch.arange(9975) < 9001).reshape(1, 1, *shape) if masked else None  # 9001 points: odd too
+    u = (torch.rand(1, 3, *shape, dtype=torch.float64) * 4 - 2).requires_grad_(True)  # mm, some points outside
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the CPU path splits the points into batch entries, the last one padded
+    try:
+        term = MindDataTerm(target, source, grid, mask)
+        loss = term(u)
+    finally:
+        torch.set_num_threads(threads)
+    assert (term.batches.parts, term.batches.filler) == (2, 1)
+    to_normalised = torch.as_tensor(grid.physical_to_normalised()[:3, :3])
+    points = identity_normalised(grid.shape_zyx, dtype=torch.float64) + \
+        (u.reshape(3, -1).T @ to_normalised.T).reshape(1, *shape, 3)
+    difference = (sample_normalised(source, points, padding="border") - target) ** 2  # (1, 5, Z, Y, X)
+    reference = difference.mean() if mask is None else difference[mask.expand_as(difference)].mean()
+    grad, = torch.autograd.grad(loss, u)
+    reference_grad, = torch.autograd.grad(reference, u)
+    assert torch.allclose(loss, reference, rtol=1e-12, atol=0)
+    assert torch.allclose(grad, reference_grad, rtol=1e-9, atol=1e-15)
+
+
+def test_point_batches_give_the_samplers_layout_with_the_filler_last():
+    from nephireg.sampling import PointBatches
+
+    batches = PointBatches(count=10, parts=3)  # 4 points per part, the last 2 of the last part filler
+    assert (batches.per_part, batches.filler) == (4, 2)
+    values = torch.arange(20.0).reshape(2, 10)  # (C, P)
+    arranged = batches.arrange(values)
+    assert arranged.shape == (3, 2, 4)
+    assert torch.equal(arranged[1, 1], values[1, 4:8]) and torch.equal(arranged[2, 0], torch.tensor([8.0, 9, 0, 0]))
+    volume = torch.rand(1, 2, 4, 5, 6, dtype=torch.float64)
+    points = torch.rand(10, 3, dtype=torch.float64) * 2 - 1
+    sampled = batches.sample(volume, points)
+    from nephireg.sampling import sample_normalised
+
+    whole = sample_normalised(volume, points.reshape(1, -1, 1, 1, 3)).reshape(2, 10)
+    assert torch.allclose(sampled.transpose(0, 1).reshape(2, -1)[:, :10], whole)
+
+
 def test_split_sampling_matches_one_batch_values_and_gradients():
     from nephireg.sampling import sample_flat, sample_normalised
 
