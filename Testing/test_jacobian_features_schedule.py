@@ -133,9 +133,33 @@ def test_adam_smoothing_equals_repeated_box_filters_inside_and_keeps_constants()
 def test_adam_smoothing_gradient_is_the_exact_adjoint():
     from nephireg.methods.adam import smooth
 
-    u = torch.rand(1, 3, 5, 6, 7, dtype=torch.float64, requires_grad=True)
-    for passes in (1, 3):
-        assert torch.autograd.gradcheck(lambda v, p=passes: smooth(v, p), (u,))
+    for shape in ((1, 3, 5, 6, 7), (1, 3, 2, 1, 4)):  # axes shorter than the filter's reach too
+        u = torch.rand(*shape, dtype=torch.float64, requires_grad=True)
+        for passes in (1, 3):
+            assert torch.autograd.gradcheck(lambda v, p=passes: smooth(v, p), (u,))
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 9, 8, 10), (1, 3, 2, 1, 4)])
+def test_adam_smoothing_is_the_separable_filter_of_the_replicate_padded_field(shape):
+    import torch.nn.functional as F
+
+    from nephireg.methods.adam import _box_taps, smooth
+
+    u = torch.rand(*shape, dtype=torch.float64)
+    taps = _box_taps(3, torch.float64, torch.device("cpu"))  # 7 taps
+    padded = _replicate(u, 3)
+    kernel = taps[:, None, None] * taps[None, :, None] * taps[None, None, :]
+    reference = F.conv3d(padded.reshape(3, 1, *padded.shape[2:]), kernel[None, None]).reshape(u.shape)
+    assert torch.allclose(smooth(u, 3), reference, rtol=1e-12, atol=1e-14)
+
+
+def _replicate(u, margin):
+    """Replicate padding by ``margin`` on the last three axes, for axes shorter than the margin too."""
+    for dim in (2, 3, 4):
+        size = u.shape[dim]
+        index = torch.arange(-margin, size + margin).clamp(0, size - 1)
+        u = u.index_select(dim, index)
+    return u
 
 
 def test_adam_diffusion_term_matches_its_definition_with_its_written_out_gradient():

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -354,59 +354,68 @@ def smooth(u: torch.Tensor, passes: int) -> torch.Tensor:
     """``passes`` 3x3x3 box filters, (1, 3, Z, Y, X) -> same, borders replicated.
 
     Applied as one separable filter per axis whose taps are the box [1, 1, 1] / 3 convolved ``passes`` times
-    ([1, 3, 6, 7, 6, 3, 1] / 27 for three passes): the same numbers as repeated box filters away from the border
-    (within ``passes`` voxels of it the replicated border is applied once instead of per pass). Its gradient is the
-    exact adjoint written out (:class:`_Smooth`); both filter by weighted sums of shifted views (:func:`_separable`).
+    ([1, 3, 6, 7, 6, 3, 1] / 27 for three passes), each tap reading the voxel at its offset clamped to the grid: the
+    same numbers as repeated box filters away from the border (within ``passes`` voxels of it the replicated border
+    is applied once instead of per pass). Its gradient is the exact adjoint written out (:class:`_Smooth`).
     """
     return u if passes == 0 else _Smooth.apply(u, passes)
 
 
 class _Smooth(torch.autograd.Function):
-    """Replicate-pad by ``passes``, then a valid separable convolution; backward = full convolution (the taps are
-    symmetric) followed by the adjoint of replicate padding (the margins summed onto the edge voxels)."""
+    """Per axis, out[i] = sum_k w_k u[clamp(i + k)] (:func:`_filter_clamped`); backward applies the adjoint of each
+    axis's filter in the reverse order (:func:`_filter_clamped_adjoint`). Both work on shifted views in place:
+    no padded copies (3-4x faster on a CPU than a depthwise ``conv3d`` with the same taps)."""
 
     @staticmethod
     def forward(ctx, u: torch.Tensor, passes: int) -> torch.Tensor:
         ctx.passes = passes
-        return _separable(F.pad(u, (passes,) * 6, mode="replicate"), _box_taps(passes, u.dtype, u.device), 0)
+        weights = _tap_weights(passes)
+        for dim in (2, 3, 4):
+            u = _filter_clamped(u, weights, dim)
+        return u
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None]:
-        passes = ctx.passes
-        full = _separable(grad, _box_taps(passes, grad.dtype, grad.device), 2 * passes)
-        return _fold_replicate_margins(full, passes), None
+        weights = _tap_weights(ctx.passes)
+        for dim in (4, 3, 2):
+            grad = _filter_clamped_adjoint(grad, weights, dim)
+        return grad, None
 
 
-def _separable(u: torch.Tensor, taps: torch.Tensor, padding: int) -> torch.Tensor:
-    """Filter each channel of (1, C, Z, Y, X) along z, y and x by the symmetric ``taps`` with zero ``padding`` on
-    each axis. Weighted sums of shifted views (tap pairs added first): 3-4x faster on a CPU than a depthwise
-    ``conv3d`` with the same taps (0.009 against 0.033 s for a 3-channel 107 x 71 x 52 field, one thread)."""
-    half = taps.numel() // 2
-    weights = [float(w) for w in taps[half:]]  # centre tap, then the taps at distance 1, 2, ...
-    for dim in (2, 3, 4):
-        if padding:
-            pad = [0] * 6
-            pad[2 * (4 - dim)] = pad[2 * (4 - dim) + 1] = padding
-            u = F.pad(u, pad)
-        size = u.shape[dim] - 2 * half
-        out = u.narrow(dim, half, size) * weights[0]
-        for distance in range(1, half + 1):
-            out.add_(u.narrow(dim, half - distance, size) + u.narrow(dim, half + distance, size),
-                     alpha=weights[distance])
-        u = out
-    return u
+def _tap_weights(passes: int) -> List[float]:
+    """The symmetric taps of :func:`_box_taps` from the centre out: [w_0, w_1, ..., w_passes]."""
+    taps = _box_taps(passes, torch.float64, torch.device("cpu"))
+    return [float(w) for w in taps[passes:]]
 
 
-def _fold_replicate_margins(grad: torch.Tensor, margin: int) -> torch.Tensor:
-    """Adjoint of replicate padding by ``margin`` on the last 3 axes: (1, C, Z+2m, Y+2m, X+2m) -> (1, C, Z, Y, X)."""
-    for dim in (2, 3, 4):
-        size = grad.shape[dim]
-        low = grad.narrow(dim, 0, margin).sum(dim, keepdim=True)
-        high = grad.narrow(dim, size - margin, margin).sum(dim, keepdim=True)
-        grad = grad.narrow(dim, margin, size - 2 * margin).clone()
-        grad.narrow(dim, 0, 1).add_(low)
-        grad.narrow(dim, size - 2 * margin - 1, 1).add_(high)
-    return grad
+def _filter_clamped(u: torch.Tensor, weights: List[float], dim: int) -> torch.Tensor:
+    """out[i] = sum over |k| <= m of w_|k| u[clamp(i + k, 0, n - 1)] along ``dim`` (a new tensor, u's shape)."""
+    size = u.shape[dim]
+    out = u * weights[0]
+    for distance, weight in enumerate(weights[1:], start=1):
+        inside = min(distance, size)  # voxels whose tap at +-distance falls outside on that side
+        if size > distance:
+            out.narrow(dim, 0, size - distance).add_(u.narrow(dim, distance, size - distance), alpha=weight)
+            out.narrow(dim, distance, size - distance).add_(u.narrow(dim, 0, size - distance), alpha=weight)
+        out.narrow(dim, size - inside, inside).add_(u.narrow(dim, size - 1, 1), alpha=weight)  # clamped high
+        out.narrow(dim, 0, inside).add_(u.narrow(dim, 0, 1), alpha=weight)  # clamped low
+    return out
+
+
+def _filter_clamped_adjoint(grad: torch.Tensor, weights: List[float], dim: int) -> torch.Tensor:
+    """The adjoint of :func:`_filter_clamped` along ``dim``: each output's share goes back to the voxel its tap
+    read, the clamped taps' shares summed onto the edge voxels."""
+    size = grad.shape[dim]
+    out = grad * weights[0]
+    for distance, weight in enumerate(weights[1:], start=1):
+        inside = min(distance, size)
+        if size > distance:
+            out.narrow(dim, distance, size - distance).add_(grad.narrow(dim, 0, size - distance), alpha=weight)
+            out.narrow(dim, 0, size - distance).add_(grad.narrow(dim, distance, size - distance), alpha=weight)
+        out.narrow(dim, size - 1, 1).add_(grad.narrow(dim, size - inside, inside).sum(dim, keepdim=True), alpha=weight)
+        out.narrow(dim, 0, 1).add_(grad.narrow(dim, 0, inside).sum(dim, keepdim=True), alpha=weight)
+    return out
 
 
 def _box_taps(passes: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
