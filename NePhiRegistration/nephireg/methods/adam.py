@@ -23,9 +23,10 @@ The coarse level's result (displacement or velocity) initialises the next one. R
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -383,13 +384,14 @@ class _Smooth(torch.autograd.Function):
         return grad, None
 
 
-def _tap_weights(passes: int) -> List[float]:
-    """The symmetric taps of :func:`_box_taps` from the centre out: [w_0, w_1, ..., w_passes]."""
+@functools.cache
+def _tap_weights(passes: int) -> Tuple[float, ...]:
+    """The symmetric taps of :func:`_box_taps` from the centre out: (w_0, w_1, ..., w_passes)."""
     taps = _box_taps(passes, torch.float64, torch.device("cpu"))
-    return [float(w) for w in taps[passes:]]
+    return tuple(float(w) for w in taps[passes:])
 
 
-def _filter_clamped(u: torch.Tensor, weights: List[float], dim: int) -> torch.Tensor:
+def _filter_clamped(u: torch.Tensor, weights: Tuple[float, ...], dim: int) -> torch.Tensor:
     """out[i] = sum over |k| <= m of w_|k| u[clamp(i + k, 0, n - 1)] along ``dim`` (a new tensor, u's shape)."""
     size = u.shape[dim]
     out = u * weights[0]
@@ -403,7 +405,7 @@ def _filter_clamped(u: torch.Tensor, weights: List[float], dim: int) -> torch.Te
     return out
 
 
-def _filter_clamped_adjoint(grad: torch.Tensor, weights: List[float], dim: int) -> torch.Tensor:
+def _filter_clamped_adjoint(grad: torch.Tensor, weights: Tuple[float, ...], dim: int) -> torch.Tensor:
     """The adjoint of :func:`_filter_clamped` along ``dim``: each output's share goes back to the voxel its tap
     read, the clamped taps' shares summed onto the edge voxels."""
     size = grad.shape[dim]
