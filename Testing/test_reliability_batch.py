@@ -2,6 +2,7 @@
 real CPU out of memory, and model downloads that trickle or are killed."""
 
 import http.server
+import json
 import os
 import resource
 import subprocess
@@ -48,6 +49,27 @@ def test_batch_reports_short_rows_per_row_accepts_a_bom_and_checks_done_results(
     assert "Traceback" not in proc.stderr
     again = nephireg("batch", "--csv", csv_path, "--out-root", runs, "--index", "0", "--", *FAST)
     assert again.returncode == 0 and "done already, skipped" in again.stdout
+
+
+def test_batch_pairs_in_forks_of_the_loaded_engine_give_the_fresh_interpreters_results(pair, tmp_path):
+    """The default children (forks of the batch, torch loaded once) and --fresh-processes: the same files and
+    numbers for every pair, and a failing pair (a broken mask file) still fails alone, with its own message."""
+    (pair / "broken.nrrd").write_bytes(b"NRRD0004\nnot really\n")
+    csv_path = pair / "three.csv"
+    csv_path.write_text("id,fixed,moving,fixed_mask\nA,f.nrrd,m.nrrd,\nB,m.nrrd,f.nrrd,\nC,f.nrrd,m.nrrd,broken.nrrd\n")
+    outcomes = {}
+    for mode, flags in (("fork", []), ("fresh", ["--fresh-processes"])):
+        proc = nephireg("batch", "--csv", csv_path, "--out-root", tmp_path / mode, *flags, "--", *FAST)
+        assert proc.returncode == ExitCode.BAD_INPUT, proc.stdout + proc.stderr  # C's code; A and B succeed
+        assert "broken.nrrd" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+        outcomes[mode] = proc
+    for pair_id in ("A", "B"):
+        forked, fresh = (tmp_path / mode / pair_id for mode in ("fork", "fresh"))
+        assert (forked / "jacobian.nrrd").read_bytes() == (fresh / "jacobian.nrrd").read_bytes()
+        assert (forked / "warped.nrrd").read_bytes() == (fresh / "warped.nrrd").read_bytes()
+        metrics = [json.loads((folder / "result.json").read_text())["metrics"] for folder in (forked, fresh)]
+        assert metrics[0] == metrics[1]
+    assert not (tmp_path / "fork" / "C" / "result.json").exists()
 
 
 @pytest.mark.parametrize("rows, words", [

@@ -50,6 +50,22 @@ def install() -> bool:
     return True
 
 
+def received_count() -> int:
+    """How many SIGINT/SIGTERM this process has recorded (for :func:`reset_after_fork`)."""
+    return len(_received)
+
+
+def reset_after_fork(received_before_fork: int) -> None:
+    """In a child forked from a command (``nephireg batch``'s engine children): the state of a fresh process after
+    :func:`install` - nothing listening, signals recorded rather than raised, and of the signals recorded only those
+    that came after the fork (``received_before_fork``: :func:`received_count` just before it), so that the run
+    the child then starts cancels at once on them."""
+    del _received[:received_before_fork]
+    _listeners.clear()
+    install()
+    _interrupting[0] = False
+
+
 @contextmanager
 def _handlers() -> Iterator[None]:
     """Our handlers for the block, the previous ones restored after (a library call of ``cli.main``)."""
@@ -104,6 +120,21 @@ def held() -> Iterator[None]:
         yield
     finally:
         _interrupting[0] = was
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """In an :func:`interrupting` block: a signal in this block raises :class:`Cancelled` at its end, not inside it
+    - for a step that must not be cut in two, such as starting a child process and keeping its handle."""
+    was = _interrupting[0]
+    count = len(_received)
+    _interrupting[0] = False
+    try:
+        yield
+    finally:
+        _interrupting[0] = was
+    if was and len(_received) > count:
+        raise Cancelled(f"cancelled by {signal.Signals(_received[-1]).name}")
 
 
 def import_polling(name: str, check_cancel: Callable[[], None], every_s: float = 0.1) -> ModuleType:

@@ -6,9 +6,6 @@ import argparse
 import csv
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import List
 
@@ -45,6 +42,9 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     batch.add_argument("--csv", required=True)
     batch.add_argument("--out-root", required=True, help="one result folder per pair: OUT_ROOT/<id or row number>")
     batch.add_argument("--index", type=int, help="run only this 0-based row (for a cluster job array)")
+    batch.add_argument("--fresh-processes", action="store_true",
+                       help="start every pair in a fresh interpreter; by default (Linux) the batch loads the engine "
+                            "once and each pair runs in a fork of it, without torch's import")
     batch.add_argument("register_args", nargs=argparse.REMAINDER,
                        help="after --: options passed to every 'register' (e.g. -- --method adam --preset lung-ct)")
     batch.set_defaults(func=_batch_command)
@@ -229,8 +229,10 @@ def _done_already(out: Path, row: dict) -> str:
 
 
 def _batch_command(args: argparse.Namespace) -> int:
-    """Every row, one child process each. Runs inside the command line's error boundary (``cli.run_command``):
-    a SIGINT/SIGTERM raises Cancelled here, which :func:`_run_child` forwards to the running child first."""
+    """Every row, one child process each (:mod:`nephireg.engine_children`). Runs inside the command line's error
+    boundary (``cli.run_command``): a SIGINT/SIGTERM raises Cancelled here, which :func:`_run_child` forwards to the
+    running child first."""
+    from nephireg import engine_children
     from nephireg.errors import InputError
 
     rows = read_pairs(args.csv)
@@ -238,12 +240,13 @@ def _batch_command(args: argparse.Namespace) -> int:
         raise InputError(f"--index {args.index} is outside the CSV's {len(rows)} rows", args.csv)
     indices = [args.index] if args.index is not None else range(len(rows))
     extra = [a for a in args.register_args if a != "--"]
-    codes = [_batch_row(index, rows[index], Path(args.out_root), extra) for index in indices]
+    fork = not args.fresh_processes and engine_children.can_fork_loaded()
+    codes = [_batch_row(index, rows[index], Path(args.out_root), extra, fork) for index in indices]
     failed = [code for code in codes if code != ExitCode.SUCCESS]
     return int(ExitCode.SUCCESS if not failed else failed[0] if len(set(failed)) == 1 else ExitCode.INTERNAL_ERROR)
 
 
-def _batch_row(index: int, row: dict, out_root: Path, extra: List[str]) -> int:
+def _batch_row(index: int, row: dict, out_root: Path, extra: List[str], fork: bool) -> int:
     """One row: skipped when done, refused when broken, else registered in a child process (exit code back)."""
     out = out_root / row["id"]
     problem = row["problem"] or _done_already(out, row)
@@ -253,29 +256,34 @@ def _batch_row(index: int, row: dict, out_root: Path, extra: List[str]) -> int:
     if problem:
         _say(f"[{index}] {out}: exit {int(ExitCode.BAD_INPUT)} ({problem})")
         return int(ExitCode.BAD_INPUT)
-    command = [sys.executable, "-m", "nephireg", "register", "--fixed", row["fixed"], "--moving", row["moving"],
-               "--out", str(out), "--progress", "none"] + extra
+    register_argv = ["--fixed", row["fixed"], "--moving", row["moving"], "--out", str(out), "--progress", "none",
+                     *extra]
     for key in ("fixed_mask", "moving_mask"):
         if row.get(key):
-            command += [f"--{key.replace('_', '-')}", row[key]]
-    code = _run_child(command)  # one pair per process: a crash or OOM cannot take the batch down
+            register_argv += [f"--{key.replace('_', '-')}", row[key]]
+    code = _run_child(register_argv, fork)  # one pair per process: a crash or OOM cannot take the batch down
     _say(f"[{index}] {out}: exit {code}")
     return code
 
 
-def _run_child(command: List[str]) -> int:
-    """Run ``command``; a cancellation of the batch (the Cancelled its signal raises) is forwarded to the child as
-    SIGTERM, the child is waited for, and the cancellation goes on up.
+def _run_child(register_argv: List[str], fork: bool) -> int:
+    """``register`` with ``register_argv`` in a child (:func:`nephireg.engine_children.start`); a cancellation of
+    the batch (the Cancelled its signal raises) is forwarded to the child as SIGTERM, the child is waited for, and
+    the cancellation goes on up.
 
-    SIGTERM whatever the batch received: a child still starting its interpreter (before its handlers exist) then
-    ends quietly instead of printing a KeyboardInterrupt traceback."""
+    SIGTERM whatever the batch received: a fresh interpreter still starting (before its handlers exist) then ends
+    quietly instead of printing a KeyboardInterrupt traceback."""
+    from nephireg import engine_children, signals
     from nephireg.errors import Cancelled
 
-    child = subprocess.Popen(command)
+    if fork:
+        engine_children.load_engine()  # once per batch; a signal cancels it like any step
     try:
+        with signals.deferred():  # the child started and its handle kept, or neither: never an orphan
+            child = engine_children.start(register_argv, fork)
         code = child.wait()
     except Cancelled:
-        child.send_signal(signal.SIGTERM)
+        child.terminate()
         while True:
             try:
                 child.wait()

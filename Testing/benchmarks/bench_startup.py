@@ -1,6 +1,6 @@
 """Start-up of the engine and of the Slicer module's Register path, measured (issue 13). Not a test.
 
-    python Testing/benchmarks/bench_startup.py [--repeats N] [--parts cli,env,register,importtime,slicer]
+    python Testing/benchmarks/bench_startup.py [--repeats N] [--parts cli,env,register,importtime,overlap,batch,slicer]
         [--out-json docs/benchmarks/startup.json] [--markdown FILE] [--work DIR]
 
 Every timing is a fresh process (or, for the Slicer part, a fresh engine process), the variants of one part
@@ -21,6 +21,10 @@ run with each other (ratios), not with another run's.
   ``import nephireg.pipeline``, only prefetch, do both as the command does (prefetch child + import), both with the
   prefetch in a thread of the process (as before session 7, and where the engine cannot fork), or both one after
   the other.
+* ``batch``: ``nephireg batch`` of the lung pair ``BATCH_PAIRS`` times (each row its own output folder), per
+  method of ``BATCH_METHODS``: the default children (forks of the batch with the engine loaded once) against
+  ``--fresh-processes`` (a fresh interpreter per pair, as before), interleaved; the whole batch's wall time and its
+  share per pair, and whether both modes wrote the same det J (bytes).
 * ``slicer``: the Slicer module's Register on Slicer's real libraries (trame-slicer ``SlicerApp`` scene as
   ``Testing/slicer_scene.py`` builds it; the lung pair loaded as volume nodes; ``RegistrationJob`` with
   ``python=sys.executable``, as the tests run it): writing the inputs, launch -> ``start`` event, ``start`` ->
@@ -53,7 +57,9 @@ MODULE_DIR = REPO / "NePhiRegistration"
 DATA = REPO.parent / "shared" / "data" / "lung-ct-pair"
 FIXED = DATA / "3DCT_lung_baseline.mha"
 MOVING = DATA / "3DCT_lung_followup.mha"
-PARTS = ("cli", "env", "register", "importtime", "overlap", "slicer")
+PARTS = ("cli", "env", "register", "importtime", "overlap", "batch", "slicer")
+BATCH_PAIRS = 4  # rows of the batch part (the lung pair each time, its own output folder each)
+BATCH_METHODS = ("nephi", "adam")
 METHOD, PRESET = "nephi", "lung-ct"
 
 CLI_COMMANDS = {
@@ -190,6 +196,37 @@ def part_register(repeats: int, work: Path) -> Dict[str, Any]:
     stage_keys = [k for k in runs[0]["timings_s"] if k != "total"]
     stage_s = {k: round(statistics.median(r["timings_s"].get(k, 0.0) for r in runs), 3) for k in stage_keys}
     return {"median_arrival_s": arrival, "derived_s": derived, "median_timings_s": stage_s, "runs": runs}
+
+
+# -- part batch ----------------------------------------------------------------------------------------------
+def part_batch(repeats: int, work: Path) -> Dict[str, Any]:
+    csv_path = work / "batch.csv"
+    csv_path.write_text("id,fixed,moving\n" + "".join(f"pair-{n},{FIXED},{MOVING}\n" for n in range(BATCH_PAIRS)))
+    modes = {"forks of the loaded engine (default)": [], "--fresh-processes": ["--fresh-processes"]}
+    results: Dict[str, Any] = {}
+    for method in BATCH_METHODS:
+        samples: Dict[str, List[float]] = {mode: [] for mode in modes}
+        same_det = True
+        for index in range(repeats):
+            order = list(modes) if index % 2 == 0 else list(modes)[::-1]
+            outputs = {}
+            for mode in order:
+                out = work / f"batch-{method}-{index}-{'fresh' if modes[mode] else 'fork'}"
+                samples[mode].append(wall_s(["-m", "nephireg", "batch", "--csv", str(csv_path), "--out-root",
+                                             str(out), *modes[mode], "--", "--method", method, "--preset", PRESET,
+                                             "--device", "cpu"], engine_env()))
+                outputs[mode] = out
+            dets = [(outputs[mode] / "pair-0" / "jacobian.nrrd").read_bytes() for mode in modes]
+            same_det = same_det and dets[0] == dets[1]
+            for out in outputs.values():
+                shutil.rmtree(out, ignore_errors=True)
+        summary = medians(samples)
+        for value in summary.values():
+            value["per_pair_s"] = round(value["median_s"] / BATCH_PAIRS, 3)
+        fork, fresh = (summary[mode]["median_s"] for mode in modes)
+        results[method] = {"pairs": BATCH_PAIRS, "modes": summary, "fork_over_fresh": round(fork / fresh, 3),
+                           "same_det_j_bytes": same_det}
+    return results
 
 
 # -- part importtime -----------------------------------------------------------------------------------------
@@ -422,6 +459,16 @@ def markdown(results: Dict[str, Any]) -> str:
         lines += [f"| {name} | {v['median_s']:.3f} | {v['median_s'] / alone:.2f} |"
                   for name, v in results["overlap"].items()]
         lines.append("")
+    if "batch" in results:
+        lines += [f"`nephireg batch` of the lung pair, {PRESET}, cpu, interleaved, medians:", "",
+                  "| method | children | batch wall (s) | per pair (s) | forks / fresh | same det J |",
+                  "|---|---|---|---|---|---|"]
+        for method, entry in results["batch"].items():
+            for mode, value in entry["modes"].items():
+                lines.append(f"| `{method}` x {entry['pairs']} | {mode} | {value['median_s']:.2f} | "
+                             f"{value['per_pair_s']:.2f} | {entry['fork_over_fresh']:.2f} | "
+                             f"{'yes' if entry['same_det_j_bytes'] else 'NO'} |")
+        lines.append("")
     if "slicer" in results:
         variants = list(results["slicer"])
         keys = list(results["slicer"][variants[0]])
@@ -457,7 +504,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     }
     try:
         for part in parts:
-            if part in ("register", "overlap", "slicer") and not DATA.is_dir():
+            if part in ("register", "overlap", "batch", "slicer") and not DATA.is_dir():
                 print(f"{part}: skipped: {DATA} absent")
                 continue
             print(f"{part} ...", file=sys.stderr, flush=True)
@@ -471,6 +518,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 results["importtime"] = part_importtime(work)
             elif part == "overlap":
                 results["overlap"] = part_overlap(args.repeats, work)
+            elif part == "batch":
+                results["batch"] = part_batch(args.repeats, work)
             elif part == "slicer":
                 try:
                     import slicer_core  # noqa: F401
