@@ -166,7 +166,7 @@ def test_adam_diffusion_term_matches_its_definition_with_its_written_out_gradien
     from nephireg.methods.adam import diffusion
 
     torch.manual_seed(0)
-    spacing = torch.tensor([1.3, 0.7, 2.5], dtype=torch.float64)  # x, y, z (mm)
+    spacing = (1.3, 0.7, 2.5)  # x, y, z (mm)
     u = torch.rand(1, 3, 5, 6, 7, dtype=torch.float64, requires_grad=True)
     dz = (u[:, :, 1:] - u[:, :, :-1]) / 2.5
     dy = (u[:, :, :, 1:] - u[:, :, :, :-1]) / 0.7
@@ -176,8 +176,11 @@ def test_adam_diffusion_term_matches_its_definition_with_its_written_out_gradien
     assert torch.autograd.gradcheck(lambda v: diffusion(v, spacing), (u,))
     linear = (torch.arange(5, dtype=torch.float64) * 2.5 * 0.3).reshape(1, 1, 5, 1, 1).expand(1, 3, 5, 6, 7)
     assert math.isclose(float(diffusion(linear, spacing)), 0.3 ** 2, rel_tol=1e-12)  # 0.3 mm/mm along z, each component
-    flat = torch.rand(1, 3, 1, 6, 7, dtype=torch.float64)  # one plane: the z term is 0, not the NaN of an empty mean
-    assert torch.isfinite(diffusion(flat, spacing))
+    flat = torch.rand(1, 3, 1, 6, 7, dtype=torch.float64, requires_grad=True)  # one plane: the z term adds 0
+    in_plane = ((flat[..., 1:, :] - flat[..., :-1, :]) / 0.7) ** 2
+    across = ((flat[..., 1:] - flat[..., :-1]) / 1.3) ** 2
+    assert torch.allclose(diffusion(flat, spacing), in_plane.mean() + across.mean(), rtol=1e-12, atol=0)
+    assert torch.autograd.gradcheck(lambda v: diffusion(v, spacing), (flat,))
 
 
 @pytest.mark.parametrize("masked", [True, False])
@@ -213,6 +216,10 @@ def test_adam_mind_data_term_equals_the_mean_squared_difference_of_the_sampled_f
 
 def test_point_batches_give_the_samplers_layout_with_the_filler_last():
     from nephireg.sampling import PointBatches
+
+    with pytest.raises(ValueError):
+        PointBatches(count=5, parts=4)  # 2 per entry: 3 filler points would spill out of the last entry
+    assert PointBatches.for_points(0, torch.device("cpu")).parts == 1  # no points: one empty entry
 
     batches = PointBatches(count=10, parts=3)  # 4 points per part, the last 2 of the last part filler
     assert (batches.per_part, batches.filler) == (4, 2)

@@ -62,6 +62,8 @@ def test_batch_pairs_in_forks_of_the_loaded_engine_give_the_fresh_interpreters_r
         proc = nephireg("batch", "--csv", csv_path, "--out-root", tmp_path / mode, *flags, "--", *FAST)
         assert proc.returncode == ExitCode.BAD_INPUT, proc.stdout + proc.stderr  # C's code; A and B succeed
         assert "broken.nrrd" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+        forked = "each pair runs in a fork of this process" in proc.stdout
+        assert forked == (mode == "fork"), proc.stdout  # the default on Linux uses the forks; the flag does not
         outcomes[mode] = proc
     for pair_id in ("A", "B"):
         forked, fresh = (tmp_path / mode / pair_id for mode in ("fork", "fresh"))
@@ -70,6 +72,16 @@ def test_batch_pairs_in_forks_of_the_loaded_engine_give_the_fresh_interpreters_r
         metrics = [json.loads((folder / "result.json").read_text())["metrics"] for folder in (forked, fresh)]
         assert metrics[0] == metrics[1]
     assert not (tmp_path / "fork" / "C" / "result.json").exists()
+
+
+@pytest.mark.parametrize("flags", [[], ["--fresh-processes"]])
+def test_a_bad_register_option_fails_each_pair_with_its_usage_message_in_either_kind_of_child(pair, tmp_path, flags):
+    csv_path = pair / "one.csv"
+    csv_path.write_text("id,fixed,moving\nA,f.nrrd,m.nrrd\n")
+    proc = nephireg("batch", "--csv", csv_path, "--out-root", tmp_path / "runs", *flags, "--", "--no-such-option")
+    assert proc.returncode == ExitCode.BAD_INPUT, proc.stdout + proc.stderr  # argparse's exit 2, as a fresh process
+    assert "unrecognized arguments: --no-such-option" in proc.stderr and "Traceback" not in proc.stderr
+    assert "[0]" in proc.stdout and "exit 2" in proc.stdout
 
 
 @pytest.mark.parametrize("rows, words", [

@@ -318,6 +318,55 @@ def test_a_signal_while_a_single_file_is_published_does_not_interrupt_it(tmp_pat
             time.sleep(1.0)
 
 
+def test_a_signal_while_a_child_is_started_is_raised_once_the_start_is_complete():
+    """batch: ``signals.deferred`` lets a step finish (a child started and its handle kept) and raises at its end;
+    without a signal it raises nothing, and outside ``interrupting`` it only records."""
+    from nephireg import signals
+
+    steps = []
+    with pytest.raises(Cancelled):
+        with signals.interrupting():
+            with signals.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)  # the handler has run: recorded, not raised here
+                steps.append("completed")
+            steps.append("not reached")
+    assert steps == ["completed"]
+    with signals.interrupting():
+        with signals.deferred():
+            steps.append("quiet")
+    assert steps[-1] == "quiet"
+
+
+def test_a_fork_keeps_only_the_signals_received_after_it():
+    """An engine child of batch: what the batch recorded before the fork is not the child's; what came after is."""
+    from nephireg import signals
+
+    with signals.interrupting():
+        with signals.held():
+            os.kill(os.getpid(), signal.SIGTERM)  # the batch's own, before the fork
+            time.sleep(0.1)
+            before_fork = signals.received_count()
+            os.kill(os.getpid(), signal.SIGINT)  # arrives "after the fork"
+            time.sleep(0.1)
+    cancels = []
+    previous = {signum: signal.getsignal(signum) for signum in signals.SIGNALS}
+    try:
+        signals.reset_after_fork(before_fork)
+        assert signals.received_count() == 1
+        with signals.cooperative(lambda: cancels.append("cancel")):  # the child's run: cancelled at once
+            pass
+        assert cancels == ["cancel"]
+        signals.reset_after_fork(signals.received_count())  # nothing after this "fork"
+        with signals.cooperative(lambda: cancels.append("again")):
+            pass
+        assert cancels == ["cancel"]
+    finally:
+        signals.reset_after_fork(signals.received_count())
+        for signum, handler in previous.items():  # reset_after_fork installed the command line's handlers
+            signal.signal(signum, handler)
+
+
 def test_a_failed_write_stage_stops_the_second_threads_polling_task():
     """The write stage's second thread computes the inverse while files are written; when writing fails, the
     inverse stops at its next check instead of running to its end before the error is reported."""

@@ -1,54 +1,31 @@
 """How ``nephireg batch`` runs one registration per pair: each in its own process, so that a crash or an
 out-of-memory kill ends that pair only.
 
-Where it can (:func:`can_fork_loaded`: Linux, this process single-threaded and reaping its own children), the
-batch loads the engine (torch: 1-2 s on a 2-core CPU) once and forks a copy of itself per pair, which runs
-``register`` from its first line with torch already in memory. Elsewhere, or with ``--fresh-processes``, each
-pair starts a fresh interpreter (``python -m nephireg register ...``) and pays the import itself.
+Where it can (:func:`nephireg.forked.can_fork` when the batch begins: Linux, torch not yet imported, one thread,
+children reaped by this process), the batch loads the engine (torch: 1-2 s on a 2-core CPU) once and forks a copy
+of itself per pair, which runs ``register`` from its first line with torch already in memory. Elsewhere, with
+``--fresh-processes``, when the engine cannot be loaded here or when the system refuses the fork, each pair starts
+a fresh interpreter (``python -m nephireg register ...``) and pays the import itself.
 
 A forked child is the command line without its interpreter start: it records signals as a fresh process does
 (:func:`nephireg.signals.reset_after_fork`), runs :func:`nephireg.cli.main`, flushes its streams and leaves by
-``os._exit`` (the batch's own exit handlers are not its to run). The batch never runs a torch operation itself, so
-no thread pool exists in it to be copied half-started.
+``os._exit`` with main's exit code (the batch's own exit handlers are not its to run). The batch itself never runs
+a torch operation, so no torch thread pool or CUDA context exists in it to be copied (numpy's idle OpenBLAS
+thread does, as for :class:`nephireg.forked.ForkedWork`: OpenBLAS handles the fork).
 """
 
 from __future__ import annotations
 
-import gc
 import os
 import signal
 import subprocess
 import sys
-import threading
 import traceback
-from typing import List, Optional, Protocol
+from typing import Callable, List, Optional, Protocol
 
 from nephireg.protocol import ExitCode
 
-
-def can_fork_loaded() -> bool:
-    """Whether :func:`start` may fork a copy of this process: Linux (where forking a process that has imported torch
-    but run nothing is safe), ``os.fork``, one Python thread, and children reaped by this process (a SIGCHLD set to
-    be ignored would have the kernel reap them, and a pid waited for could then belong to another process)."""
-    return (sys.platform.startswith("linux") and hasattr(os, "fork") and threading.active_count() == 1
-            and signal.getsignal(signal.SIGCHLD) in (signal.SIG_DFL, None))
-
-
-def load_engine() -> None:
-    """Import what a registration imports, once, with the cyclic garbage collector paused and what it made frozen
-    after (as :func:`nephireg.signals.import_polling` does for one run): the children then share those pages with
-    this process instead of each collecting over them."""
-    if "nephireg.pipeline" in sys.modules:
-        return
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        import nephireg.cli  # noqa: F401 - the child's entry point and its argument parser
-        import nephireg.pipeline  # noqa: F401 - torch and the engine
-        gc.freeze()
-    finally:
-        if collecting:
-            gc.enable()
+ENGINE_MODULES = ("nephireg.cli", "nephireg.pipeline")  # the child's entry point; torch and the engine
 
 
 class EngineChild(Protocol):
@@ -59,6 +36,47 @@ class EngineChild(Protocol):
 
     def terminate(self) -> None:
         """SIGTERM to it, unless it has been waited for (its pid may then be another process's)."""
+
+
+class Launcher:
+    """Starts the batch's children (see the module's docstring). ``fork``: forks wanted (not
+    ``--fresh-processes``); whether they are possible is decided here, once, before anything is loaded."""
+
+    def __init__(self, fork: bool, say: Callable[[str], None]) -> None:
+        from nephireg.forked import can_fork
+
+        self.fork = fork and can_fork()
+        self._say = say
+        self._loaded = False
+
+    def load(self) -> None:
+        """Load the engine for the forks, once (a signal during it cancels the batch as any step does). An engine
+        that fails to load here leaves every pair to a fresh interpreter, which then reports the failure as that
+        pair's error."""
+        if not self.fork or self._loaded:
+            return
+        from nephireg.signals import import_frozen
+
+        try:
+            for name in ENGINE_MODULES:
+                import_frozen(name)
+        except Exception as exc:  # noqa: BLE001 - e.g. a broken torch install: reported by each pair's own run
+            self.fork = False
+            self._say(f"the engine could not be loaded into the batch ({type(exc).__name__}: {exc}); every pair "
+                      "starts a fresh interpreter")
+            return
+        self._loaded = True
+        self._say("engine loaded once; each pair runs in a fork of this process (--fresh-processes: a fresh "
+                  "interpreter each)")
+
+    def start(self, register_argv: List[str]) -> EngineChild:
+        """``register`` with ``register_argv`` in a child process, after :meth:`load`."""
+        if self.fork and self._loaded:
+            try:
+                return _ForkedCopy(register_argv)
+            except OSError:  # no memory or process slot for a copy of this process: a fresh one needs less
+                pass
+        return _FreshInterpreter(register_argv)
 
 
 class _FreshInterpreter:
@@ -74,10 +92,10 @@ class _FreshInterpreter:
 
 class _ForkedCopy:
     def __init__(self, register_argv: List[str]) -> None:
-        for stream in (sys.stdout, sys.stderr):  # nothing buffered here may be written twice, once by the child
-            _flush(stream)
         from nephireg import signals
 
+        for stream in (sys.stdout, sys.stderr):  # nothing buffered here may be written twice, once by the child
+            _flush(stream)
         self._code: Optional[int] = None
         received = signals.received_count()
         self.pid = os.fork()
@@ -85,24 +103,24 @@ class _ForkedCopy:
             _child(register_argv, received)
 
     def wait(self) -> int:
-        """The exit code; an interrupting signal may raise here (:class:`nephireg.errors.Cancelled`): call again."""
+        """The exit code. A signal may raise :class:`nephireg.errors.Cancelled` while the child runs (call again):
+        the child is waited for without being reaped, then reaped and its code kept in one uninterrupted step, so
+        :meth:`terminate` never signals a pid that is no longer this child's."""
+        from nephireg import signals
+
         if self._code is None:
-            _, status = os.waitpid(self.pid, 0)
-            self._code = os.waitstatus_to_exitcode(status)
+            try:
+                os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
+                with signals.deferred():
+                    _, status = os.waitpid(self.pid, 0)
+                    self._code = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:  # reaped by someone else (a SIGCHLD handler set in C): its code is lost
+                self._code = int(ExitCode.INTERNAL_ERROR)
         return self._code
 
     def terminate(self) -> None:
-        if self._code is None:  # not reaped: the pid is still this child's
+        if self._code is None:
             os.kill(self.pid, signal.SIGTERM)
-
-
-def start(register_argv: List[str], fork: bool) -> EngineChild:
-    """``register`` with ``register_argv`` in a child process: a fork of this one when ``fork`` (after
-    :func:`load_engine`; it loads the engine if that has not been done), else a fresh interpreter."""
-    if not fork:
-        return _FreshInterpreter(register_argv)
-    load_engine()
-    return _ForkedCopy(register_argv)
 
 
 def _child(register_argv: List[str], received_before_fork: int) -> None:
@@ -115,6 +133,10 @@ def _child(register_argv: List[str], received_before_fork: int) -> None:
         from nephireg.cli import main
 
         code = main(["register", *register_argv])
+    except SystemExit as exc:  # argparse's usage errors (2) and --help (0): the exit a fresh interpreter makes
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
     except BaseException as exc:  # noqa: BLE001 - a Cancelled (the batch's handling, copied), or a bug: one exit code
         from nephireg.errors import Cancelled
 

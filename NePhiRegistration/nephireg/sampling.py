@@ -77,8 +77,15 @@ class PointBatches:
     count: int
     parts: int
 
+    def __post_init__(self) -> None:
+        no_points = self.count == 0 and self.parts == 1
+        if not no_points and (self.count < 1 or not 1 <= self.parts <= self.count or self.filler >= self.per_part):
+            raise ValueError(f"cannot split {self.count} points into {self.parts} batch entries with filler in the "
+                             "last one only")
+
     @classmethod
     def for_points(cls, count: int, device: torch.device) -> PointBatches:
+        """The split :func:`sample_flat` uses for ``count`` points on ``device`` (one entry for few points)."""
         return cls(count, 1 if device.type != "cpu" else max(1, min(torch.get_num_threads(), count // 4096)))
 
     @property

@@ -137,6 +137,23 @@ def deferred() -> Iterator[None]:
         raise Cancelled(f"cancelled by {signal.Signals(_received[-1]).name}")
 
 
+def import_frozen(name: str) -> ModuleType:
+    """Import module ``name``; a first import runs with the cyclic garbage collector paused, and what it made is
+    frozen after it (``gc.freeze``: later collections skip those objects, and forked children do not touch their
+    pages). See :func:`import_polling` for what that saves on torch's import."""
+    if name in sys.modules:  # a library call of cli.main after the import: nothing to pause or freeze
+        return sys.modules[name]
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        module = importlib.import_module(name)
+        gc.freeze()  # what the import made: never garbage (not after a failed import: that may be)
+    finally:
+        if collecting:
+            gc.enable()
+    return module
+
+
 def import_polling(name: str, check_cancel: Callable[[], None], every_s: float = 0.1) -> ModuleType:
     """Import module ``name`` in a helper thread while this one calls ``check_cancel`` every ``every_s``: loading
     torch takes a second or more, and a cancel must not wait for it. A cancel leaves the import running in its
@@ -150,19 +167,11 @@ def import_polling(name: str, check_cancel: Callable[[], None], every_s: float =
     failure: List[BaseException] = []
 
     def load() -> None:
-        first = name not in sys.modules  # a library call of cli.main after the import: nothing to pause or freeze
-        collecting = gc.isenabled()
-        if first:
-            gc.disable()
         try:
-            importlib.import_module(name)
-            if first:
-                gc.freeze()  # what the import made: never garbage (not after a failed import: that may be)
+            import_frozen(name)
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
             failure.append(exc)
         finally:
-            if first and collecting:
-                gc.enable()
             done.set()
 
     threading.Thread(target=load, name=f"import {name}", daemon=True).start()

@@ -7,9 +7,12 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import List
+from typing import TYPE_CHECKING, List
 
 from nephireg.protocol import RESULT_MANIFEST, ExitCode
+
+if TYPE_CHECKING:
+    from nephireg import engine_children
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
@@ -240,13 +243,13 @@ def _batch_command(args: argparse.Namespace) -> int:
         raise InputError(f"--index {args.index} is outside the CSV's {len(rows)} rows", args.csv)
     indices = [args.index] if args.index is not None else range(len(rows))
     extra = [a for a in args.register_args if a != "--"]
-    fork = not args.fresh_processes and engine_children.can_fork_loaded()
-    codes = [_batch_row(index, rows[index], Path(args.out_root), extra, fork) for index in indices]
+    launcher = engine_children.Launcher(fork=not args.fresh_processes, say=_say)
+    codes = [_batch_row(index, rows[index], Path(args.out_root), extra, launcher) for index in indices]
     failed = [code for code in codes if code != ExitCode.SUCCESS]
     return int(ExitCode.SUCCESS if not failed else failed[0] if len(set(failed)) == 1 else ExitCode.INTERNAL_ERROR)
 
 
-def _batch_row(index: int, row: dict, out_root: Path, extra: List[str], fork: bool) -> int:
+def _batch_row(index: int, row: dict, out_root: Path, extra: List[str], launcher: engine_children.Launcher) -> int:
     """One row: skipped when done, refused when broken, else registered in a child process (exit code back)."""
     out = out_root / row["id"]
     problem = row["problem"] or _done_already(out, row)
@@ -261,34 +264,29 @@ def _batch_row(index: int, row: dict, out_root: Path, extra: List[str], fork: bo
     for key in ("fixed_mask", "moving_mask"):
         if row.get(key):
             register_argv += [f"--{key.replace('_', '-')}", row[key]]
-    code = _run_child(register_argv, fork)  # one pair per process: a crash or OOM cannot take the batch down
+    code = _run_child(register_argv, launcher)  # one pair per process: a crash or OOM cannot take the batch down
     _say(f"[{index}] {out}: exit {code}")
     return code
 
 
-def _run_child(register_argv: List[str], fork: bool) -> int:
-    """``register`` with ``register_argv`` in a child (:func:`nephireg.engine_children.start`); a cancellation of
-    the batch (the Cancelled its signal raises) is forwarded to the child as SIGTERM, the child is waited for, and
-    the cancellation goes on up.
+def _run_child(register_argv: List[str], launcher: engine_children.Launcher) -> int:
+    """``register`` with ``register_argv`` in a child (:class:`nephireg.engine_children.Launcher`); a cancellation
+    of the batch (the Cancelled its signal raises) is forwarded to the child as SIGTERM, the child is waited for
+    (further signals meanwhile are recorded, not raised), and the cancellation goes on up.
 
     SIGTERM whatever the batch received: a fresh interpreter still starting (before its handlers exist) then ends
     quietly instead of printing a KeyboardInterrupt traceback."""
-    from nephireg import engine_children, signals
+    from nephireg import signals
     from nephireg.errors import Cancelled
 
-    if fork:
-        engine_children.load_engine()  # once per batch; a signal cancels it like any step
+    launcher.load()  # once per batch, before its first child
     try:
         with signals.deferred():  # the child started and its handle kept, or neither: never an orphan
-            child = engine_children.start(register_argv, fork)
+            child = launcher.start(register_argv)
         code = child.wait()
     except Cancelled:
-        child.terminate()
-        while True:
-            try:
-                child.wait()
-                break
-            except Cancelled:  # a second signal while the child winds down: keep waiting for it
-                continue
+        with signals.held():
+            child.terminate()
+            child.wait()
         raise
     return int(code) if code >= 0 else int(ExitCode.INTERNAL_ERROR)  # killed by a signal the batch did not get

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -204,13 +204,12 @@ def _optimise_level(pair: PreparedPair, fixed_features: torch.Tensor, moving_fea
     params = start.clone().requires_grad_(True)
     optimiser = Adam([([params], settings.lr)])
     schedule = settings.schedule(steps)
-    spacing = torch.as_tensor(grid.spacing, dtype=pair.fixed.dtype, device=pair.device)
     for step in range(1, steps + 1):
         optimiser.groups[0]["lr"] = schedule(step)
         optimiser.zero_grad()
         state = smooth(params, settings.smoothing_passes)  # displacement, or velocity with svf
         u = exp_velocity(state, grid, settings.svf_steps) if settings.parameterisation == "svf" else state
-        loss = data_term(u) + settings.regularization * diffusion(state, spacing)
+        loss = data_term(u) + settings.regularization * diffusion(state, grid.spacing)
         loss.backward()
         optimiser.step()
         reporter.step(step, steps, float(loss.detach()))
@@ -429,9 +428,11 @@ def _box_taps(passes: int, dtype: torch.dtype, device: torch.device) -> torch.Te
     return taps.to(dtype=dtype, device=device)
 
 
-def diffusion(u_mm: torch.Tensor, spacing_mm: torch.Tensor) -> torch.Tensor:
-    """mean |grad u|^2 by forward differences, gradients in mm/mm; ``spacing_mm`` (3,) in (x, y, z) order:
-    sum over the axes of mean((forward difference / spacing)^2). Differentiable once (:class:`_Diffusion`)."""
+def diffusion(u_mm: torch.Tensor, spacing_mm: Sequence[float]) -> torch.Tensor:
+    """mean |grad u|^2 by forward differences, gradients in mm/mm; ``spacing_mm`` the grid's 3 spacings in
+    (x, y, z) order (numbers, not a tensor: nothing is read back from a GPU each step): the sum over the axes of
+    mean((forward difference / spacing)^2), where an axis of one voxel has no difference and adds 0.
+    Differentiable once (:class:`_Diffusion`)."""
     return _Diffusion.apply(u_mm, tuple(float(s) for s in spacing_mm))
 
 
