@@ -191,6 +191,26 @@ def test_batch_forwards_the_signal_to_its_child_and_exits_3(tmp_path, signum, ch
     assert seconds < 30
 
 
+@needs_proc
+def test_a_killed_batch_cancels_its_forked_child_instead_of_leaving_it_writing(tmp_path):
+    """SIGKILL cannot be forwarded: the fork learns of its batch's death (PR_SET_PDEATHSIG) as a SIGTERM, cancels,
+    and leaves neither a result nor its staging folder."""
+    base = smooth_volume((16, 16, 16), 1)
+    for name, array in (("f", base), ("m", np.roll(base, 1, axis=0))):
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / f"{name}.nrrd"))
+    (tmp_path / "pairs.csv").write_text("id,fixed,moving\nA,f.nrrd,m.nrrd\n")
+    proc = subprocess.Popen([sys.executable, "-m", "nephireg", "batch", "--csv", tmp_path / "pairs.csv",
+                             "--out-root", tmp_path / "runs", "--", "--option", "iterations=100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: _children(proc.pid) and _is_the_batchs_fork(_children(proc.pid)[0], proc.pid, running=True))
+    child = _children(proc.pid)[0]
+    proc.kill()
+    proc.communicate(timeout=60)
+    wait_for(lambda: process_gone(child), timeout=30)
+    assert not list((tmp_path / "runs").rglob("result.json"))
+    assert not [p for p in (tmp_path / "runs").rglob("*") if ".partial" in p.name]
+
+
 def test_affine_prealignment_stops_at_the_next_iteration_when_cancelled():
     grid = Grid((40, 40, 40), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     fixed = sitk.GetImageFromArray(smooth_volume(grid.shape_zyx, 2))

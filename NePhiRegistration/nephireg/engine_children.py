@@ -98,9 +98,10 @@ class _ForkedCopy:
             _flush(stream)
         self._code: Optional[int] = None
         received = signals.received_count()
+        parent = os.getpid()
         self.pid = os.fork()
         if self.pid == 0:
-            _child(register_argv, received)
+            _child(register_argv, received, parent)
 
     def wait(self) -> int:
         """The exit code. A signal may raise :class:`nephireg.errors.Cancelled` while the child runs (call again):
@@ -123,13 +124,16 @@ class _ForkedCopy:
             os.kill(self.pid, signal.SIGTERM)
 
 
-def _child(register_argv: List[str], received_before_fork: int) -> None:
-    """The forked child's whole life: never returns into the batch's code."""
+def _child(register_argv: List[str], received_before_fork: int, batch: int) -> None:
+    """The forked child's whole life: never returns into the batch's code. A batch that is killed (SIGKILL: it
+    cannot forward anything) cancels it by SIGTERM, so no pair goes on writing after its batch has gone."""
     code = int(ExitCode.INTERNAL_ERROR)
     try:
         from nephireg import signals
+        from nephireg.forked import die_with
 
         signals.reset_after_fork(received_before_fork)  # a signal since the fork, or from now on, cancels the run
+        die_with(batch, signal.SIGTERM)
         from nephireg.cli import main
 
         code = main(["register", *register_argv])

@@ -165,7 +165,7 @@ def _run_child(work: Callable[[Send], None], write_end: int, shared: int, parent
     try:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.SIG_DFL)
-        _die_with(parent)
+        die_with(parent, signal.SIGKILL)
         os.nice(CHILD_NICENESS)
         gc.disable()  # a short life that makes no garbage worth a collector's passes
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -184,13 +184,14 @@ def _run_child(work: Callable[[Send], None], write_end: int, shared: int, parent
         os._exit(code)
 
 
-def _die_with(parent: int) -> None:
-    """SIGKILL for this child when ``parent`` (the pid that forked it; its forking thread, precisely) ends; then
-    check that it has not ended already (this child would then have been adopted by another process)."""
+def die_with(parent: int, signum: int) -> None:
+    """In a forked child (Linux): ``signum`` for this child when ``parent`` (the pid that forked it; its forking
+    thread, precisely) ends; then check that it has not ended already (this child would then have been adopted by
+    another process, and exits at once)."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
     if os.getppid() != parent:
         os._exit(1)
 
