@@ -284,11 +284,9 @@ def console_main() -> None:
     code = main()
     if sys.gettrace() is not None or sys.getprofile() is not None:  # coverage, cProfile: let them write at exit
         sys.exit(code)
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (AttributeError, OSError, ValueError):  # no stream, or a closed pipe (``| head``): nothing to save
-            pass
+    from nephireg.progress import flush_standard_streams
+
+    flush_standard_streams()  # a closed pipe (``| head``) included
     os._exit(code)
 
 

@@ -23,6 +23,7 @@ import sys
 import traceback
 from typing import Callable, List, Optional, Protocol
 
+from nephireg.progress import flush_standard_streams
 from nephireg.protocol import ExitCode
 
 ENGINE_MODULES = ("nephireg.cli", "nephireg.pipeline")  # the child's entry point; torch and the engine
@@ -94,8 +95,7 @@ class _ForkedCopy:
     def __init__(self, register_argv: List[str]) -> None:
         from nephireg import signals
 
-        for stream in (sys.stdout, sys.stderr):  # nothing buffered here may be written twice, once by the child
-            _flush(stream)
+        flush_standard_streams()  # nothing buffered here may be written twice, once by the child
         self._code: Optional[int] = None
         received = signals.received_count()
         parent = os.getpid()
@@ -149,13 +149,5 @@ def _child(register_argv: List[str], received_before_fork: int, batch: int) -> N
         else:
             traceback.print_exc()
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            _flush(stream)
+        flush_standard_streams()
         os._exit(code)
-
-
-def _flush(stream) -> None:
-    try:
-        stream.flush()
-    except (AttributeError, OSError, ValueError):  # no stream, or a closed pipe: nothing to save
-        pass

@@ -28,6 +28,16 @@ def say(text: str, stream: Optional[TextIO] = None) -> None:
         pass
 
 
+def flush_standard_streams() -> None:
+    """Flush stdout and stderr, best effort (no stream, or a closed pipe: nothing to save), before the process
+    leaves by ``os._exit`` or forks (what is buffered must be written once, and not lost)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+
+
 class Reporter:
     """Base reporter: keeps stage timings, the cancel flag and ETA; subclasses decide where events go."""
 

@@ -110,17 +110,24 @@ class PointBatches:
         padded = F.pad(values, (0, self.filler)) if self.filler else values
         return padded.reshape(values.shape[0], self.parts, self.per_part).transpose(0, 1).contiguous()
 
+    def per_point(self, values: torch.Tensor) -> torch.Tensor:
+        """Values in the layout of :meth:`sample` (parts, C, per_part) as (C, P), the filler dropped (the inverse of
+        :meth:`arrange`; a view when there is one part)."""
+        return values.transpose(0, 1).reshape(values.shape[1], -1)[:, :self.count]
+
+    def zero_filler(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` (parts, C, per_part) with the filler's entries set to 0, in place; returns them."""
+        if self.filler:
+            values[-1, :, self.per_part - self.filler:] = 0.0
+        return values
+
 
 def sample_flat(volume: torch.Tensor, points_norm: torch.Tensor, padding: str = "border",
                 mode: str = "bilinear") -> torch.Tensor:
     """Samples of ``volume`` (1, C, Z, Y, X) at normalised points (P, 3) -> (C, P); differentiable. Split over the
     batch as :class:`PointBatches` says."""
-    count, channels = points_norm.shape[0], volume.shape[1]
-    batches = PointBatches.for_points(count, volume.device)
-    values = batches.sample(volume, points_norm, padding, mode)  # (parts, C, per_part)
-    if batches.parts == 1:
-        return values.reshape(channels, count)
-    return values.transpose(0, 1).reshape(channels, -1)[:, :count]
+    batches = PointBatches.for_points(points_norm.shape[0], volume.device)
+    return batches.per_point(batches.sample(volume, points_norm, padding, mode))
 
 
 def channels_last(volume: torch.Tensor) -> torch.Tensor:

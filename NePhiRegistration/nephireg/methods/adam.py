@@ -273,7 +273,6 @@ class MindDataTerm:
         flat_target = flat_target if self.index is None else flat_target[:, self.index]  # (C, P)
         self.batches = PointBatches.for_points(flat_target.shape[1], target.device)
         self.target = self.batches.arrange(flat_target)  # (parts, C, per_part)
-        self.values = flat_target.numel()  # C * P: the mean's count (the filler is not data)
         self.source = channels_last(source)  # sampled at every masked voxel each step
         self.to_normalised = matrix_tensor(grid.physical_to_normalised(), target)[:3, :3]  # mm vector -> normalised
 
@@ -284,30 +283,29 @@ class MindDataTerm:
             flat = flat[:, self.index]
         points = self.identity + flat.T @ self.to_normalised.T  # (P, 3)
         warped = self.batches.sample(self.source, points, padding="border")  # (parts, C, per_part)
-        return _MeanSquaredDifference.apply(warped, self.target, self.batches.filler, self.values)
+        return _MeanSquaredDifference.apply(warped, self.target, self.batches)
 
 
 class _MeanSquaredDifference(torch.autograd.Function):
-    """sum((warped - target)^2) / count over (parts, C, per_part) arrays whose last part ends in ``filler`` points
-    that are not data. Forward: one difference (kept) and one dot product; backward: one scaling of the difference.
-    Autograd's graph of the same expression made ~8 passes over these arrays and two copies out of the sampler's
-    layout: about half of a fine lung step (53 of 100-130 ms, torch's profiler)."""
+    """The mean of (warped - target)^2 over the points' values of two arrays in the layout of ``batches``
+    (:class:`nephireg.sampling.PointBatches`: (parts, C, per_part), the filler not data). Forward: one difference
+    (kept) and one dot product; backward: one scaling of the difference. Autograd's graph of the same expression made
+    ~8 passes over these arrays and two copies out of the sampler's layout: about half of a fine lung step (53 of
+    100-130 ms, torch's profiler)."""
 
     @staticmethod
-    def forward(ctx, warped: torch.Tensor, target: torch.Tensor, filler: int, count: int) -> torch.Tensor:
-        difference = warped - target
-        if filler:
-            difference[-1, :, difference.shape[2] - filler:] = 0.0
+    def forward(ctx, warped: torch.Tensor, target: torch.Tensor, batches: PointBatches) -> torch.Tensor:
+        difference = batches.zero_filler(warped - target)
         ctx.save_for_backward(difference)
-        ctx.count = count
+        ctx.count = batches.count * difference.shape[1]  # C * P values
         flat = difference.reshape(-1)
-        return torch.dot(flat, flat) / count
+        return torch.dot(flat, flat) / ctx.count
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None, None]:
+    def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None]:
         (difference,) = ctx.saved_tensors
-        return difference * (grad * (2.0 / ctx.count)), None, None, None
+        return difference * (grad * (2.0 / ctx.count)), None, None
 
 
 class LnccDataTerm:
