@@ -189,3 +189,32 @@ def test_download_deadline_and_no_part_files_left(tmp_path, monkeypatch):
     assert time.monotonic() - started < 5
     assert os.listdir(tmp_path / "cache") == []  # neither the stale .part nor this one's
     assert not Path(stale).exists()
+
+
+def test_a_batch_that_cannot_load_the_engine_or_fork_starts_fresh_interpreters_instead(monkeypatch):
+    """The fallbacks of the batch's children (forks switched on by hand: whether this test process may fork depends
+    on what other tests imported): an engine that fails to load in the batch, and a refused fork, each leave the
+    pair to a fresh interpreter (which then meets and reports any error itself)."""
+    from nephireg import engine_children, signals
+
+    said = []
+    launcher = engine_children.Launcher(fork=False, say=said.append)
+    launcher.fork = True
+
+    def broken_import(name):
+        raise ImportError(f"no module {name} today")
+
+    monkeypatch.setattr(signals, "import_frozen", broken_import)
+    launcher.load()
+    assert not launcher.fork and "could not be loaded" in said[-1] and "fresh interpreter" in said[-1]
+    monkeypatch.undo()
+
+    refused = engine_children.Launcher(fork=False, say=said.append)
+    refused.fork, refused._loaded = True, True  # as after a successful load
+
+    def no_fork():
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(engine_children.os, "fork", no_fork)
+    child = refused.start(["--help"])
+    assert type(child).__name__ == "_FreshInterpreter" and child.wait() == 0
