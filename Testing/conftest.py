@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,10 @@ import pytest
 
 from nephireg.errors import Cancelled
 from nephireg.progress import SilentReporter
+
+# The suite's own commands run in their own processes: never in an engine server the user may have running
+# (test_engine_server.py starts its own and names it explicitly).
+os.environ["NEPHIREG_SERVER"] = "off"
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

@@ -181,6 +181,7 @@ def test_child_environment_puts_module_first_and_hides_gpu_for_cpu():
                                   moduleDir="/mod dir/NePhiRegistration")
     assert env["PYTHONPATH"].split(os.pathsep) == ["/mod dir/NePhiRegistration", "/elsewhere"]
     assert env["CUDA_VISIBLE_DEVICES"] == "-1" and env["PYTHONUNBUFFERED"] == "1" and env["HOME"] == "/home/x"
+    assert env["NEPHIREG_SERVER"] == "off"  # its Cancel kills the process tree: the run must be in it
     assert "CUDA_VISIBLE_DEVICES" not in engine.childEnvironment({}, device="auto")
     assert engine.engineCommand("/py", ["register"]) == ["/py", "-m", "nephireg", "register"]
 

@@ -40,13 +40,18 @@ def engineCommand(python: str, arguments: Sequence[str]) -> List[str]:
 def childEnvironment(base: Mapping[str, str], device: str = "auto", moduleDir: str = MODULE_DIR) -> dict:
     """The engine process's environment: ``base`` (Slicer's startup environment, or os.environ) plus
     the module folder first on PYTHONPATH, unbuffered UTF-8 output (progress lines arrive as written, any
-    path prints), and no visible GPU when ``device == "cpu"`` (so a CPU run cannot touch a busy GPU)."""
+    path prints), no engine server, and no visible GPU when ``device == "cpu"`` (so a CPU run cannot touch a
+    busy GPU)."""
     env = {str(k): str(v) for k, v in base.items()}
     paths = [moduleDir] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != moduleDir]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONIOENCODING"] = "utf-8"
     env["PYTHONUTF8"] = "1"
+    # Each Register is a process of its own, which Cancel kills whole (runner.killProcessTree); a run handed to an
+    # engine server ('nephireg serve') would be the server's child, cancelled only after the kill, while the
+    # temp folder is removed.
+    env["NEPHIREG_SERVER"] = "off"
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = "-1"
     return env

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--overwrite", action="store_true", help="replace a result already in --out")
     reg.add_argument("--no-warped", action="store_true", help="do not write the warped moving image")
     reg.add_argument("--no-overview", action="store_true", help="do not write overview.png")
+    reg.add_argument("--no-server", action="store_true",
+                     help="run in this process even when an engine server ('nephireg serve') is running")
     _common_registration_arguments(reg)
     reg.set_defaults(func=_register_command, own_boundary=True)
 
@@ -60,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common_registration_arguments(demo)
     # the sample pair is a thorax CT phantom
     demo.set_defaults(func=_demo_command, preset="lung-ct", own_boundary=True)
+
+    serve = sub.add_parser("serve", help="keep the engine loaded: 'register' commands then run in a fork of this "
+                                         "process, without torch's import (Linux)")
+    serve.add_argument("--socket", help="socket path (default: $NEPHIREG_SERVER, else a private per-user folder)")
+    serve.add_argument("--idle-exit", type=float, default=3600.0, metavar="SECONDS",
+                       help="stop after this long without a run (default 3600; 0: never)")
+    serve.set_defaults(func=_serve_command)
 
     from nephireg import tools
 
@@ -244,6 +253,18 @@ def _demo_command(args: argparse.Namespace) -> int:
     return run_cancellable(reporter, body)
 
 
+def _serve_command(args: argparse.Namespace) -> int:
+    from nephireg import engine_link, engine_server
+    from nephireg.errors import InputError
+
+    if args.idle_exit < 0:
+        raise InputError(f"--idle-exit must be 0 or more seconds, not {args.idle_exit}")
+    path = os.path.abspath(args.socket) if args.socket else engine_link.socket_path()
+    if path is None:
+        raise InputError(f"no engine server socket: {engine_link.SERVER_ENV}=off and no --socket given")
+    return engine_server.serve(path, args.idle_exit, lambda text: _say(text, sys.stderr))
+
+
 def run_command(args: argparse.Namespace) -> int:
     """The error boundary of every command: register and demo report through their own events
     (:func:`run_cancellable`); the others (warp, jacobian, batch, train, models) get SIGINT/SIGTERM as a
@@ -263,11 +284,16 @@ def run_command(args: argparse.Namespace) -> int:
         return int(code)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def set_engine_environment() -> None:
+    """The engine's defaults for variables read when torch loads; a user's own setting wins."""
     # OpenMP threads that spin while waiting turn a busy machine (another job on one of two cores) into a 2-10x
     # slowdown; passive waiting measured as fast as one thread under load. Read once, when torch loads OpenMP, so it
-    # is set here, in the engine's own process, before any command imports torch; a user's own setting wins.
+    # is set here, in the engine's own process, before any command imports torch.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    set_engine_environment()
     parser = build_parser()
     args = parser.parse_args(argv)
     return run_command(args)
@@ -281,7 +307,12 @@ def console_main() -> None:
     Every file the engine writes is closed (and its temporary folders removed) before :func:`main` returns.
     """
     signals.install()  # first: a signal from now on is a cancellation (exit 3), never a traceback or exit -15
-    code = main()
+    set_engine_environment()  # before the environment is compared with an engine server's
+    from nephireg.engine_link import run_through_server
+
+    code = run_through_server(sys.argv[1:])
+    if code is None:  # no engine server (or not for this command): the run is this process's
+        code = main()
     if sys.gettrace() is not None or sys.getprofile() is not None:  # coverage, cProfile: let them write at exit
         sys.exit(code)
     from nephireg.progress import flush_standard_streams

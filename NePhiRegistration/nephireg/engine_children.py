@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import traceback
-from typing import Callable, List, Optional, Protocol
+from typing import Callable, List, NoReturn, Optional, Protocol
 
 from nephireg.progress import flush_standard_streams
 from nephireg.protocol import ExitCode
@@ -101,7 +101,7 @@ class _ForkedCopy:
         parent = os.getpid()
         self.pid = os.fork()
         if self.pid == 0:
-            _child(register_argv, received, parent)
+            run_command_in_fork(["register", *register_argv], received, parent)
 
     def wait(self) -> int:
         """The exit code. A signal may raise :class:`nephireg.errors.Cancelled` while the child runs (call again):
@@ -124,24 +124,29 @@ class _ForkedCopy:
             os.kill(self.pid, signal.SIGTERM)
 
 
-def _child(register_argv: List[str], received_before_fork: int, batch: int) -> None:
-    """The forked child's whole life: never returns into the batch's code. A batch that is killed (SIGKILL: it
-    cannot forward anything) cancels it by SIGTERM, so no pair goes on writing after its batch has gone."""
+def run_command_in_fork(argv: List[str], received_before_fork: int, parent: int,
+                        prepare: Optional[Callable[[], None]] = None) -> NoReturn:
+    """The whole life of a child forked from a process with the engine loaded (the batch, the engine server):
+    ``prepare()`` (the server's: the client's streams, folder and environment), then the command line ``argv``,
+    then ``os._exit`` with its exit code; never returns into the parent's code. A parent that is killed (SIGKILL:
+    it cannot forward anything) cancels it by SIGTERM, so no run goes on writing after its parent has gone."""
     code = int(ExitCode.INTERNAL_ERROR)
     try:
         from nephireg import signals
         from nephireg.forked import die_with
 
         signals.reset_after_fork(received_before_fork)  # a signal since the fork, or from now on, cancels the run
-        die_with(batch, signal.SIGTERM)
+        die_with(parent, signal.SIGTERM)
+        if prepare is not None:
+            prepare()
         from nephireg.cli import main
 
-        code = main(["register", *register_argv])
+        code = main(argv)
     except SystemExit as exc:  # argparse's usage errors (2) and --help (0): the exit a fresh interpreter makes
         if exc.code is not None and not isinstance(exc.code, int):
             print(exc.code, file=sys.stderr)
         code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
-    except BaseException as exc:  # noqa: BLE001 - a Cancelled (the batch's handling, copied), or a bug: one exit code
+    except BaseException as exc:  # noqa: BLE001 - a Cancelled (the parent's handling, copied), or a bug: one exit code
         from nephireg.errors import Cancelled
 
         if isinstance(exc, Cancelled):

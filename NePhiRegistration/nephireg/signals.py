@@ -55,6 +55,11 @@ def received_count() -> int:
     return len(_received)
 
 
+def recorded() -> List[int]:
+    """The SIGINT/SIGTERM numbers this process has recorded, oldest first."""
+    return list(_received)
+
+
 def reset_after_fork(received_before_fork: int) -> None:
     """In a child forked from a command (``nephireg batch``'s engine children): the state of a fresh process after
     :func:`install` - nothing listening, signals recorded rather than raised, and of the signals recorded only those

@@ -14,6 +14,7 @@ exits 0 with "skipped: data absent" when it is missing. Peer install: see Testin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -41,9 +42,11 @@ LUNG_MASK = DATA / "3DCT_lung_baseline_mask.mha"  # scoring only (folding inside
 LANDMARKS = (DATA / "landmarks_baseline_51.txt", DATA / "landmarks_followup_51.txt")
 # Our methods with options on top of the lung-ct preset, measured beside the defaults: name -> (method, options).
 VARIANTS = {"nephi-io-300": ("nephi-io", {"iterations": 300})}
-OURS = ("adam", "nephi", "nephi-io") + tuple(VARIANTS)
+SERVER_SUFFIX = "@server"  # e.g. adam@server: the same command, run by an engine server ('nephireg serve')
+SERVED = tuple(f"{m}{SERVER_SUFFIX}" for m in ("adam", "nephi", "nephi-io"))
+OURS = ("adam", "nephi", "nephi-io") + tuple(VARIANTS) + SERVED
 PEERS = ("convexadam", "elastix")
-ALL_METHODS = OURS + PEERS
+ALL_METHODS = ("adam", "nephi", "nephi-io") + tuple(VARIANTS) + PEERS  # the default: every cold command and peer
 # The issue's targets (ours) and the numbers it measured for the peers on a 2-core CPU (issues 2 and 3).
 TARGETS = {
     "adam": "mean <= 1.35, median <= 1.0, folding <= 0.01 %, <= 20 s, <= 2 GB",
@@ -139,6 +142,7 @@ def peer_main(name: str, out: Path) -> int:
 # -- one measured child process ---------------------------------------------------------------------------
 def command_for(method: str, out: Path) -> List[str]:
     if method in OURS:
+        method = method.removesuffix(SERVER_SUFFIX)
         engine_method, options = VARIANTS.get(method, (method, {}))
         extra = [arg for key, value in options.items() for arg in ("--option", f"{key}={value}")]
         return [sys.executable, "-m", "nephireg", "register", "--fixed", str(FIXED), "--moving", str(MOVING),
@@ -159,16 +163,25 @@ def _vm_hwm_kib(pid: int) -> int:
     return 0
 
 
-def run_child(cmd: List[str], log: Path, timeout_s: float, engine: Path = REPO / "NePhiRegistration"
-              ) -> Dict[str, object]:
+def child_environment(engine: Path = REPO / "NePhiRegistration") -> Dict[str, str]:
+    """The runs' environment: ``engine`` (the folder holding the ``nephireg`` package) first on PYTHONPATH, and no
+    engine server unless a run names one."""
+    return dict(os.environ, NEPHIREG_SERVER="off",
+                PYTHONPATH=os.pathsep.join(filter(None, [str(engine), os.environ.get("PYTHONPATH", "")])))
+
+
+def run_child(cmd: List[str], log: Path, timeout_s: float, engine: Path = REPO / "NePhiRegistration",
+              server: Optional[Path] = None) -> Dict[str, object]:
     """Run ``cmd``; wall seconds, exit status, peak RSS (GiB, from the child's rusage) and the log's tail.
-    ``engine``: the folder holding the ``nephireg`` package the child imports (first on its PYTHONPATH).
+    ``engine``: the folder holding the ``nephireg`` package the child imports (first on its PYTHONPATH);
+    ``server``: the socket of the engine server the command is to use.
 
     This thread blocks in ``wait4`` (the wall time ends when the child does, not at the next poll: polling every
     50 ms added 0-50 ms to every run, 25 ms on average); a second thread samples the child's VmHWM every 50 ms and
     kills it at the timeout."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(engine),
-                                                                   os.environ.get("PYTHONPATH", "")])))
+    env = child_environment(engine)
+    if server is not None:
+        env["NEPHIREG_SERVER"] = str(server)
     with open(log, "wb") as sink:
         started = time.perf_counter()
         # cwd = the run's folder: transformix writes deformationField.nii into the working directory
@@ -305,8 +318,14 @@ def one_run(method: str, out: Path, timeout_s: float, verify: bool,
             engine: Path = REPO / "NePhiRegistration") -> Dict[str, object]:
     """One run of ``method`` into ``out``, scored; ``engine``: the folder of the ``nephireg`` the child imports."""
     out.mkdir(parents=True, exist_ok=True)
+    served = method.endswith(SERVER_SUFFIX)
+    if served and _SERVER.path is None:
+        raise RuntimeError(f"{method} needs the engine server (started by _run)")
     record: Dict[str, object] = {"method": method, **run_child(command_for(method, out), out / "log.txt", timeout_s,
-                                                               engine=engine)}
+                                                               engine=engine, server=_SERVER.path if served else None)}
+    if served:  # the run is the server's fork: its peak RSS is in the server's log (the client's is ~15 MB)
+        record["client_peak_rss_gib"] = record["peak_rss_gib"]
+        record["peak_rss_gib"] = _SERVER.last_peak_rss_gib()
     if record["exit_code"] != 0:
         record["failure"] = record["log_tail"] or f"exit code {record['exit_code']}"
         if record["timed_out"]:
@@ -324,6 +343,42 @@ def one_run(method: str, out: Path, timeout_s: float, verify: bool,
         if verify:
             record["verify"] = (verify_convexadam if method == "convexadam" else verify_elastix)(out)
     return record
+
+
+class BenchServer:
+    """The engine server for the ``@server`` methods: ``nephireg serve`` with the runs' environment, its log in the
+    work folder."""
+
+    def __init__(self) -> None:
+        self.path: Optional[Path] = None
+        self.log: Optional[Path] = None
+
+    @contextmanager
+    def running(self, work: Path) -> Iterator[None]:
+        folder = Path(tempfile.mkdtemp(prefix="nephireg-bench-"))  # short: a socket path has ~100 bytes
+        self.path, self.log = folder / "engine.sock", work / "server.log"
+        with open(self.log, "w") as sink:
+            server = subprocess.Popen([sys.executable, "-m", "nephireg", "serve", "--socket", str(self.path),
+                                       "--idle-exit", "0"], env=child_environment(), stderr=sink)
+        try:
+            deadline = time.monotonic() + 120
+            while "engine server ready" not in self.log.read_text():
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the engine server did not start: {self.log.read_text()}")
+                time.sleep(0.05)
+            yield
+        finally:
+            server.terminate()
+            server.wait(timeout=120)
+            shutil.rmtree(folder, ignore_errors=True)
+            self.path = None
+
+    def last_peak_rss_gib(self) -> float:
+        found = re.findall(r"ended: exit -?\d+ after [\d.]+ s, peak RSS (\d+) MiB", self.log.read_text())
+        return round(int(found[-1]) / 1024, 3) if found else 0.0
+
+
+_SERVER = BenchServer()
 
 
 def summarise(runs: List[Dict[str, object]]) -> Dict[str, object]:
@@ -456,7 +511,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"skipped: data absent ({missing[0]})")
         return 0
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(ALL_METHODS))
+    unknown = sorted(set(methods) - set(ALL_METHODS) - set(SERVED))
     if unknown:
         print(f"unknown method(s) {unknown}; choose from {ALL_METHODS}", file=sys.stderr)
         return 2
@@ -486,14 +541,8 @@ def _run(args, argv, methods, work: Path) -> int:
               "loadavg_start": [round(v, 2) for v in os.getloadavg()], "machine": machine(),
               "identity": identity_error(), "runs": []}
     print(f"work folder {work}; load average {report['loadavg_start']}", flush=True)
-    for repeat in range(args.repeats):  # interleave methods so load drifts hit all of them alike
-        for method in methods:
-            record = one_run(method, work / f"{method}-{repeat}", args.timeout, args.verify_peers)
-            record["repeat"] = repeat
-            report["runs"].append(record)
-            shown = {k: record.get(k) for k in ("mean_mm", "median_mm", "max_mm", "folding_percent", "wall_s",
-                                                "peak_rss_gib", "verify", "failure") if k in record}
-            print(f"{method} #{repeat}: {json.dumps(shown)}", flush=True)
+    with _SERVER.running(work) if set(methods) & set(SERVED) else contextlib.nullcontext():
+        _repeats(args, methods, work, report)
     report["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     report["summary"] = {m: summarise([r for r in report["runs"] if r["method"] == m]) for m in methods}
     out_json = REPO / args.out_json
@@ -504,6 +553,17 @@ def _run(args, argv, methods, work: Path) -> int:
     (REPO / args.markdown).write_text(markdown(report))
     print(markdown(report))
     return 0
+
+
+def _repeats(args, methods: List[str], work: Path, report: Dict[str, object]) -> None:
+    for repeat in range(args.repeats):  # interleave methods so load drifts hit all of them alike
+        for method in methods:
+            record = one_run(method, work / f"{method}-{repeat}", args.timeout, args.verify_peers)
+            record["repeat"] = repeat
+            report["runs"].append(record)
+            shown = {k: record.get(k) for k in ("mean_mm", "median_mm", "max_mm", "folding_percent", "wall_s",
+                                                "peak_rss_gib", "verify", "failure") if k in record}
+            print(f"{method} #{repeat}: {json.dumps(shown)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,218 @@
+"""``nephireg serve`` and ``register`` through it (issue 13's start-up): the same run as a process of its own -
+same events, same result, same exit codes - without torch's import; signals, a client or server that goes away,
+a refused client and the server's lifetime. Real server processes, real commands, real signals."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from test_reliability_signals import assert_cancelled, until_stage, wait_for
+
+from conftest import process_gone
+from nephireg.protocol import ExitCode, parse_event_line
+
+pytestmark = pytest.mark.skipif(not (sys.platform.startswith("linux") and hasattr(socket, "send_fds")),
+                                reason="the engine server forks runs and passes descriptors (Linux)")
+
+COMMON_ARGS = ["--method", "adam", "--preset", "lung-ct", "--prealign", "none", "--device", "cpu", "--no-overview",
+               "--progress", "jsonl"]
+RUN_ARGS = [*COMMON_ARGS, "--option", "iterations=4", "--option", "coarse_iterations=2"]
+
+
+class Server:
+    def __init__(self, folder: Path, *args: str, path: Path = None) -> None:
+        self.path = path or folder / "engine" / "engine.sock"
+        self.log = folder / "server.log"
+        self.env = {**os.environ, "NEPHIREG_SERVER": str(self.path)}
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "nephireg", "serve", *args], env=self.env,
+                                         stdout=subprocess.DEVNULL, stderr=log)
+
+    def wait_ready(self) -> "Server":
+        wait_for(lambda: "engine server ready" in self.log.read_text() or self.proc.poll() is not None)
+        assert self.proc.poll() is None, self.log.read_text()
+        return self
+
+    def runs(self) -> list:
+        """The pids of the runs the server has started, in order."""
+        return [int(pid) for pid in re.findall(r"^run (\d+): nephireg", self.log.read_text(), re.M)]
+
+    def exit_of(self, pid: int) -> int:
+        wait_for(lambda: f"run {pid} ended" in self.log.read_text())
+        return int(re.search(rf"^run {pid} ended: exit (-?\d+)", self.log.read_text(), re.M).group(1))
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    running = Server(tmp_path_factory.mktemp("server"), "--idle-exit", "0").wait_ready()
+    yield running
+    assert running.stop() == 0, running.log.read_text()
+    assert not running.path.exists()  # its socket removed
+
+
+def register(env, *args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "nephireg", "register", *map(str, args)], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def events(stdout: str) -> list:
+    return [e for e in map(parse_event_line, stdout.splitlines()) if e]
+
+
+def displacement(folder: Path) -> np.ndarray:
+    transform = sitk.DisplacementFieldTransform(sitk.ReadTransform(str(folder / "transform.h5")))
+    return sitk.GetArrayFromImage(transform.GetDisplacementField())
+
+
+def test_a_run_in_the_server_is_the_run_a_process_of_its_own_makes(server, small_pair, tmp_path):
+    own = register({**server.env, "NEPHIREG_SERVER": "off"}, "--fixed", small_pair["fixed"], "--moving",
+                   small_pair["moving"], "--out", tmp_path / "own", *RUN_ARGS)
+    assert own.returncode == 0, own.stderr
+    before = server.runs()
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "fixed.nrrd").write_bytes(Path(small_pair["fixed"]).read_bytes())
+    (work / "moving.nrrd").write_bytes(Path(small_pair["moving"]).read_bytes())
+    served = register(server.env, "--fixed", "fixed.nrrd", "--moving", "moving.nrrd", "--out", "out", *RUN_ARGS,
+                      cwd=work)  # relative paths: the client's folder
+    assert served.returncode == 0, served.stderr
+    (pid,) = set(server.runs()) - set(before)  # it ran in a fork of the server
+    assert server.exit_of(pid) == 0
+    assert process_gone(pid)
+    own_events, served_events = events(own.stdout), events(served.stdout)
+    assert [e["event"] for e in served_events] == [e["event"] for e in own_events]
+    assert [e.get("stage") for e in served_events] == [e.get("stage") for e in own_events]
+    own_manifest = json.loads((tmp_path / "own" / "result.json").read_text())
+    served_manifest = json.loads((work / "out" / "result.json").read_text())
+    assert served_events[-1]["manifest"] == str(work / "out" / "result.json")
+    assert served_manifest["metrics"]["folding_percent"] == own_manifest["metrics"]["folding_percent"]
+    assert served_manifest["metrics"]["ncc_after"] == pytest.approx(own_manifest["metrics"]["ncc_after"], abs=1e-6)
+    np.testing.assert_allclose(displacement(work / "out"), displacement(tmp_path / "own"), atol=1e-4)
+    assert np.abs(displacement(work / "out")).max() > 1.0  # a real registration, not an empty field
+
+
+def test_bad_input_gets_its_error_and_exit_code_through_the_server(server, tmp_path):
+    before = server.runs()
+    missing = tmp_path / "no such file.nrrd"
+    done = register(server.env, "--fixed", missing, "--moving", missing, "--out", tmp_path / "out", *RUN_ARGS)
+    assert done.returncode == ExitCode.BAD_INPUT
+    last = events(done.stdout)[-1]
+    assert last["event"] == "error" and str(missing) in last["message"]
+    assert len(server.runs()) == len(before) + 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_usage_errors_and_help_come_back_as_from_a_process_of_its_own(server, tmp_path):
+    bad = register(server.env, "--fixed", "x.nrrd")  # --moving and --out missing: argparse's exit 2
+    assert bad.returncode == 2 and "the following arguments are required" in bad.stderr
+    helped = subprocess.run([sys.executable, "-m", "nephireg", "register", "--help"], env=server.env,
+                            capture_output=True, text=True, timeout=60)
+    assert helped.returncode == 0 and "--no-server" in helped.stdout
+
+
+def _long_run(server, small_pair, out, **popen):
+    args = [*COMMON_ARGS, "--option", "iterations=100000", "--option", "coarse_iterations=0"]
+    return subprocess.Popen([sys.executable, "-m", "nephireg", "register", "--fixed", small_pair["fixed"],
+                             "--moving", small_pair["moving"], "--out", str(out), *args], env=server.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_client_cancels_the_run_in_the_server(server, small_pair, tmp_path, signum):
+    before = server.runs()
+    out = tmp_path / "out"
+    client = _long_run(server, small_pair, out)
+    until_stage(client, "optimise")
+    (pid,) = set(server.runs()) - set(before)
+    client.send_signal(signum)
+    rest, err = client.communicate(timeout=120)
+    assert_cancelled(client.returncode, events(rest), err)
+    assert server.exit_of(pid) == ExitCode.CANCELLED
+    assert not out.exists()
+    assert server.proc.poll() is None  # the server goes on
+
+
+def test_a_killed_client_cancels_its_run_instead_of_leaving_it_writing(server, small_pair, tmp_path):
+    before = server.runs()
+    out = tmp_path / "out"
+    client = _long_run(server, small_pair, out)
+    until_stage(client, "optimise")
+    (pid,) = set(server.runs()) - set(before)
+    client.kill()
+    client.communicate(timeout=60)
+    assert server.exit_of(pid) == ExitCode.CANCELLED  # SIGTERM from the server: the run's own clean-up
+    wait_for(lambda: process_gone(pid))
+    assert not out.exists()
+
+
+def test_a_client_with_another_load_time_environment_runs_in_its_own_process(server, small_pair, tmp_path):
+    before = server.runs()
+    env = {**server.env, "OMP_NUM_THREADS": "1"}  # read when torch loads: a fork of the server cannot take it
+    done = register(env, "--fixed", small_pair["fixed"], "--moving", small_pair["moving"], "--out",
+                    tmp_path / "out", *RUN_ARGS)
+    assert done.returncode == 0, done.stderr
+    assert "was not used (its load-time environment differs: OMP_NUM_THREADS)" in done.stderr
+    unused = register(server.env, "--fixed", small_pair["fixed"], "--moving", small_pair["moving"], "--out",
+                      tmp_path / "out2", *RUN_ARGS, "--no-server")
+    assert unused.returncode == 0, unused.stderr
+    assert server.runs() == before
+    assert (tmp_path / "out" / "result.json").exists() and (tmp_path / "out2" / "result.json").exists()
+
+
+def test_a_second_server_at_the_same_socket_is_refused(server, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "nephireg", "serve"], env=server.env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == ExitCode.BAD_INPUT
+    assert f"an engine server is already running at {server.path}" in done.stderr
+
+
+def test_a_socket_folder_others_can_enter_is_refused(tmp_path):
+    folder = tmp_path / "open"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    done = subprocess.run([sys.executable, "-m", "nephireg", "serve", "--socket", str(folder / "engine.sock")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == ExitCode.BAD_INPUT
+    assert f"others cannot enter (mode 0700): {folder}" in done.stderr
+
+
+def test_a_stale_socket_is_replaced_and_an_idle_server_stops_by_itself(tmp_path):
+    path = tmp_path / "engine" / "engine.sock"
+    path.parent.mkdir(mode=0o700)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))  # what a killed server leaves: a socket file nobody listens on
+    stale.close()
+    idle = Server(tmp_path, "--idle-exit", "1", path=path).wait_ready()
+    assert idle.proc.wait(timeout=60) == 0
+    assert "idle for 1 s: stopping" in idle.log.read_text()
+    assert not path.exists()
+
+
+def test_a_stopped_server_cancels_its_runs_and_their_clients_say_so(small_pair, tmp_path):
+    stopping = Server(tmp_path, "--idle-exit", "0").wait_ready()
+    out = tmp_path / "out"
+    client = _long_run(stopping, small_pair, out)
+    until_stage(client, "optimise")
+    (pid,) = stopping.runs()
+    started = time.monotonic()
+    assert stopping.stop() == 0
+    rest, err = client.communicate(timeout=120)
+    assert time.monotonic() - started < 60
+    assert client.returncode == ExitCode.CANCELLED
+    assert events(rest)[-1]["kind"] == "cancelled"  # the run's own cancellation, written to the client's stdout
+    assert stopping.exit_of(pid) == ExitCode.CANCELLED
+    assert not out.exists() and not stopping.path.exists()
