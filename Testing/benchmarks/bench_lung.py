@@ -319,13 +319,13 @@ def one_run(method: str, out: Path, timeout_s: float, verify: bool,
     """One run of ``method`` into ``out``, scored; ``engine``: the folder of the ``nephireg`` the child imports."""
     out.mkdir(parents=True, exist_ok=True)
     served = method.endswith(SERVER_SUFFIX)
-    if served and _SERVER.path is None:
+    if served and SERVER.path is None:
         raise RuntimeError(f"{method} needs the engine server (started by _run)")
     record: Dict[str, object] = {"method": method, **run_child(command_for(method, out), out / "log.txt", timeout_s,
-                                                               engine=engine, server=_SERVER.path if served else None)}
+                                                               engine=engine, server=SERVER.path if served else None)}
     if served:  # the run is the server's fork: its peak RSS is in the server's log (the client's is ~15 MB)
         record["client_peak_rss_gib"] = record["peak_rss_gib"]
-        record["peak_rss_gib"] = _SERVER.last_peak_rss_gib()
+        record["peak_rss_gib"] = SERVER.last_peak_rss_gib()
     if record["exit_code"] != 0:
         record["failure"] = record["log_tail"] or f"exit code {record['exit_code']}"
         if record["timed_out"]:
@@ -378,7 +378,7 @@ class BenchServer:
         return round(int(found[-1]) / 1024, 3) if found else 0.0
 
 
-_SERVER = BenchServer()
+SERVER = BenchServer()
 
 
 def summarise(runs: List[Dict[str, object]]) -> Dict[str, object]:
@@ -541,7 +541,7 @@ def _run(args, argv, methods, work: Path) -> int:
               "loadavg_start": [round(v, 2) for v in os.getloadavg()], "machine": machine(),
               "identity": identity_error(), "runs": []}
     print(f"work folder {work}; load average {report['loadavg_start']}", flush=True)
-    with _SERVER.running(work) if set(methods) & set(SERVED) else contextlib.nullcontext():
+    with SERVER.running(work) if set(methods) & set(SERVED) else contextlib.nullcontext():
         _repeats(args, methods, work, report)
     report["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     report["summary"] = {m: summarise([r for r in report["runs"] if r["method"] == m]) for m in methods}

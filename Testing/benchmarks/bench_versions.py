@@ -19,6 +19,7 @@ and git.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import statistics
@@ -59,6 +60,26 @@ def ratios(runs: List[Dict[str, object]], methods: List[str]) -> Dict[str, Dict[
     return table
 
 
+def _interleaved(args: argparse.Namespace, methods: List[str], engines: Dict[str, Path], work: Path,
+                 report: Dict[str, object]) -> None:
+    """The runs, versions alternating within each method and repeat. ``METHOD@server`` runs the new engine in its
+    engine server and the base as the plain command (a server is newer than the base)."""
+    for repeat in range(args.repeats):
+        for method in methods:
+            order = ("base", "new") if repeat % 2 == 0 else ("new", "base")  # ABBA: no fixed first place
+            for version in order:
+                run_as = method.removesuffix(bench_lung.SERVER_SUFFIX) if version == "base" else method
+                record = bench_lung.one_run(run_as, work / f"{version}-{method}-{repeat}", args.timeout,
+                                            verify=False, engine=engines[version])
+                record.update(version=version, method=method, repeat=repeat)
+                record.pop("errors_mm", None)
+                report["runs"].append(record)
+                print(version, method, repeat, record["wall_s"], record.get("mean_mm"), record.get("median_mm"),
+                      record.get("folding_percent"), flush=True)
+                if args.out_json:  # every run kept even if the benchmark is interrupted later
+                    args.out_json.write_text(json.dumps(report, indent=1) + "\n")
+
+
 def _git(*args: str) -> str:
     """``git -C REPO args``: its output; raises with git's own message when it fails."""
     done = subprocess.run(["git", "-C", str(bench_lung.REPO), *args], capture_output=True, text=True)
@@ -92,19 +113,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                       "command": " ".join(sys.argv), "base": args.base, "new": _git("describe", "--always", "--dirty"),
                       "new_uncommitted": _git("status", "--porcelain", "--untracked-files=no").splitlines(),
                       "speed_probe_s": bench_lung.speed_probe(), "runs": []}
-            for repeat in range(args.repeats):
-                for method in methods:
-                    order = ("base", "new") if repeat % 2 == 0 else ("new", "base")  # ABBA: no fixed first place
-                    for version in order:
-                        record = bench_lung.one_run(method, Path(work) / f"{version}-{method}-{repeat}",
-                                                    args.timeout, verify=False, engine=engines[version])
-                        record.update(version=version, method=method, repeat=repeat)
-                        record.pop("errors_mm", None)
-                        report["runs"].append(record)
-                        print(version, method, repeat, record["wall_s"], record.get("mean_mm"),
-                              record.get("median_mm"), record.get("folding_percent"), flush=True)
-                        if args.out_json:  # every run kept even if the benchmark is interrupted later
-                            args.out_json.write_text(json.dumps(report, indent=1) + "\n")
+            served = set(methods) & set(bench_lung.SERVED)
+            with bench_lung.SERVER.running(Path(work)) if served else contextlib.nullcontext():
+                _interleaved(args, methods, engines, Path(work), report)
         finally:
             subprocess.run(["git", "-C", str(bench_lung.REPO), "worktree", "remove", "--force", str(base_tree)],
                            capture_output=True)
