@@ -117,11 +117,54 @@ def test_bad_input_gets_its_error_and_exit_code_through_the_server(server, tmp_p
 
 
 def test_usage_errors_and_help_come_back_as_from_a_process_of_its_own(server, tmp_path):
+    before = len(server.runs())
     bad = register(server.env, "--fixed", "x.nrrd")  # --moving and --out missing: argparse's exit 2
     assert bad.returncode == 2 and "the following arguments are required" in bad.stderr
     helped = subprocess.run([sys.executable, "-m", "nephireg", "register", "--help"], env=server.env,
                             capture_output=True, text=True, timeout=60)
     assert helped.returncode == 0 and "--no-server" in helped.stdout
+    assert len(server.runs()) == before + 2  # both ran in the server
+
+
+def test_a_run_killed_by_a_signal_ends_its_client_by_the_same_signal(server, small_pair, tmp_path):
+    before = server.runs()
+    client = _long_run(server, small_pair, tmp_path / "out")
+    until_stage(client, "optimise")
+    (pid,) = set(server.runs()) - set(before)
+    os.kill(pid, signal.SIGKILL)  # as the out-of-memory killer would
+    client.communicate(timeout=60)
+    assert client.returncode == -signal.SIGKILL
+    assert server.exit_of(pid) == -signal.SIGKILL
+    assert server.proc.poll() is None
+
+
+def test_two_clients_at_once_each_get_their_own_run(server, small_pair, tmp_path):
+    before = server.runs()
+    clients = [subprocess.Popen([sys.executable, "-m", "nephireg", "register", "--fixed", small_pair["fixed"],
+                                 "--moving", small_pair["moving"], "--out", str(tmp_path / f"out{i}"), *RUN_ARGS],
+                                env=server.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for i in range(2)]
+    outputs = [client.communicate(timeout=300) for client in clients]
+    assert [client.returncode for client in clients] == [0, 0], outputs
+    assert len(set(server.runs()) - set(before)) == 2
+    np.testing.assert_allclose(displacement(tmp_path / "out0"), displacement(tmp_path / "out1"), atol=1e-4)
+
+
+def test_a_silent_or_broken_client_does_not_stop_the_server_or_the_others(server, small_pair, tmp_path):
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.connect(str(server.path))  # connects and never sends its request
+    broken = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    broken.connect(str(server.path))
+    broken.sendall(b"[" * 100000 + b"\n")  # too deep for json: must cost only this connection
+    try:
+        done = register(server.env, "--fixed", small_pair["fixed"], "--moving", small_pair["moving"], "--out",
+                        tmp_path / "out", *RUN_ARGS)
+        assert done.returncode == 0, done.stderr
+        assert "was not used" not in done.stderr
+        assert server.proc.poll() is None
+    finally:
+        silent.close()
+        broken.close()
 
 
 def _long_run(server, small_pair, out, **popen):
@@ -216,3 +259,59 @@ def test_a_stopped_server_cancels_its_runs_and_their_clients_say_so(small_pair, 
     assert events(rest)[-1]["kind"] == "cancelled"  # the run's own cancellation, written to the client's stdout
     assert stopping.exit_of(pid) == ExitCode.CANCELLED
     assert not out.exists() and not stopping.path.exists()
+
+
+def test_the_run_writes_its_files_with_the_clients_umask(server, small_pair, tmp_path):
+    modes = {}
+    for name, env in (("own", {**server.env, "NEPHIREG_SERVER": "off"}), ("served", server.env)):
+        done = subprocess.run([sys.executable, "-m", "nephireg", "register", "--fixed", small_pair["fixed"],
+                               "--moving", small_pair["moving"], "--out", str(tmp_path / name), *RUN_ARGS],
+                              env=env, capture_output=True, text=True, timeout=300, umask=0o077)
+        assert done.returncode == 0, done.stderr
+        modes[name] = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / name).iterdir()}
+    assert modes["served"] == modes["own"]
+    assert all(mode & 0o077 == 0 for mode in modes["served"].values())  # not the server's umask (022)
+
+
+def test_a_killed_server_cancels_its_runs_and_a_new_one_takes_its_socket(small_pair, tmp_path):
+    killed = Server(tmp_path, "--idle-exit", "0").wait_ready()
+    out = tmp_path / "out"
+    client = _long_run(killed, small_pair, out)
+    until_stage(client, "optimise")
+    (pid,) = killed.runs()
+    killed.proc.kill()  # no clean-up of its own: the runs are cancelled by their parent's death
+    killed.proc.wait(timeout=60)
+    rest, err = client.communicate(timeout=120)
+    assert client.returncode == ExitCode.CANCELLED
+    assert "the engine server stopped during the run" in err
+    assert events(rest)[-1]["kind"] == "cancelled"
+    wait_for(lambda: process_gone(pid))
+    assert not out.exists()
+    assert killed.path.exists()  # its socket is left behind ...
+    (tmp_path / "again").mkdir()
+    again = Server(tmp_path / "again", "--idle-exit", "0", path=killed.path).wait_ready()  # ... and replaced
+    try:
+        done = register(again.env, "--fixed", small_pair["fixed"], "--moving", small_pair["moving"], "--out",
+                        tmp_path / "out2", *RUN_ARGS)
+        assert done.returncode == 0, done.stderr
+        assert len(again.runs()) == 1
+    finally:
+        assert again.stop() == 0
+
+
+def test_a_server_older_than_the_engines_files_is_not_used(small_pair, tmp_path):
+    import nephireg.protocol as edited
+
+    older = Server(tmp_path, "--idle-exit", "0").wait_ready()
+    source = Path(edited.__file__)
+    times = source.stat()
+    try:
+        os.utime(source, ns=(times.st_atime_ns, time.time_ns() + 60 * 10**9))  # newer than any: as an edit would
+        done = register(older.env, "--fixed", small_pair["fixed"], "--moving", small_pair["moving"], "--out",
+                        tmp_path / "out", *RUN_ARGS)
+    finally:
+        os.utime(source, ns=(times.st_atime_ns, times.st_mtime_ns))
+        older.stop()
+    assert done.returncode == 0, done.stderr
+    assert "the engine changed since the server started (package_modified_ns)" in done.stderr
+    assert older.runs() == []

@@ -257,8 +257,7 @@ def _serve_command(args: argparse.Namespace) -> int:
     from nephireg import engine_link, engine_server
     from nephireg.errors import InputError
 
-    if args.idle_exit < 0:
-        raise InputError(f"--idle-exit must be 0 or more seconds, not {args.idle_exit}")
+    engine_server.check_idle_exit(args.idle_exit)
     path = os.path.abspath(args.socket) if args.socket else engine_link.socket_path()
     if path is None:
         raise InputError(f"no engine server socket: {engine_link.SERVER_ENV}=off and no --socket given")

@@ -15,9 +15,11 @@ fork cannot change). Otherwise the command runs in its own process as always, sa
 was there but could not be used.
 
 Messages: one JSON object per line (UTF-8), in each direction. Client -> server: ``run`` ``{argv, cwd, env,
-identity}`` with the client's standard input, output and error attached (SCM_RIGHTS), then ``signal``
-``{signum}`` for each SIGINT/SIGTERM the client receives. Server -> client: ``refused`` ``{reason}``, or
-``started`` ``{pid}`` then ``exit`` ``{code}`` (negative: the signal that killed the run). A client that goes away
+umask, process, identity}`` with the client's standard input, output and error attached (SCM_RIGHTS), then
+``signal`` ``{signum}`` for each SIGINT/SIGTERM the client receives. Server -> client: ``refused`` ``{reason}``
+(nothing ran: the client runs the command itself), or ``accepted`` (sent before the fork: from then on the client
+never runs the command itself), ``started`` ``{pid}`` and ``exit`` ``{code}`` (negative: the signal that killed
+the run); ``refused`` after ``accepted`` when the fork failed. A client that goes away
 (killed) cancels its run: the server sends it SIGTERM. A server that goes away cancels its runs the same way
 (:func:`nephireg.forked.die_with`).
 """
@@ -31,18 +33,19 @@ import socket
 import stat
 import struct
 import sys
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence
 
 SERVER_ENV = "NEPHIREG_SERVER"
 """Environment variable: the engine server's socket path, or ``off`` (never use a server)."""
 
 NO_SERVER_FLAG = "--no-server"
 LOAD_TIME_PREFIXES = ("OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_", "PYTORCH_", "TORCH_", "CUDA_", "NVIDIA_",
-                      "LD_", "PYTHON")
-"""Environment variables read when the interpreter, torch or its thread libraries load: a fork keeps the server's,
-so a client whose values differ runs in its own process."""
+                      "LD_", "PYTHON", "LC_", "LANG", "MALLOC_", "GLIBC_TUNABLES", "TZ")
+"""Environment variables read when the interpreter (its streams' encoding: the locale), torch or its thread
+libraries load: a fork keeps the server's, so a client whose values differ runs in its own process."""
 
 MAX_LINE_BYTES = 1 << 20  # a request is a command line and an environment: far below this
+CLIENT_TIMEOUT_S = 10.0  # connecting and the server's answer (accepted or refused); the run itself is not timed
 _STREAMS = (0, 1, 2)
 
 
@@ -71,12 +74,50 @@ def socket_path() -> Optional[str]:
     return os.path.abspath(chosen) if chosen else default_socket_path()
 
 
-def identity() -> Dict[str, str]:
-    """What makes two processes the same engine: its version, interpreter and package folder."""
+def identity() -> Dict[str, Any]:
+    """What makes two processes the same engine: its version, interpreter (prefix, flags, import path) and
+    package files (their newest modification time: a server started before an edit or an update is another
+    engine)."""
     import nephireg
 
-    return {"version": nephireg.__version__, "python": os.path.realpath(sys.executable),
-            "package": os.path.realpath(os.path.dirname(nephireg.__file__))}
+    package = os.path.realpath(os.path.dirname(nephireg.__file__))
+    return {"version": nephireg.__version__, "python": os.path.realpath(sys.executable), "prefix": sys.prefix,
+            "flags": repr(sys.flags), "warnoptions": list(sys.warnoptions), "xoptions": repr(sys._xoptions),
+            # sys.path[0] is the entry point's folder (the working folder for ``python -m``): not the engine's
+            "path": [os.path.realpath(entry) if entry else entry for entry in sys.path[1:]], "package": package,
+            "package_modified_ns": _newest_mtime_ns(package)}
+
+
+def _newest_mtime_ns(folder: str) -> int:
+    newest = 0
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        for name in files:
+            if name.endswith((".py", ".json", ".pt")):
+                try:
+                    newest = max(newest, os.stat(os.path.join(root, name)).st_mtime_ns)
+                except OSError:
+                    pass
+    return newest
+
+
+def process_attributes() -> Dict[str, Any]:
+    """What a fork of the server would otherwise take from the server rather than from the client: niceness,
+    CPU affinity, groups, resource limits and control group. The fork takes the client's niceness when it is
+    higher; the rest must be equal (or the client runs the command itself)."""
+    import resource
+
+    limits = {name: list(resource.getrlimit(getattr(resource, name)))
+              for name in ("RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_DATA", "RLIMIT_FSIZE", "RLIMIT_NOFILE",
+                           "RLIMIT_NPROC", "RLIMIT_RSS", "RLIMIT_STACK") if hasattr(resource, name)}
+    try:
+        with open("/proc/self/cgroup") as cgroup:
+            group = cgroup.read()
+    except OSError:
+        group = ""
+    affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return {"nice": os.nice(0), "affinity": affinity, "groups": sorted(os.getgroups()), "rlimits": limits,
+            "cgroup": group}
 
 
 def load_time_environment(env: Mapping[str, str]) -> Dict[str, str]:
@@ -108,12 +149,20 @@ class LineReader:
         self._buffer = b""
         self.fds: List[int] = []  # every descriptor received so far; the caller owns (and closes) them
 
-    def receive(self) -> Optional[Dict[str, Any]]:
+    def receive(self, deadline: Optional[float] = None) -> Optional[Dict[str, Any]]:
         """The next message; None at the end of the connection. Blocks (or raises BlockingIOError / TimeoutError as
-        the socket is set). :class:`LinkError` for a line that is not a JSON object or is too long."""
+        the socket is set); with ``deadline`` (``time.monotonic()``), TimeoutError once it has passed, however the
+        message trickles in. :class:`LinkError` for a line that is not a JSON object or is too long."""
+        import time
+
         while b"\n" not in self._buffer:
             if len(self._buffer) > MAX_LINE_BYTES:
                 raise LinkError("a message longer than the protocol allows")
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the message did not come in time")
+                self._sock.settimeout(left)
             data, fds, _, _ = socket.recv_fds(self._sock, 65536, 8)
             self.fds.extend(fds)
             if not data:
@@ -130,22 +179,46 @@ class LineReader:
 
 
 def wants_server(argv: Sequence[str]) -> bool:
-    """Whether this command line may run in a server: ``register`` without ``--no-server``."""
-    return bool(argv) and argv[0] == "register" and NO_SERVER_FLAG not in argv
+    """Whether this command line may run in a server: ``register`` without ``--no-server`` (or an abbreviation
+    of it that argparse takes: ``--no-s`` on)."""
+    return bool(argv) and argv[0] == "register" and not any(
+        len(arg) >= 6 and NO_SERVER_FLAG.startswith(arg) for arg in argv)
 
 
 def run_through_server(argv: Sequence[str]) -> Optional[int]:
-    """Run the command line ``argv`` in the engine server and return its exit code; None when no server can take
-    it (the caller then runs it itself). Signals recorded by :mod:`nephireg.signals` before the run started go to
-    the run; later ones are forwarded as they come."""
-    path = socket_path() if wants_server(argv) else None
-    if path is None:
+    """Run the command line ``argv`` in the engine server and return its exit code; None when no server took it
+    (the caller then runs it itself: whatever went wrong before the server accepted the run, nothing ran).
+    Signals recorded by :mod:`nephireg.signals` before the run started go to the run; later ones are forwarded as
+    they come."""
+    try:
+        path = socket_path() if wants_server(argv) and _standard_streams_open() else None
+        sock = _connect(path) if path is not None else None
+    except Exception:  # noqa: BLE001 - e.g. no usable temp folder for the default path: run here
         return None
-    sock = _connect(path)
     if sock is None:
         return None
     with sock:
-        return _run(sock, path, argv)
+        if sock.fileno() < 3:  # a standard stream was closed after all: it would be the run's connection
+            return None
+        reader = LineReader(sock)
+        try:
+            reply = _ask(sock, reader, argv)
+        except Exception as exc:  # noqa: BLE001 - e.g. a folder that no longer exists: nothing ran
+            reply = {"kind": "refused", "reason": f"{type(exc).__name__}: {exc}"}
+        if reply is None or reply.get("kind") != "accepted":
+            reason = reply.get("reason") if reply else "it closed the connection"
+            _say(f"nephireg: the engine server at {path} was not used ({reason}); running here")
+            return None
+        return _wait(sock, reader)
+
+
+def _standard_streams_open() -> bool:
+    try:
+        for fd in _STREAMS:
+            os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 def _connect(path: str) -> Optional[socket.socket]:
@@ -158,6 +231,7 @@ def _connect(path: str) -> Optional[socket.socket]:
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        sock.settimeout(CLIENT_TIMEOUT_S)
         sock.connect(path)
         if peer_uid(sock) != os.getuid():
             raise ConnectionRefusedError
@@ -167,21 +241,16 @@ def _connect(path: str) -> Optional[socket.socket]:
     return sock
 
 
-def _run(sock: socket.socket, path: str, argv: Sequence[str]) -> Optional[int]:
-
-    env = dict(os.environ)
-    request = {"kind": "run", "argv": list(argv), "cwd": os.getcwd(), "env": env, "identity": identity()}
-    reader = LineReader(sock)
-    try:
-        send_message(sock, request, _STREAMS)
-        reply = reader.receive()
-    except (OSError, LinkError) as exc:  # e.g. a standard stream closed here (EBADF): it cannot be handed over
-        reply = {"kind": "refused", "reason": f"{type(exc).__name__}: {exc}"}
-    if reply is None or reply.get("kind") != "started":
-        reason = reply.get("reason") if reply else "it closed the connection"
-        _say(f"nephireg: the engine server at {path} was not used ({reason}); running here")
-        return None
-    return _wait(sock, reader)
+def _ask(sock: socket.socket, reader: LineReader, argv: Sequence[str]) -> Optional[Dict[str, Any]]:
+    """Send the run request; the server's answer (``accepted`` or ``refused``), None when it closed without one."""
+    umask = os.umask(0o022)
+    os.umask(umask)  # only read: the run's files get this process's permissions
+    request = {"kind": "run", "argv": list(argv), "cwd": os.getcwd(), "env": dict(os.environ), "umask": umask,
+               "process": process_attributes(), "identity": identity()}
+    send_message(sock, request, _STREAMS)
+    reply = reader.receive()
+    sock.settimeout(None)  # accepted: the run takes as long as it takes
+    return reply
 
 
 def _wait(sock: socket.socket, reader: LineReader) -> int:
@@ -209,6 +278,9 @@ def _wait(sock: socket.socket, reader: LineReader) -> int:
                 return 3  # protocol.ExitCode.CANCELLED (not imported: it is the only code needed here)
             if message.get("kind") == "exit" and isinstance(message.get("code"), int):
                 return _exit_code(message["code"])
+            if message.get("kind") == "refused":  # after accepting: the fork failed (no memory or process slot)
+                _say(f"nephireg: the engine server could not start the run ({message.get('reason')})")
+                return 1  # protocol.ExitCode.INTERNAL_ERROR
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -220,10 +292,17 @@ def _exit_code(code: int) -> int:
     """A run that a signal killed (negative code) ends this process by the same signal, as a run here would end."""
     if code >= 0:
         return code
-    signal.signal(-code, signal.SIG_DFL)
-    sys.stdout.flush()
-    os.kill(os.getpid(), -code)
-    return 128 - code  # where the signal does not end the process (it is blocked)
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    try:
+        if -code not in (signal.SIGKILL, signal.SIGSTOP):  # those two cannot be caught: nothing to reset
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    except (OSError, ValueError):  # not a signal this process can send itself
+        pass
+    return 128 - code  # where the signal does not end the process (it is blocked or ignored)
 
 
 def _say(text: str) -> None:
@@ -233,12 +312,26 @@ def _say(text: str) -> None:
         pass
 
 
-def split_request(message: Mapping[str, Any]) -> Tuple[List[str], str, Dict[str, str], Dict[str, str]]:
-    """``argv``, ``cwd``, ``env`` and ``identity`` of a ``run`` message; :class:`LinkError` when one is missing or
-    of the wrong type."""
-    argv, cwd, env, ident = (message.get(key) for key in ("argv", "cwd", "env", "identity"))
+class RunRequest(NamedTuple):
+    """What a ``run`` message asks for: the command line, the client's folder, environment, umask and process
+    attributes (:func:`process_attributes`), and which engine it is (:func:`identity`)."""
+
+    argv: List[str]
+    cwd: str
+    env: Dict[str, str]
+    umask: int
+    process: Dict[str, Any]
+    identity: Dict[str, Any]
+
+
+def split_request(message: Mapping[str, Any]) -> RunRequest:
+    """The :class:`RunRequest` of a ``run`` message; :class:`LinkError` when a part is missing or of the wrong
+    type."""
+    keys = ("argv", "cwd", "env", "umask", "process", "identity")
+    argv, cwd, env, umask, process, ident = (message.get(key) for key in keys)
     if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv) and isinstance(cwd, str)
             and isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
-            and isinstance(ident, dict)):
-        raise LinkError("a run message without argv, cwd, env and identity")
-    return argv, cwd, env, ident
+            and isinstance(umask, int) and 0 <= umask <= 0o777 and isinstance(process, dict)
+            and isinstance(process.get("nice"), int) and isinstance(ident, dict)):
+        raise LinkError(f"a run message without {', '.join(keys)}")
+    return RunRequest(argv, cwd, env, umask, process, ident)

@@ -3,18 +3,23 @@ of itself (the client side, the socket's place and the messages: :mod:`nephireg.
 
 The server is one thread that never runs a torch operation (no OpenMP pool, no CUDA context, no lock held by
 another thread to be copied into a fork: :func:`nephireg.forked.can_fork` before torch loads). Each run's fork
-takes the client's standard streams, folder and environment and runs :func:`nephireg.cli.main` on its command
-line (:func:`nephireg.engine_children.run_command_in_fork`); the server reaps it and sends the exit code. Runs are
+starts its own session (the server's terminal and its signals are not the run's), takes the client's standard
+streams, folder, environment, umask and niceness and runs :func:`nephireg.cli.main` on its command line
+(:func:`nephireg.engine_children.run_command_in_fork`); the server reaps it and sends the exit code. Runs are
 independent processes: a crash or an out-of-memory kill ends that run only, and several clients may run at once.
 
-Lifetime: until SIGINT/SIGTERM, or ``idle_exit_s`` without a run; then it cancels the runs still going (SIGTERM:
-each cleans up as a cancelled command does), waits for them and removes its socket. Its socket lives in a folder
-only this user may enter (created 0700, refused when another user could reach it), and each connection's peer
-credentials are checked.
+Signals: while it serves, SIGINT, SIGTERM and SIGHUP (as SIGTERM) are recorded, never raised, so no step of the loop
+is cut in two (a fork without its record, a reaped run still listed); the loop stops at its next turn (the signal's
+wakeup byte wakes it). Lifetime: until such a signal, or ``idle_exit_s`` without a run; then it stops listening (its
+socket removed), cancels the runs still going (SIGTERM: each cleans up as a cancelled command does; SIGKILL after
+:data:`STOP_WAIT_S`), sends their exit codes and exits 0. Its socket lives in a folder only this user may enter
+(created 0700, refused when another user could reach it) and a lock file there makes one server per socket; each
+connection's peer credentials are checked. A connection that breaks the protocol is dropped alone.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import selectors
 import signal
@@ -22,13 +27,15 @@ import socket
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from nephireg import engine_link
-from nephireg.errors import Cancelled, InputError
+from nephireg.errors import InputError
 
-REQUEST_TIMEOUT_S = 5.0  # a client sends its request as it connects; one that does not is dropped
+REQUEST_TIMEOUT_S = 2.0  # a client sends its request as it connects; one that does not is dropped after this
 STOP_WAIT_S = 30.0  # how long cancelled runs get to clean up when the server stops, before SIGKILL
+MAX_IDLE_EXIT_S = 1e6  # beyond this, a poll timeout overflows; 0 means "never"
+LOCK_NAME = "engine.lock"
 
 
 @dataclass
@@ -36,13 +43,22 @@ class _Run:
     pid: int
     connection: Optional[socket.socket]  # None once the client has gone
     reader: Optional[engine_link.LineReader] = None
-    signals_sent: List[int] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
 
-def prepare_socket_folder(path: str) -> None:
-    """Create the socket's folder (0700) or check that only this user can reach it; :class:`InputError` naming it
-    otherwise. A socket file already there: another server's (an error) or a stale one (removed)."""
+def check_idle_exit(seconds: float) -> float:
+    """``seconds`` when it is a usable ``--idle-exit``; :class:`InputError` otherwise."""
+    if not (math.isfinite(seconds) and 0 <= seconds <= MAX_IDLE_EXIT_S):
+        raise InputError(f"--idle-exit must be 0 (never) or up to {MAX_IDLE_EXIT_S:g} seconds, not {seconds}")
+    return seconds
+
+
+def claim_socket(path: str) -> int:
+    """Make the socket's folder (0700) or check that only this user can reach it, and take its lock (held while
+    the returned descriptor is open); :class:`InputError` naming the path otherwise. Under the lock, a socket file
+    already there is a stale one (its server has gone) and is removed."""
+    import fcntl
+
     folder = os.path.dirname(path)
     if len(os.fsencode(path)) >= 104:  # sun_path is 104-108 bytes, the terminating NUL included
         raise InputError(f"engine server socket path too long for a Unix socket (max 103 bytes): {path}")
@@ -51,119 +67,151 @@ def prepare_socket_folder(path: str) -> None:
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
         raise InputError(f"engine server folder must be a folder of this user that others cannot enter "
                          f"(mode 0700): {folder}")
+    lock = os.open(os.path.join(folder, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        raise InputError(f"an engine server is already running at {path}") from None
     try:
         existing = os.lstat(path)
     except FileNotFoundError:
-        return
+        return lock
     if not stat.S_ISSOCK(existing.st_mode):
+        os.close(lock)
         raise InputError(f"engine server socket path exists and is not a socket: {path}")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:  # nobody listens: a server that was killed left it
-        os.unlink(path)
-    else:
-        raise InputError(f"an engine server is already running at {path}")
-    finally:
-        probe.close()
+    os.unlink(path)  # the lock is ours: whoever made it has gone
+    return lock
 
 
 def serve(path: str, idle_exit_s: float, say: Callable[[str], None]) -> int:
     """Run the server at socket ``path`` until a signal or ``idle_exit_s`` seconds without a run (0: no limit)."""
     from nephireg.forked import can_fork
 
+    check_idle_exit(idle_exit_s)
     if not can_fork():
         raise InputError("the engine server needs Linux and a process that has not loaded torch (it forks runs)")
-    prepare_socket_folder(path)
-    from nephireg.engine_children import ENGINE_MODULES
-    from nephireg.signals import import_frozen
-
-    started = time.monotonic()
-    for name in ENGINE_MODULES:
-        import_frozen(name)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    _standard_streams_on_devnull()
+    lock = claim_socket(path)
     try:
-        listener.bind(path)
+        engine = engine_link.identity(), engine_link.load_time_environment(os.environ)  # before anything loads
+        from nephireg.engine_children import ENGINE_MODULES
+        from nephireg.signals import import_frozen
+
+        started = time.monotonic()
+        for name in ENGINE_MODULES:
+            import_frozen(name)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        bound: Optional[os.stat_result] = None
         try:
+            listener.bind(path)
+            bound = os.lstat(path)
             os.chmod(path, 0o600)
             listener.listen(16)
             say(f"engine server ready at {path} (engine loaded in {time.monotonic() - started:.1f} s); "
                 f"'nephireg register' uses it (--no-server: not)")
-            return _Server(listener, idle_exit_s, say).loop()
+            return _Server(listener, path, bound, engine, idle_exit_s, say).loop()
         finally:
-            os.unlink(path)
+            listener.close()
+            _unlink_if_ours(path, bound)
     finally:
-        listener.close()
+        os.close(lock)
 
 
 class _Server:
-    def __init__(self, listener: socket.socket, idle_exit_s: float, say: Callable[[str], None]) -> None:
+    def __init__(self, listener: socket.socket, path: str, bound: os.stat_result, engine: Any, idle_exit_s: float,
+                 say: Callable[[str], None]) -> None:
         self._listener = listener
+        self._path, self._bound = path, bound
+        self._identity, self._load_time_environment = engine
+        self._process = engine_link.process_attributes()
         self._idle_exit_s = idle_exit_s
         self._say = say
         self._runs: Dict[int, _Run] = {}
         self._last_activity = time.monotonic()  # the last connection or the end of the last run (idle exit)
         self._selector = selectors.DefaultSelector()
-        self._wake_read, self._wake_write = os.pipe()  # SIGCHLD writes here (signal.set_wakeup_fd)
+        self._wake_read, self._wake_write = os.pipe()  # every signal writes here (signal.set_wakeup_fd)
         for fd in (self._wake_read, self._wake_write):
             os.set_blocking(fd, False)
 
     def loop(self) -> int:
         self._selector.register(self._listener, selectors.EVENT_READ, None)
         self._selector.register(self._wake_read, selectors.EVENT_READ, None)
+        from nephireg import signals
+
         previous_wakeup = signal.set_wakeup_fd(self._wake_write)
-        previous_child = signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # wakes the selector
+        previous = {signal.SIGCHLD: signal.signal(signal.SIGCHLD, lambda signum, frame: None),  # wakes the loop
+                    signal.SIGHUP: signal.signal(signal.SIGHUP, _hangup_as_sigterm)}
+        before = signals.received_count()
+        with signals.held():  # SIGINT/SIGTERM recorded (by nephireg.signals, as a fork expects), not raised
+            try:
+                while signals.received_count() == before:
+                    idle_for = time.monotonic() - self._last_activity
+                    if self._idle_exit_s > 0 and not self._runs and idle_for >= self._idle_exit_s:
+                        self._say(f"engine server idle for {self._idle_exit_s:g} s: stopping")
+                        break
+                    timeout = self._idle_exit_s - idle_for if self._idle_exit_s > 0 and not self._runs else None
+                    for key, _ in self._selector.select(timeout):
+                        if key.fileobj is self._listener:
+                            self._accept()
+                        elif key.fileobj == self._wake_read:
+                            _drain(self._wake_read)
+                        else:
+                            self._from_client(key.data)
+                    self._reap()
+                if signals.received_count() > before:
+                    self._say(f"engine server stopping ({signal.Signals(signals.recorded()[before]).name})")
+                return 0
+            finally:
+                self._stop_listening()
+                self._stop_runs()
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+                signal.set_wakeup_fd(previous_wakeup)
+                self._selector.close()
+                os.close(self._wake_read)
+                os.close(self._wake_write)
+
+    def _stop_listening(self) -> None:
+        """No new clients from now on (they run the command themselves): the socket goes before runs are
+        cancelled."""
         try:
-            while True:
-                idle_for = time.monotonic() - self._last_activity
-                if self._idle_exit_s > 0 and not self._runs and idle_for >= self._idle_exit_s:
-                    self._say(f"engine server idle for {self._idle_exit_s:g} s: stopping")
-                    return 0
-                timeout = self._idle_exit_s - idle_for if self._idle_exit_s > 0 and not self._runs else None
-                for key, _ in self._selector.select(timeout):
-                    if key.fileobj is self._listener:
-                        self._accept()
-                    elif key.fileobj == self._wake_read:
-                        _drain(self._wake_read)
-                    else:
-                        self._from_client(key.data)
-                self._reap()
-        except Cancelled as exc:
-            self._say(f"engine server stopping ({exc})")
-            return 0
-        finally:
-            self._stop_runs()
-            signal.signal(signal.SIGCHLD, previous_child)
-            signal.set_wakeup_fd(previous_wakeup)
-            self._selector.close()
-            os.close(self._wake_read)
-            os.close(self._wake_write)
+            self._selector.unregister(self._listener)
+        except (KeyError, ValueError):
+            pass
+        self._listener.close()
+        _unlink_if_ours(self._path, self._bound)
 
     def _accept(self) -> None:
         try:
             connection, _ = self._listener.accept()
-        except OSError:
+        except OSError:  # e.g. out of descriptors: wait a moment rather than spin on a readable listener
+            time.sleep(0.1)
             return
         self._last_activity = time.monotonic()
         reader = engine_link.LineReader(connection)
         run: Optional[_Run] = None
         try:
-            connection.settimeout(REQUEST_TIMEOUT_S)
             if engine_link.peer_uid(connection) != os.getuid():
                 raise engine_link.LinkError("a client of another user")
-            message = reader.receive()
+            message = reader.receive(deadline=time.monotonic() + REQUEST_TIMEOUT_S)
             if message is None or message.get("kind") != "run":
                 raise engine_link.LinkError("no run request")
-            argv, cwd, env, ident = engine_link.split_request(message)
+            request = engine_link.split_request(message)
             streams = reader.fds[:3]
-            reason = self._refusal(argv, env, ident, streams)
+            reason = self._refusal(request, reader.fds)
             if reason:
                 engine_link.send_message(connection, {"kind": "refused", "reason": reason})
                 raise engine_link.LinkError(reason)
-            run = self._fork(argv, cwd, env, streams, connection, reader)
-            self._say(f"run {run.pid}: nephireg {' '.join(argv)}")
+            engine_link.send_message(connection, {"kind": "accepted"})
+            try:
+                run = self._fork(request, streams, reader.fds[3:], connection, reader)
+            except OSError as exc:  # no memory or process slot for a fork: nothing ran
+                engine_link.send_message(connection, {"kind": "refused", "reason": f"fork failed: {exc}"})
+                raise engine_link.LinkError("fork failed") from exc
+            self._say(f"run {run.pid}: nephireg {' '.join(request.argv)}")
             engine_link.send_message(connection, {"kind": "started", "pid": run.pid})
-        except (OSError, engine_link.LinkError):
+        except Exception:  # noqa: BLE001 - this connection only: a broken client must not stop the others' runs
             if run is None:
                 connection.close()
             else:  # the client has gone already: its run is cancelled
@@ -177,24 +225,30 @@ class _Server:
         connection.setblocking(False)
         self._selector.register(connection, selectors.EVENT_READ, run.pid)
 
-    @staticmethod
-    def _refusal(argv: List[str], env: Dict[str, str], ident: Dict[str, str], streams: List[int]) -> str:
-        if not engine_link.wants_server(argv):
+    def _refusal(self, request: engine_link.RunRequest, fds: List[int]) -> str:
+        if not engine_link.wants_server(request.argv):
             return "only 'register' runs in the engine server"
-        if ident != engine_link.identity():
-            return f"it is another engine ({engine_link.identity()['version']}, {engine_link.identity()['package']})"
-        theirs, ours = (engine_link.load_time_environment(e) for e in (env, os.environ))
-        if theirs != ours:
-            names = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        if request.identity != self._identity:
+            changed = sorted(k for k in set(request.identity) | set(self._identity)
+                             if request.identity.get(k) != self._identity.get(k))
+            return f"it is another engine, or the engine changed since the server started ({', '.join(changed)})"
+        theirs = engine_link.load_time_environment(request.env)
+        if theirs != self._load_time_environment:
+            names = sorted(k for k in set(theirs) | set(self._load_time_environment)
+                           if theirs.get(k) != self._load_time_environment.get(k))
             return f"its load-time environment differs: {', '.join(names)}"
-        if len(streams) != 3:
-            return "the standard streams did not come with the request"
+        ours = {key: value for key, value in self._process.items() if key != "nice"}
+        different = sorted(key for key, value in ours.items() if request.process.get(key) != value)
+        if different:
+            return f"its process attributes differ: {', '.join(different)}"
+        if request.process["nice"] < self._process["nice"]:
+            return "it runs at a higher priority (lower niceness) than the server"
+        if len(fds) != 3:
+            return "its three standard streams did not come with the request"
         return ""
 
-    def _fork(self, argv: List[str], cwd: str, env: Dict[str, str], streams: List[int],
+    def _fork(self, request: engine_link.RunRequest, streams: List[int], extra: List[int],
               connection: socket.socket, reader: engine_link.LineReader) -> _Run:
-        """The run's fork, recorded in one step with its creation (a stop signal in between would leave it
-        uncancelled)."""
         from nephireg import signals
         from nephireg.engine_children import run_command_in_fork
         from nephireg.progress import flush_standard_streams
@@ -202,18 +256,18 @@ class _Server:
         flush_standard_streams()  # nothing buffered here may be written twice, once by the fork
         received = signals.received_count()
         server = os.getpid()
-        with signals.deferred():
-            pid = os.fork()
-            if pid == 0:
-                inherited = [self._listener.fileno(), self._wake_read, self._wake_write, self._selector.fileno()]
-                inherited += [run.connection.fileno() for run in self._runs.values() if run.connection is not None]
-                inherited.append(connection.fileno())
+        pid = os.fork()
+        if pid == 0:
+            inherited = [self._listener.fileno(), self._wake_read, self._wake_write, self._selector.fileno()]
+            inherited += [run.connection.fileno() for run in self._runs.values() if run.connection is not None]
+            inherited += [connection.fileno(), *extra]
+            raise_niceness = request.process["nice"] - self._process["nice"]
 
-                def take_client() -> None:
-                    _become_client(inherited, streams, cwd, env)
+            def take_client() -> None:
+                _become_client(inherited, streams, request, raise_niceness)
 
-                run_command_in_fork(argv, received, server, take_client)
-            run = self._runs[pid] = _Run(pid, connection, reader)
+            run_command_in_fork(request.argv, received, server, take_client)
+        run = self._runs[pid] = _Run(pid, connection, reader)
         return run
 
     def _from_client(self, pid: int) -> None:
@@ -229,17 +283,15 @@ class _Server:
                 signum = message.get("signum")
                 if message.get("kind") == "signal" and signum in (signal.SIGINT, signal.SIGTERM):
                     self._signal(run, int(signum))
-            self._signal(run, signal.SIGTERM)  # the client went away: nobody waits for this run
-            self._drop_connection(run)
         except BlockingIOError:
             return
-        except (OSError, engine_link.LinkError):
-            self._signal(run, signal.SIGTERM)
-            self._drop_connection(run)
+        except Exception:  # noqa: BLE001 - a broken message: treated as the client gone
+            pass
+        self._signal(run, signal.SIGTERM)  # the client went away: nobody waits for this run
+        self._drop_connection(run)
 
     def _signal(self, run: _Run, signum: int) -> None:
         if run.pid in self._runs:  # not reaped yet: the pid is still this run's
-            run.signals_sent.append(signum)
             try:
                 os.kill(run.pid, signum)
             except ProcessLookupError:
@@ -270,8 +322,9 @@ class _Server:
             run = self._runs.pop(pid)
             self._last_activity = time.monotonic()
             code = os.waitstatus_to_exitcode(status)
-            peak = f", peak RSS {usage.ru_maxrss / 1024:.0f} MiB" if usage is not None else ""
-            self._say(f"run {pid} ended: exit {code} after {time.monotonic() - run.started:.2f} s{peak}")
+            measured = (f", CPU {usage.ru_utime + usage.ru_stime:.2f} s, peak RSS {usage.ru_maxrss / 1024:.0f} MiB"
+                        if usage is not None else "")
+            self._say(f"run {pid} ended: exit {code} after {time.monotonic() - run.started:.2f} s{measured}")
             if run.connection is not None:
                 try:
                     run.connection.setblocking(True)
@@ -295,22 +348,58 @@ class _Server:
             self._reap()
 
 
-def _become_client(inherited: List[int], streams: List[int], cwd: str, env: Dict[str, str]) -> None:
-    """In a run's fork: drop the server's descriptors and signal wiring, take the client's standard streams,
-    folder and environment."""
+def _become_client(inherited: List[int], streams: List[int], request: engine_link.RunRequest,
+                   raise_niceness: int) -> None:
+    """In a run's fork: a session of its own; drop the server's descriptors and signal wiring; take the client's
+    standard streams, folder, environment, umask and niceness."""
     import tempfile
 
+    os.setsid()
     signal.set_wakeup_fd(-1)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for signum in (signal.SIGCHLD, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
     for fd in inherited:
         os.close(fd)
-    for target, fd in enumerate(streams):
+    for target, fd in enumerate(streams):  # each >= 3: the server's own 0-2 are always open
         os.dup2(fd, target)
         os.close(fd)
-    os.chdir(cwd)
+    os.chdir(request.cwd)
+    os.umask(request.umask)
+    if raise_niceness > 0:
+        os.nice(raise_niceness)
     os.environ.clear()
-    os.environ.update(env)
+    os.environ.update(request.env)
+    time.tzset()
     tempfile.tempdir = None  # the client's TMPDIR from now on
+
+
+def _hangup_as_sigterm(signum: int, frame: Any) -> None:  # noqa: ARG001 - signal handler signature
+    """The server's terminal closed: stop as on SIGTERM (recorded by :mod:`nephireg.signals`)."""
+    signal.raise_signal(signal.SIGTERM)
+
+
+def _standard_streams_on_devnull() -> None:
+    """Open /dev/null on any of descriptors 0-2 that is closed, so that descriptors received later are >= 3."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)
+            if opened != fd:
+                os.dup2(opened, fd)
+                os.close(opened)
+
+
+def _unlink_if_ours(path: str, bound: Optional[os.stat_result]) -> None:
+    """Remove the socket file if it is still the one this server bound (not a successor's)."""
+    if bound is None:
+        return
+    try:
+        info = os.lstat(path)
+        if (info.st_dev, info.st_ino) == (bound.st_dev, bound.st_ino):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _drain(fd: int) -> None:

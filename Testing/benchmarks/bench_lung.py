@@ -321,11 +321,17 @@ def one_run(method: str, out: Path, timeout_s: float, verify: bool,
     served = method.endswith(SERVER_SUFFIX)
     if served and SERVER.path is None:
         raise RuntimeError(f"{method} needs the engine server (started by _run)")
+    runs_before = SERVER.runs_ended() if served else 0
     record: Dict[str, object] = {"method": method, **run_child(command_for(method, out), out / "log.txt", timeout_s,
                                                                engine=engine, server=SERVER.path if served else None)}
-    if served:  # the run is the server's fork: its peak RSS is in the server's log (the client's is ~15 MB)
-        record["client_peak_rss_gib"] = record["peak_rss_gib"]
-        record["peak_rss_gib"] = SERVER.last_peak_rss_gib()
+    if served:  # the run is the server's fork: its CPU and peak RSS are in the server's log (the client's: ~0)
+        ended = SERVER.run_ended(runs_before)
+        if ended is None:
+            record["exit_code"] = record["exit_code"] or -1
+            record["failure"] = "the engine server did not run it (the command ran in its own process)"
+            return record
+        record["client_peak_rss_gib"], record["client_cpu_s"] = record["peak_rss_gib"], record["cpu_s"]
+        record["cpu_s"], record["peak_rss_gib"] = ended
     if record["exit_code"] != 0:
         record["failure"] = record["log_tail"] or f"exit code {record['exit_code']}"
         if record["timed_out"]:
@@ -373,9 +379,21 @@ class BenchServer:
             shutil.rmtree(folder, ignore_errors=True)
             self.path = None
 
-    def last_peak_rss_gib(self) -> float:
-        found = re.findall(r"ended: exit -?\d+ after [\d.]+ s, peak RSS (\d+) MiB", self.log.read_text())
-        return round(int(found[-1]) / 1024, 3) if found else 0.0
+    _ENDED = re.compile(r"^run \d+ ended: exit -?\d+ after [\d.]+ s, CPU ([\d.]+) s, peak RSS (\d+) MiB$", re.M)
+
+    def runs_ended(self) -> int:
+        return len(self._ENDED.findall(self.log.read_text()))
+
+    def run_ended(self, before: int) -> Optional[tuple]:
+        """(CPU s, peak RSS GiB) of the run that ended after ``before`` others; None when none did."""
+        deadline = time.monotonic() + 5  # the log line is written as the client is told the exit code
+        while time.monotonic() < deadline:
+            found = self._ENDED.findall(self.log.read_text())
+            if len(found) > before:
+                cpu, peak = found[before]
+                return round(float(cpu), 2), round(int(peak) / 1024, 3)
+            time.sleep(0.05)
+        return None
 
 
 SERVER = BenchServer()
