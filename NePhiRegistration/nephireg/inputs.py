@@ -10,12 +10,13 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
 
 from nephireg import io
+from nephireg.background import on_both
 from nephireg.errors import InputError
 from nephireg.forked import ForkedWork, Send, can_fork
 from nephireg.initial import read_initial_transform
@@ -113,7 +114,7 @@ def _read(request: Request, preset: Preset, stage: StageCallback, warn: WarnCall
         fixed_mask, moving_mask = _derive_missing(request, fixed, moving, fixed_mask, moving_mask, sources, warn)
         alignment = _alignment_masks(fixed, moving, fixed_mask, moving_mask, sources)
     stage("preprocess", f"Normalising intensities ({preset.name})")
-    regions = [None if m is None else dilate(m, preset.mask_dilation_mm) for m in (fixed_mask, moving_mask)]
+    regions = on_both(lambda m: None if m is None else dilate(m, preset.mask_dilation_mm), fixed_mask, moving_mask)
     fixed_norm, _ = normalise_with_window(fixed, preset, fixed_mask)
     moving_norm, moving_window = normalise_with_window(moving, preset, moving_mask)
     return Inputs(fixed, moving, fixed_norm, moving_norm, fixed_mask, moving_mask,
@@ -129,16 +130,24 @@ def _derive_missing(request: Request, fixed: sitk.Image, moving: sitk.Image, fix
     refused for its mask."""
     from nephireg.lungmask import lung_mask
 
+    def derived(image_and_mask: Tuple[sitk.Image, Optional[sitk.Image]]) -> Union[sitk.Image, InputError, None]:
+        image, given = image_and_mask
+        if given is not None:
+            return None
+        try:
+            return lung_mask(image)
+        except InputError as exc:
+            return exc
+
     masks = [fixed_mask, moving_mask]
     failures = []
-    for n, (image, role, path) in enumerate(((fixed, "fixed", request.fixed), (moving, "moving", request.moving))):
-        if masks[n] is not None:
-            continue
-        try:
-            masks[n] = lung_mask(image)
+    outcomes = on_both(derived, (fixed, fixed_mask), (moving, moving_mask))
+    for n, (outcome, role, path) in enumerate(zip(outcomes, ("fixed", "moving"), (request.fixed, request.moving))):
+        if isinstance(outcome, InputError):
+            failures.append((role, path, outcome.problem))
+        elif outcome is not None:
+            masks[n] = outcome
             sources[n] = "derived"
-        except InputError as exc:
-            failures.append((role, path, exc.problem))
     for role, path, problem in failures:
         kept = [f"the {r} image's {sources[n]} mask" for n, r in enumerate(("fixed", "moving")) if masks[n] is not None]
         course = f"the run goes on with {kept[0]} only" if kept else "the run goes on without masks"
