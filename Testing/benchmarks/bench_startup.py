@@ -1,6 +1,7 @@
 """Start-up of the engine and of the Slicer module's Register path, measured (issue 13). Not a test.
 
-    python Testing/benchmarks/bench_startup.py [--repeats N] [--parts cli,env,register,importtime,overlap,batch,slicer]
+    python Testing/benchmarks/bench_startup.py [--repeats N]
+        [--parts cli,env,register,importtime,overlap,batch,server,slicer]
         [--out-json docs/benchmarks/startup.json] [--markdown FILE] [--work DIR]
 
 Every timing is a fresh process (or, for the Slicer part, a fresh engine process), the variants of one part
@@ -25,6 +26,8 @@ run with each other (ratios), not with another run's.
   method of ``BATCH_METHODS``: the default children (forks of the batch with the engine loaded once) against
   ``--fresh-processes`` (a fresh interpreter per pair, as before), interleaved; the whole batch's wall time and its
   share per pair, and whether both modes wrote the same det J (bytes).
+* ``server``: the ``register`` command of ``register`` as a command of its own and through a ``nephireg serve``
+  started here (interleaved): the arrival of the same events; and how long the server took to load the engine.
 * ``slicer``: the Slicer module's Register on Slicer's real libraries (trame-slicer ``SlicerApp`` scene as
   ``Testing/slicer_scene.py`` builds it; the lung pair loaded as volume nodes; ``RegistrationJob`` with
   ``python=sys.executable``, as the tests run it): writing the inputs, launch -> ``start`` event, ``start`` ->
@@ -57,7 +60,7 @@ MODULE_DIR = REPO / "NePhiRegistration"
 DATA = REPO.parent / "shared" / "data" / "lung-ct-pair"
 FIXED = DATA / "3DCT_lung_baseline.mha"
 MOVING = DATA / "3DCT_lung_followup.mha"
-PARTS = ("cli", "env", "register", "importtime", "overlap", "batch", "slicer")
+PARTS = ("cli", "env", "register", "importtime", "overlap", "batch", "server", "slicer")
 BATCH_PAIRS = 4  # rows of the batch part (the lung pair each time, its own output folder each)
 BATCH_METHODS = ("nephi", "adam")
 METHOD, PRESET = "nephi", "lung-ct"
@@ -227,6 +230,41 @@ def part_batch(repeats: int, work: Path) -> Dict[str, Any]:
         results[method] = {"pairs": BATCH_PAIRS, "modes": summary, "fork_over_fresh": round(fork / fresh, 3),
                            "same_det_j_bytes": same_det}
     return results
+
+
+# -- part server ---------------------------------------------------------------------------------------------
+def part_server(repeats: int, work: Path) -> Dict[str, Any]:
+    folder = Path(tempfile.mkdtemp(prefix="nephireg-startup-"))  # short: a socket path has ~100 bytes
+    socket_path, log = folder / "engine.sock", work / "server.log"
+    with open(log, "w") as sink:
+        server = subprocess.Popen([sys.executable, "-m", "nephireg", "serve", "--socket", str(socket_path),
+                                   "--idle-exit", "0"], env=engine_env({"NEPHIREG_SERVER": "off"}), stderr=sink)
+    try:
+        deadline = time.monotonic() + 120
+        while "engine server ready" not in log.read_text():
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the engine server did not start: {log.read_text()}")
+            time.sleep(0.05)
+        loaded = float(log.read_text().split("engine loaded in ")[1].split(" s")[0])
+        variants = {"a command of its own": "off", "through nephireg serve": str(socket_path)}
+        runs: Dict[str, List[Dict[str, Any]]] = {name: [] for name in variants}
+        for index in range(repeats):
+            for name in (list(variants) if index % 2 == 0 else list(variants)[::-1]):
+                out = work / f"server-{index}-{len(runs[name])}-{'own' if variants[name] == 'off' else 'served'}"
+                runs[name].append(timeline(register_command(out), engine_env({"NEPHIREG_SERVER": variants[name]})))
+                shutil.rmtree(out, ignore_errors=True)
+        served = log.read_text().count(" ended: exit 0 ")
+        if served != repeats:
+            raise RuntimeError(f"the server ran {served} of the {repeats} runs meant for it")
+    finally:
+        server.terminate()
+        server.wait(timeout=120)
+        shutil.rmtree(folder, ignore_errors=True)
+    keys = ["start"] + runs["a command of its own"][0]["stages"] + ["result", "exit"]
+    return {"engine_loaded_in_s": loaded,
+            "median_arrival_s": {name: {key: round(statistics.median(r["arrivals_s"][key] for r in value), 3)
+                                        for key in keys} for name, value in runs.items()},
+            "runs": runs}
 
 
 # -- part importtime -----------------------------------------------------------------------------------------
@@ -469,6 +507,16 @@ def markdown(results: Dict[str, Any]) -> str:
                              f"{value['per_pair_s']:.2f} | {entry['fork_over_fresh']:.2f} | "
                              f"{'yes' if entry['same_det_j_bytes'] else 'NO'} |")
         lines.append("")
+    if "server" in results:
+        arrivals = results["server"]["median_arrival_s"]
+        names = list(arrivals)
+        lines += [f"`nephireg register` ({METHOD}, {PRESET}, cpu, lung pair) as a command of its own and through "
+                  f"`nephireg serve` (which loaded the engine in {results['server']['engine_loaded_in_s']:.1f} s, "
+                  "once): event arrival, s since the exec (medians)", "",
+                  "| event | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for key in arrivals[names[0]]:
+            lines.append(f"| {key} | " + " | ".join(f"{arrivals[n][key]:.3f}" for n in names) + " |")
+        lines.append("")
     if "slicer" in results:
         variants = list(results["slicer"])
         keys = list(results["slicer"][variants[0]])
@@ -504,7 +552,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     }
     try:
         for part in parts:
-            if part in ("register", "overlap", "batch", "slicer") and not DATA.is_dir():
+            if part in ("register", "overlap", "batch", "server", "slicer") and not DATA.is_dir():
                 print(f"{part}: skipped: {DATA} absent")
                 continue
             print(f"{part} ...", file=sys.stderr, flush=True)
@@ -520,6 +568,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 results["overlap"] = part_overlap(args.repeats, work)
             elif part == "batch":
                 results["batch"] = part_batch(args.repeats, work)
+            elif part == "server":
+                results["server"] = part_server(args.repeats, work)
             elif part == "slicer":
                 try:
                     import slicer_core  # noqa: F401
