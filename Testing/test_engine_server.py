@@ -150,21 +150,69 @@ def test_two_clients_at_once_each_get_their_own_run(server, small_pair, tmp_path
     np.testing.assert_allclose(displacement(tmp_path / "out0"), displacement(tmp_path / "out1"), atol=1e-4)
 
 
-def test_a_silent_or_broken_client_does_not_stop_the_server_or_the_others(server, small_pair, tmp_path):
-    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    silent.connect(str(server.path))  # connects and never sends its request
+def test_silent_or_broken_clients_do_not_hold_up_the_server_or_the_others(server, small_pair, tmp_path):
+    # Eight connections that never send their request: read one at a time with a 2 s wait each they would keep a
+    # client from its answer for 16 s, past its 10 s limit, and it would fall back to a process of its own.
+    silent = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(8)]
+    for sock in silent:
+        sock.connect(str(server.path))
     broken = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     broken.connect(str(server.path))
     broken.sendall(b"[" * 100000 + b"\n")  # too deep for json: must cost only this connection
+    before = server.runs()
     try:
         done = register(server.env, "--fixed", small_pair["fixed"], "--moving", small_pair["moving"], "--out",
                         tmp_path / "out", *RUN_ARGS)
         assert done.returncode == 0, done.stderr
         assert "was not used" not in done.stderr
+        assert len(server.runs()) == len(before) + 1
         assert server.proc.poll() is None
     finally:
-        silent.close()
-        broken.close()
+        for sock in silent + [broken]:
+            sock.close()
+
+
+def _ask_and_leave(server, small_pair, out, after: str) -> None:
+    """A client that sends a real request and closes its connection once the server says ``after``."""
+    from nephireg import engine_link
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(server.path))
+    reader = engine_link.LineReader(sock)
+    argv = ["register", "--fixed", small_pair["fixed"], "--moving", small_pair["moving"], "--out", str(out),
+            *RUN_ARGS]
+    describe = ("import json, os, nephireg.cli, nephireg.engine_link as link; nephireg.cli.set_engine_environment(); "
+                "print(json.dumps([link.identity(), dict(os.environ), link.process_attributes()]))")
+    ident, env, process = json.loads(subprocess.run([sys.executable, "-c", describe], env=server.env, check=True,
+                                                    capture_output=True, text=True).stdout)  # as a client is
+    request = {"kind": "run", "argv": argv, "cwd": os.getcwd(), "env": env, "umask": 0o022, "process": process,
+               "identity": ident}
+    with open(os.devnull, "w") as sink:
+        engine_link.send_message(sock, request, [0, sink.fileno(), sink.fileno()])
+    assert reader.receive()["kind"] == "ready"
+    if after == "go":
+        engine_link.send_message(sock, {"kind": "go"})
+    sock.close()
+
+
+@pytest.mark.parametrize("leaves_after", ["ready", "go"])
+def test_a_client_that_leaves_during_the_handshake_starts_no_run_or_gets_it_cancelled(server, small_pair, tmp_path,
+                                                                                     leaves_after):
+    before = server.runs()
+    out = tmp_path / "out"
+    _ask_and_leave(server, small_pair, out, leaves_after)
+    done = register(server.env, "--fixed", small_pair["fixed"], "--moving", small_pair["moving"], "--out",
+                    tmp_path / "next", *RUN_ARGS)  # the server still serves
+    assert done.returncode == 0, done.stderr and server.proc.poll() is None
+    started = [pid for pid in server.runs() if pid not in before]
+    if leaves_after == "ready":  # no go: nothing ran for it
+        assert len(started) == 1
+    else:  # its run was forked and, with nobody waiting, cancelled at once - a SIGTERM within a millisecond of
+        # the fork, which CPython's after-fork code would drop were it not blocked across the fork
+        assert len(started) == 2
+        assert server.exit_of(started[0]) == ExitCode.CANCELLED
+        wait_for(lambda: process_gone(started[0]))
+        assert not out.exists()
 
 
 def _long_run(server, small_pair, out, **popen):
@@ -285,12 +333,12 @@ def test_a_killed_server_cancels_its_runs_and_a_new_one_takes_its_socket(small_p
     assert client.returncode == ExitCode.CANCELLED
     assert "the engine server stopped during the run" in err
     assert events(rest)[-1]["kind"] == "cancelled"
-    wait_for(lambda: process_gone(pid))
-    assert not out.exists()
     assert killed.path.exists()  # its socket is left behind ...
     (tmp_path / "again").mkdir()
     again = Server(tmp_path / "again", "--idle-exit", "0", path=killed.path).wait_ready()  # ... and replaced
-    try:
+    try:  # (at once: the old server's runs do not hold its lock)
+        wait_for(lambda: process_gone(pid))
+        assert not out.exists()
         done = register(again.env, "--fixed", small_pair["fixed"], "--moving", small_pair["moving"], "--out",
                         tmp_path / "out2", *RUN_ARGS)
         assert done.returncode == 0, done.stderr

@@ -99,9 +99,10 @@ class _ForkedCopy:
         self._code: Optional[int] = None
         received = signals.received_count()
         parent = os.getpid()
-        self.pid = os.fork()
-        if self.pid == 0:
-            run_command_in_fork(["register", *register_argv], received, parent)
+        with signals.blocked():  # a signal sent to the child at once is not lost (see signals.blocked)
+            self.pid = os.fork()
+            if self.pid == 0:
+                run_command_in_fork(["register", *register_argv], received, parent)
 
     def wait(self) -> int:
         """The exit code. A signal may raise :class:`nephireg.errors.Cancelled` while the child runs (call again):

@@ -17,9 +17,10 @@ was there but could not be used.
 Messages: one JSON object per line (UTF-8), in each direction. Client -> server: ``run`` ``{argv, cwd, env,
 umask, process, identity}`` with the client's standard input, output and error attached (SCM_RIGHTS), then
 ``signal`` ``{signum}`` for each SIGINT/SIGTERM the client receives. Server -> client: ``refused`` ``{reason}``
-(nothing ran: the client runs the command itself), or ``accepted`` (sent before the fork: from then on the client
-never runs the command itself), ``started`` ``{pid}`` and ``exit`` ``{code}`` (negative: the signal that killed
-the run); ``refused`` after ``accepted`` when the fork failed. A client that goes away
+(nothing ran: the client runs the command itself) or ``ready``; the client answers ``go`` unless it has given up
+(its :data:`CLIENT_TIMEOUT_S`), and only then does the server fork: so a command runs in exactly one place. Then
+``started`` ``{pid}`` and ``exit`` ``{code}`` (negative: the signal that killed the run), or ``refused`` when the
+fork failed (the client then runs the command itself). A client that goes away
 (killed) cancels its run: the server sends it SIGTERM. A server that goes away cancels its runs the same way
 (:func:`nephireg.forked.die_with`).
 """
@@ -45,7 +46,7 @@ LOAD_TIME_PREFIXES = ("OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_", "PYTORCH_", 
 libraries load: a fork keeps the server's, so a client whose values differ runs in its own process."""
 
 MAX_LINE_BYTES = 1 << 20  # a request is a command line and an environment: far below this
-CLIENT_TIMEOUT_S = 10.0  # connecting and the server's answer (accepted or refused); the run itself is not timed
+CLIENT_TIMEOUT_S = 10.0  # connecting and the server's answer (ready or refused); the run itself is not timed
 _STREAMS = (0, 1, 2)
 
 
@@ -187,7 +188,7 @@ def wants_server(argv: Sequence[str]) -> bool:
 
 def run_through_server(argv: Sequence[str]) -> Optional[int]:
     """Run the command line ``argv`` in the engine server and return its exit code; None when no server took it
-    (the caller then runs it itself: whatever went wrong before the server accepted the run, nothing ran).
+    (the caller then runs it itself: whatever went wrong before this client said ``go``, nothing ran).
     Signals recorded by :mod:`nephireg.signals` before the run started go to the run; later ones are forwarded as
     they come."""
     try:
@@ -205,11 +206,20 @@ def run_through_server(argv: Sequence[str]) -> Optional[int]:
             reply = _ask(sock, reader, argv)
         except Exception as exc:  # noqa: BLE001 - e.g. a folder that no longer exists: nothing ran
             reply = {"kind": "refused", "reason": f"{type(exc).__name__}: {exc}"}
-        if reply is None or reply.get("kind") != "accepted":
+        if reply is None or reply.get("kind") != "ready":
             reason = reply.get("reason") if reply else "it closed the connection"
             _say(f"nephireg: the engine server at {path} was not used ({reason}); running here")
             return None
-        return _wait(sock, reader)
+        try:
+            send_message(sock, {"kind": "go"})  # from here on the run is the server's: never run here as well
+        except OSError as exc:  # the server has gone before the fork: nothing ran
+            _say(f"nephireg: the engine server at {path} was not used ({exc}); running here")
+            return None
+        sock.settimeout(None)  # the run takes as long as it takes
+        code = _wait(sock, reader)
+        if code is None:
+            _say(f"nephireg: the engine server at {path} could not start the run; running here")
+        return code
 
 
 def _standard_streams_open() -> bool:
@@ -242,19 +252,18 @@ def _connect(path: str) -> Optional[socket.socket]:
 
 
 def _ask(sock: socket.socket, reader: LineReader, argv: Sequence[str]) -> Optional[Dict[str, Any]]:
-    """Send the run request; the server's answer (``accepted`` or ``refused``), None when it closed without one."""
+    """Send the run request; the server's answer (``ready`` or ``refused``), None when it closed without one."""
     umask = os.umask(0o022)
     os.umask(umask)  # only read: the run's files get this process's permissions
     request = {"kind": "run", "argv": list(argv), "cwd": os.getcwd(), "env": dict(os.environ), "umask": umask,
                "process": process_attributes(), "identity": identity()}
     send_message(sock, request, _STREAMS)
-    reply = reader.receive()
-    sock.settimeout(None)  # accepted: the run takes as long as it takes
-    return reply
+    return reader.receive()
 
 
-def _wait(sock: socket.socket, reader: LineReader) -> int:
-    """Forward SIGINT/SIGTERM (the last one recorded before, and any that come) until the run's exit code arrives."""
+def _wait(sock: socket.socket, reader: LineReader) -> Optional[int]:
+    """Forward SIGINT/SIGTERM (the last one recorded before, and any that come) until the run's exit code arrives;
+    None when the server could not fork the run (nothing ran)."""
     from nephireg import signals
 
     def forward(signum: int, frame: Any = None) -> None:  # noqa: ARG001 - signal handler signature
@@ -278,9 +287,8 @@ def _wait(sock: socket.socket, reader: LineReader) -> int:
                 return 3  # protocol.ExitCode.CANCELLED (not imported: it is the only code needed here)
             if message.get("kind") == "exit" and isinstance(message.get("code"), int):
                 return _exit_code(message["code"])
-            if message.get("kind") == "refused":  # after accepting: the fork failed (no memory or process slot)
-                _say(f"nephireg: the engine server could not start the run ({message.get('reason')})")
-                return 1  # protocol.ExitCode.INTERNAL_ERROR
+            if message.get("kind") == "refused":  # after go: the fork failed (no memory or process slot)
+                return None  # nothing ran
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

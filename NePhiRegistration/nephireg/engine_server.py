@@ -46,6 +46,16 @@ class _Run:
     started: float = field(default_factory=time.monotonic)
 
 
+@dataclass
+class _Pending:
+    """A connection whose run is not started yet: its request (None until read), then its ``go``."""
+
+    connection: socket.socket
+    reader: engine_link.LineReader
+    deadline: float  # time.monotonic() by which the next message must have come
+    request: Optional[engine_link.RunRequest] = None
+
+
 def check_idle_exit(seconds: float) -> float:
     """``seconds`` when it is a usable ``--idle-exit``; :class:`InputError` otherwise."""
     if not (math.isfinite(seconds) and 0 <= seconds <= MAX_IDLE_EXIT_S):
@@ -110,7 +120,7 @@ def serve(path: str, idle_exit_s: float, say: Callable[[str], None]) -> int:
             listener.listen(16)
             say(f"engine server ready at {path} (engine loaded in {time.monotonic() - started:.1f} s); "
                 f"'nephireg register' uses it (--no-server: not)")
-            return _Server(listener, path, bound, engine, idle_exit_s, say).loop()
+            return _Server(listener, path, bound, lock, engine, idle_exit_s, say).loop()
         finally:
             listener.close()
             _unlink_if_ours(path, bound)
@@ -119,15 +129,17 @@ def serve(path: str, idle_exit_s: float, say: Callable[[str], None]) -> int:
 
 
 class _Server:
-    def __init__(self, listener: socket.socket, path: str, bound: os.stat_result, engine: Any, idle_exit_s: float,
-                 say: Callable[[str], None]) -> None:
+    def __init__(self, listener: socket.socket, path: str, bound: os.stat_result, lock: int, engine: Any,
+                 idle_exit_s: float, say: Callable[[str], None]) -> None:
         self._listener = listener
+        self._lock = lock  # the socket's lock file: not for the forks (a run outliving the server would hold it)
         self._path, self._bound = path, bound
         self._identity, self._load_time_environment = engine
         self._process = engine_link.process_attributes()
         self._idle_exit_s = idle_exit_s
         self._say = say
         self._runs: Dict[int, _Run] = {}
+        self._pending: Dict[socket.socket, _Pending] = {}
         self._last_activity = time.monotonic()  # the last connection or the end of the last run (idle exit)
         self._selector = selectors.DefaultSelector()
         self._wake_read, self._wake_write = os.pipe()  # every signal writes here (signal.set_wakeup_fd)
@@ -147,23 +159,33 @@ class _Server:
             try:
                 while signals.received_count() == before:
                     idle_for = time.monotonic() - self._last_activity
-                    if self._idle_exit_s > 0 and not self._runs and idle_for >= self._idle_exit_s:
+                    busy = self._runs or self._pending
+                    if self._idle_exit_s > 0 and not busy and idle_for >= self._idle_exit_s:
                         self._say(f"engine server idle for {self._idle_exit_s:g} s: stopping")
                         break
-                    timeout = self._idle_exit_s - idle_for if self._idle_exit_s > 0 and not self._runs else None
-                    for key, _ in self._selector.select(timeout):
+                    timeouts = [p.deadline - time.monotonic() for p in self._pending.values()]
+                    if self._idle_exit_s > 0 and not busy:
+                        timeouts.append(self._idle_exit_s - idle_for)
+                    for key, _ in self._selector.select(max(0.0, min(timeouts)) if timeouts else None):
+                        if signals.received_count() != before:  # stopping: no new run from here on
+                            break
                         if key.fileobj is self._listener:
                             self._accept()
                         elif key.fileobj == self._wake_read:
                             _drain(self._wake_read)
+                        elif isinstance(key.data, _Pending):
+                            self._from_pending(key.data)
                         else:
                             self._from_client(key.data)
+                    self._expire_pending()
                     self._reap()
                 if signals.received_count() > before:
                     self._say(f"engine server stopping ({signal.Signals(signals.recorded()[before]).name})")
                 return 0
             finally:
                 self._stop_listening()
+                for pending in list(self._pending.values()):
+                    self._drop_pending(pending)
                 self._stop_runs()
                 for signum, handler in previous.items():
                     signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
@@ -183,47 +205,101 @@ class _Server:
         _unlink_if_ours(self._path, self._bound)
 
     def _accept(self) -> None:
+        """A new connection waits in the selector for its request (never read here blocking: one silent client
+        must not hold up the others)."""
         try:
             connection, _ = self._listener.accept()
         except OSError:  # e.g. out of descriptors: wait a moment rather than spin on a readable listener
             time.sleep(0.1)
             return
         self._last_activity = time.monotonic()
-        reader = engine_link.LineReader(connection)
-        run: Optional[_Run] = None
         try:
             if engine_link.peer_uid(connection) != os.getuid():
                 raise engine_link.LinkError("a client of another user")
-            message = reader.receive(deadline=time.monotonic() + REQUEST_TIMEOUT_S)
-            if message is None or message.get("kind") != "run":
-                raise engine_link.LinkError("no run request")
-            request = engine_link.split_request(message)
-            streams = reader.fds[:3]
-            reason = self._refusal(request, reader.fds)
-            if reason:
-                engine_link.send_message(connection, {"kind": "refused", "reason": reason})
-                raise engine_link.LinkError(reason)
-            engine_link.send_message(connection, {"kind": "accepted"})
-            try:
-                run = self._fork(request, streams, reader.fds[3:], connection, reader)
-            except OSError as exc:  # no memory or process slot for a fork: nothing ran
-                engine_link.send_message(connection, {"kind": "refused", "reason": f"fork failed: {exc}"})
-                raise engine_link.LinkError("fork failed") from exc
-            self._say(f"run {run.pid}: nephireg {' '.join(request.argv)}")
-            engine_link.send_message(connection, {"kind": "started", "pid": run.pid})
+            connection.setblocking(False)
+            pending = _Pending(connection, engine_link.LineReader(connection), time.monotonic() + REQUEST_TIMEOUT_S)
+            self._selector.register(connection, selectors.EVENT_READ, pending)
+        except Exception:  # noqa: BLE001 - this connection only
+            connection.close()
+            return
+        self._pending[connection] = pending
+
+    def _from_pending(self, pending: _Pending) -> None:
+        """The request (answered ``refused`` or ``ready``), then the client's ``go`` (the run is forked); the client
+        gives up before ``go`` or not at all, so a run starts only when its client will not run it itself."""
+        try:
+            while True:
+                message = pending.reader.receive()
+                if message is None:
+                    raise engine_link.LinkError("the client closed the connection")
+                if pending.request is None:
+                    if message.get("kind") != "run":
+                        raise engine_link.LinkError("no run request")
+                    request = engine_link.split_request(message)
+                    reason = self._refusal(request, pending.reader.fds)
+                    if reason:
+                        self._send(pending.connection, {"kind": "refused", "reason": reason})
+                        raise engine_link.LinkError(reason)
+                    pending.request, pending.deadline = request, time.monotonic() + REQUEST_TIMEOUT_S
+                    self._send(pending.connection, {"kind": "ready"})
+                elif message.get("kind") == "go":
+                    self._start(pending)
+                    return
+                else:
+                    raise engine_link.LinkError("no go after ready")
+        except BlockingIOError:  # the rest of the message has not come yet
+            return
         except Exception:  # noqa: BLE001 - this connection only: a broken client must not stop the others' runs
-            if run is None:
-                connection.close()
-            else:  # the client has gone already: its run is cancelled
-                self._signal(run, signal.SIGTERM)
-                self._drop_connection(run)
+            self._drop_pending(pending)
+
+    def _start(self, pending: _Pending) -> None:
+        """Fork the run of a client that said ``go``; its connection then carries signals and the exit code."""
+        self._selector.unregister(pending.connection)
+        del self._pending[pending.connection]
+        request, reader, connection = pending.request, pending.reader, pending.connection
+        try:
+            run = self._fork(request, reader.fds[:3], reader.fds[3:], connection, reader)
+        except OSError as exc:  # no memory or process slot for a fork: nothing ran, the client runs it itself
+            try:
+                self._send(connection, {"kind": "refused", "reason": f"fork failed: {exc}"})
+            except OSError:
+                pass
+            _close_all(reader.fds)
+            connection.close()
             return
         finally:
-            for fd in reader.fds:  # the fork has its copies; the client's pipes must not stay open here
-                os.close(fd)
-            reader.fds.clear()
-        connection.setblocking(False)
-        self._selector.register(connection, selectors.EVENT_READ, run.pid)
+            _close_all(reader.fds)  # the fork has its copies; the client's pipes must not stay open here
+        self._say(f"run {run.pid}: nephireg {' '.join(request.argv)}")
+        try:
+            self._send(connection, {"kind": "started", "pid": run.pid})
+            self._selector.register(connection, selectors.EVENT_READ, run.pid)
+        except Exception:  # noqa: BLE001 - the client has gone already: its run is cancelled
+            self._signal(run, signal.SIGTERM)
+            self._drop_connection(run)
+
+    def _expire_pending(self) -> None:
+        now = time.monotonic()
+        for pending in [p for p in self._pending.values() if p.deadline <= now]:
+            self._drop_pending(pending)
+
+    def _drop_pending(self, pending: _Pending) -> None:
+        self._pending.pop(pending.connection, None)
+        try:
+            self._selector.unregister(pending.connection)
+        except (KeyError, ValueError):
+            pass
+        _close_all(pending.reader.fds)
+        pending.connection.close()
+
+    @staticmethod
+    def _send(connection: socket.socket, message: Dict[str, Any]) -> None:
+        """A short message on a non-blocking connection (a few hundred bytes: the socket buffer takes it)."""
+        connection.setblocking(True)
+        connection.settimeout(REQUEST_TIMEOUT_S)
+        try:
+            engine_link.send_message(connection, message)
+        finally:
+            connection.setblocking(False)
 
     def _refusal(self, request: engine_link.RunRequest, fds: List[int]) -> str:
         if not engine_link.wants_server(request.argv):
@@ -256,17 +332,20 @@ class _Server:
         flush_standard_streams()  # nothing buffered here may be written twice, once by the fork
         received = signals.received_count()
         server = os.getpid()
-        pid = os.fork()
-        if pid == 0:
-            inherited = [self._listener.fileno(), self._wake_read, self._wake_write, self._selector.fileno()]
-            inherited += [run.connection.fileno() for run in self._runs.values() if run.connection is not None]
-            inherited += [connection.fileno(), *extra]
-            raise_niceness = request.process["nice"] - self._process["nice"]
+        with signals.blocked():  # a signal sent to the fork at once is not lost (see signals.blocked)
+            pid = os.fork()
+            if pid == 0:
+                inherited = [self._listener.fileno(), self._wake_read, self._wake_write, self._selector.fileno(),
+                             self._lock]
+                inherited += [run.connection.fileno() for run in self._runs.values() if run.connection is not None]
+                inherited += [p.connection.fileno() for p in self._pending.values()]
+                inherited += [connection.fileno(), *extra]
+                raise_niceness = request.process["nice"] - self._process["nice"]
 
-            def take_client() -> None:
-                _become_client(inherited, streams, request, raise_niceness)
+                def take_client() -> None:
+                    _become_client(inherited, streams, request, raise_niceness)
 
-            run_command_in_fork(request.argv, received, server, take_client)
+                run_command_in_fork(request.argv, received, server, take_client)
         run = self._runs[pid] = _Run(pid, connection, reader)
         return run
 
@@ -306,8 +385,7 @@ class _Server:
             run.connection.close()
             run.connection = None
         if run.reader is not None:
-            for fd in run.reader.fds:
-                os.close(fd)
+            _close_all(run.reader.fds)
             run.reader = None
 
     def _reap(self) -> None:
@@ -400,6 +478,15 @@ def _unlink_if_ours(path: str, bound: Optional[os.stat_result]) -> None:
             os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _close_all(fds: List[int]) -> None:
+    """Close and forget ``fds`` (each once, however often this is called)."""
+    while fds:
+        try:
+            os.close(fds.pop())
+        except OSError:
+            pass
 
 
 def _drain(fd: int) -> None:

@@ -69,6 +69,24 @@ def reset_after_fork(received_before_fork: int) -> None:
     _listeners.clear()
     install()
     _interrupting[0] = False
+    if hasattr(signal, "pthread_sigmask"):  # the fork was made in blocked(): what came since is delivered now
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+
+
+@contextmanager
+def blocked() -> Iterator[None]:
+    """SIGINT/SIGTERM held back by the kernel in this thread for the block, delivered at its end. Around a fork
+    whose child runs a command: CPython's after-fork code in the child drops signals that arrive before its own
+    handlers run, so one sent to the child at once would be lost; blocked, it waits for
+    :func:`reset_after_fork`, which unblocks it in the child."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextmanager
