@@ -64,9 +64,9 @@ def server(tmp_path_factory):
     assert not running.path.exists()  # its socket removed
 
 
-def register(env, *args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "nephireg", "register", *map(str, args)], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+def register(env, *args, **popen):
+    return subprocess.run([sys.executable, "-m", "nephireg", "register", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=300, **popen)
 
 
 def events(stdout: str) -> list:
@@ -293,12 +293,18 @@ def test_a_stale_socket_is_replaced_and_an_idle_server_stops_by_itself(tmp_path)
     assert not path.exists()
 
 
-def test_a_stopped_server_cancels_its_runs_and_their_clients_say_so(small_pair, tmp_path):
-    stopping = Server(tmp_path, "--idle-exit", "0").wait_ready()
+def _own_server_with_a_run(small_pair, tmp_path):
+    """A server of the test's own, with one long run in its optimisation: (server, client, run pid, out folder)."""
+    running = Server(tmp_path, "--idle-exit", "0").wait_ready()
     out = tmp_path / "out"
-    client = _long_run(stopping, small_pair, out)
+    client = _long_run(running, small_pair, out)
     until_stage(client, "optimise")
-    (pid,) = stopping.runs()
+    (pid,) = running.runs()
+    return running, client, pid, out
+
+
+def test_a_stopped_server_cancels_its_runs_and_their_clients_say_so(small_pair, tmp_path):
+    stopping, client, pid, out = _own_server_with_a_run(small_pair, tmp_path)
     started = time.monotonic()
     assert stopping.stop() == 0
     rest, err = client.communicate(timeout=120)
@@ -312,9 +318,8 @@ def test_a_stopped_server_cancels_its_runs_and_their_clients_say_so(small_pair, 
 def test_the_run_writes_its_files_with_the_clients_umask(server, small_pair, tmp_path):
     modes = {}
     for name, env in (("own", {**server.env, "NEPHIREG_SERVER": "off"}), ("served", server.env)):
-        done = subprocess.run([sys.executable, "-m", "nephireg", "register", "--fixed", small_pair["fixed"],
-                               "--moving", small_pair["moving"], "--out", str(tmp_path / name), *RUN_ARGS],
-                              env=env, capture_output=True, text=True, timeout=300, umask=0o077)
+        done = register(env, "--fixed", small_pair["fixed"], "--moving", small_pair["moving"], "--out",
+                        tmp_path / name, *RUN_ARGS, umask=0o077)
         assert done.returncode == 0, done.stderr
         modes[name] = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / name).iterdir()}
     assert modes["served"] == modes["own"]
@@ -322,11 +327,7 @@ def test_the_run_writes_its_files_with_the_clients_umask(server, small_pair, tmp
 
 
 def test_a_killed_server_cancels_its_runs_and_a_new_one_takes_its_socket(small_pair, tmp_path):
-    killed = Server(tmp_path, "--idle-exit", "0").wait_ready()
-    out = tmp_path / "out"
-    client = _long_run(killed, small_pair, out)
-    until_stage(client, "optimise")
-    (pid,) = killed.runs()
+    killed, client, pid, out = _own_server_with_a_run(small_pair, tmp_path)
     killed.proc.kill()  # no clean-up of its own: the runs are cancelled by their parent's death
     killed.proc.wait(timeout=60)
     rest, err = client.communicate(timeout=120)

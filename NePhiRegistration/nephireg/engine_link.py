@@ -150,20 +150,12 @@ class LineReader:
         self._buffer = b""
         self.fds: List[int] = []  # every descriptor received so far; the caller owns (and closes) them
 
-    def receive(self, deadline: Optional[float] = None) -> Optional[Dict[str, Any]]:
+    def receive(self) -> Optional[Dict[str, Any]]:
         """The next message; None at the end of the connection. Blocks (or raises BlockingIOError / TimeoutError as
-        the socket is set); with ``deadline`` (``time.monotonic()``), TimeoutError once it has passed, however the
-        message trickles in. :class:`LinkError` for a line that is not a JSON object or is too long."""
-        import time
-
+        the socket is set). :class:`LinkError` for a line that is not a JSON object or is too long."""
         while b"\n" not in self._buffer:
             if len(self._buffer) > MAX_LINE_BYTES:
                 raise LinkError("a message longer than the protocol allows")
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError("the message did not come in time")
-                self._sock.settimeout(left)
             data, fds, _, _ = socket.recv_fds(self._sock, 65536, 8)
             self.fds.extend(fds)
             if not data:

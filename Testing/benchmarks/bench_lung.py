@@ -360,12 +360,14 @@ class BenchServer:
         self.log: Optional[Path] = None
 
     @contextmanager
-    def running(self, work: Path) -> Iterator[None]:
+    def running(self, work: Path, env: Optional[Dict[str, str]] = None) -> Iterator[None]:
+        """The server while the block runs; ``env``: its environment (default: the runs', :func:`child_environment`;
+        a client is refused by a server whose load-time environment differs)."""
         folder = Path(tempfile.mkdtemp(prefix="nephireg-bench-"))  # short: a socket path has ~100 bytes
         self.path, self.log = folder / "engine.sock", work / "server.log"
         with open(self.log, "w") as sink:
             server = subprocess.Popen([sys.executable, "-m", "nephireg", "serve", "--socket", str(self.path),
-                                       "--idle-exit", "0"], env=child_environment(), stderr=sink)
+                                       "--idle-exit", "0"], env=env or child_environment(), stderr=sink)
         try:
             deadline = time.monotonic() + 120
             while "engine server ready" not in self.log.read_text():

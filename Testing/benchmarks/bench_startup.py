@@ -234,32 +234,21 @@ def part_batch(repeats: int, work: Path) -> Dict[str, Any]:
 
 # -- part server ---------------------------------------------------------------------------------------------
 def part_server(repeats: int, work: Path) -> Dict[str, Any]:
-    folder = Path(tempfile.mkdtemp(prefix="nephireg-startup-"))  # short: a socket path has ~100 bytes
-    socket_path, log = folder / "engine.sock", work / "server.log"
-    with open(log, "w") as sink:
-        server = subprocess.Popen([sys.executable, "-m", "nephireg", "serve", "--socket", str(socket_path),
-                                   "--idle-exit", "0"], env=engine_env({"NEPHIREG_SERVER": "off"}), stderr=sink)
-    try:
-        deadline = time.monotonic() + 120
-        while "engine server ready" not in log.read_text():
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the engine server did not start: {log.read_text()}")
-            time.sleep(0.05)
-        loaded = float(log.read_text().split("engine loaded in ")[1].split(" s")[0])
-        variants = {"a command of its own": "off", "through nephireg serve": str(socket_path)}
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_lung import BenchServer
+
+    server = BenchServer()
+    with server.running(work, engine_env({"NEPHIREG_SERVER": "off"})):
+        loaded = float(server.log.read_text().split("engine loaded in ")[1].split(" s")[0])
+        variants = {"a command of its own": "off", "through nephireg serve": str(server.path)}
         runs: Dict[str, List[Dict[str, Any]]] = {name: [] for name in variants}
         for index in range(repeats):
             for name in (list(variants) if index % 2 == 0 else list(variants)[::-1]):
-                out = work / f"server-{index}-{len(runs[name])}-{'own' if variants[name] == 'off' else 'served'}"
+                out = work / f"server-{index}-{'own' if variants[name] == 'off' else 'served'}"
                 runs[name].append(timeline(register_command(out), engine_env({"NEPHIREG_SERVER": variants[name]})))
                 shutil.rmtree(out, ignore_errors=True)
-        served = log.read_text().count(" ended: exit 0 ")
-        if served != repeats:
-            raise RuntimeError(f"the server ran {served} of the {repeats} runs meant for it")
-    finally:
-        server.terminate()
-        server.wait(timeout=120)
-        shutil.rmtree(folder, ignore_errors=True)
+        if server.runs_ended() != repeats:
+            raise RuntimeError(f"the server ran {server.runs_ended()} of the {repeats} runs meant for it")
     keys = ["start"] + runs["a command of its own"][0]["stages"] + ["result", "exit"]
     return {"engine_loaded_in_s": loaded,
             "median_arrival_s": {name: {key: round(statistics.median(r["arrivals_s"][key] for r in value), 3)
