@@ -105,3 +105,45 @@ def process_gone(pid: int) -> bool:
     except OSError:
         return True
     return next(line.split()[1] for line in status.splitlines() if line.startswith("State:")) in ("Z", "X")
+
+
+@pytest.fixture
+def fake_slicer(tmp_path, monkeypatch):
+    """The module's run logic on a real scene (slicer-core) with only Slicer's application parts replaced (its temp
+    folder, its startup environment): the logic module, scene, logics, a fixed and a moving volume, the temp root."""
+    import importlib
+    import sys
+    import types
+
+    from slicer_scene import add_volume, new_app, require_slicer_core
+
+    require_slicer_core()
+    import slicer
+
+    from NePhiRegistrationLib import selftest
+
+    temp_root = tmp_path / "Slicer temp ünï"
+    temp_root.mkdir()
+    counter = iter(range(1000))
+
+    def temp_directory(key="__SlicerTemp__", tempDir=None, includeDateTime=True):
+        path = temp_root / f"{key}{next(counter)}"
+        path.mkdir()
+        return str(path)
+
+    # the application's parts of slicer.util (slicer.app has no object here)
+    monkeypatch.setattr(slicer.util, "tempDirectory", temp_directory, raising=False)
+    monkeypatch.setattr(slicer.util, "startupEnvironment", lambda: dict(os.environ), raising=False)
+    app = new_app()
+    monkeypatch.delitem(sys.modules, "NePhiRegistrationLib.logic", raising=False)
+    logic = importlib.import_module("NePhiRegistrationLib.logic")
+    # no engine server after each run here (its own tests: test_slicer_engine_server.py); a test may set it back
+    monkeypatch.setattr(logic.engineserver, "supported", lambda: False)
+    fixedArray, movingArray = selftest.volumeArraysOnGrid()
+    fixed = add_volume(app.scene, fixedArray, selftest.TEST_GRID.ijk_to_ras(), "fixed")
+    moving = add_volume(app.scene, movingArray, selftest.TEST_GRID.ijk_to_ras(), "moving")
+    yield types.SimpleNamespace(logic=logic, sceneio=app.sceneio, logics=app.logics, scene=app.scene, fixed=fixed,
+                                moving=moving, temp_root=temp_root)
+    logic.engineserver.stopShared()
+    sys.modules.pop("NePhiRegistrationLib.logic", None)
+

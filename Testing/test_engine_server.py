@@ -364,3 +364,35 @@ def test_a_server_older_than_the_engines_files_is_not_used(small_pair, tmp_path)
     assert done.returncode == 0, done.stderr
     assert "the engine changed since the server started (package_modified_ns)" in done.stderr
     assert older.runs() == []
+
+
+def test_a_run_that_outlives_its_killed_client_by_the_cancel_grace_is_killed(small_pair, tmp_path):
+    # the SIGTERM a killed client's run gets may not end it (here it is stopped and cannot act on it): the server
+    # kills it when the grace is over, so no orphan goes on computing (or holding a GPU) for nobody
+    running = Server(tmp_path, "--idle-exit", "0", "--cancel-grace", "1").wait_ready()
+    client = _long_run(running, small_pair, tmp_path / "out")
+    until_stage(client, "optimise")
+    (pid,) = running.runs()
+    os.kill(pid, signal.SIGSTOP)
+    client.kill()
+    client.communicate(timeout=60)
+    assert running.exit_of(pid) == -signal.SIGKILL
+    assert f"run {pid}: still going 1 s after its client went away: killed" in running.log.read_text()
+    assert running.proc.poll() is None and running.stop() == 0
+
+
+def test_a_server_stops_when_the_process_it_exits_with_ends(tmp_path):
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        running = Server(tmp_path, "--idle-exit", "0", "--exit-with", str(owner.pid)).wait_ready()
+        owner.kill()
+        owner.wait()
+        assert running.proc.wait(timeout=30) == 0
+        assert f"engine server stopping (process {owner.pid}, its owner, ended)" in running.log.read_text()
+        assert not running.path.exists()
+    finally:
+        owner.kill()
+    for value, message in (("0", "--exit-with must be a process id"), (str(owner.pid), "no such process")):
+        done = subprocess.run([sys.executable, "-m", "nephireg", "serve", "--socket", str(tmp_path / "x" / "s.sock"),
+                               "--exit-with", value], capture_output=True, text=True, timeout=60)
+        assert done.returncode == ExitCode.BAD_INPUT and message in done.stderr, done.stderr

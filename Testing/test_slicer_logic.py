@@ -9,8 +9,6 @@ success, a GPU out-of-memory exit is retried once on the CPU, the temp folder (s
 ``--initial-transform``.
 """
 
-import importlib
-import os
 import sys
 import textwrap
 import types
@@ -18,38 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from slicer_scene import MODULE_DIR, add_volume, new_app, node_ids, require_slicer_core
-
-
-@pytest.fixture
-def fake_slicer(tmp_path, monkeypatch):
-    require_slicer_core()
-    import slicer
-
-    from NePhiRegistrationLib import selftest
-
-    temp_root = tmp_path / "Slicer temp ünï"
-    temp_root.mkdir()
-    counter = iter(range(1000))
-
-    def temp_directory(key="__SlicerTemp__", tempDir=None, includeDateTime=True):
-        path = temp_root / f"{key}{next(counter)}"
-        path.mkdir()
-        return str(path)
-
-    # the application's parts of slicer.util (slicer.app has no object here)
-    monkeypatch.setattr(slicer.util, "tempDirectory", temp_directory, raising=False)
-    monkeypatch.setattr(slicer.util, "startupEnvironment", lambda: dict(os.environ), raising=False)
-    app = new_app()
-    monkeypatch.delitem(sys.modules, "NePhiRegistrationLib.logic", raising=False)
-    logic = importlib.import_module("NePhiRegistrationLib.logic")
-    fixedArray, movingArray = selftest.volumeArraysOnGrid()
-    fixed = add_volume(app.scene, fixedArray, selftest.TEST_GRID.ijk_to_ras(), "fixed")
-    moving = add_volume(app.scene, movingArray, selftest.TEST_GRID.ijk_to_ras(), "moving")
-    yield types.SimpleNamespace(logic=logic, sceneio=app.sceneio, logics=app.logics, scene=app.scene, fixed=fixed,
-                                moving=moving, temp_root=temp_root)
-    sys.modules.pop("NePhiRegistrationLib.logic", None)
-
+from slicer_scene import MODULE_DIR, node_ids
 
 CHILD = """
 import os, sys, time

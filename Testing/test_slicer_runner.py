@@ -181,7 +181,8 @@ def test_child_environment_puts_module_first_and_hides_gpu_for_cpu():
                                   moduleDir="/mod dir/NePhiRegistration")
     assert env["PYTHONPATH"].split(os.pathsep) == ["/mod dir/NePhiRegistration", "/elsewhere"]
     assert env["CUDA_VISIBLE_DEVICES"] == "-1" and env["PYTHONUNBUFFERED"] == "1" and env["HOME"] == "/home/x"
-    assert env["NEPHIREG_SERVER"] == "off"  # its Cancel kills the process tree: the run must be in it
+    assert env["NEPHIREG_SERVER"] == "off"  # never a server the user started: only the module's own
+    assert engine.childEnvironment({}, server="/run/e.sock")["NEPHIREG_SERVER"] == "/run/e.sock"
     assert "CUDA_VISIBLE_DEVICES" not in engine.childEnvironment({}, device="auto")
     assert engine.engineCommand("/py", ["register"]) == ["/py", "-m", "nephireg", "register"]
 
@@ -239,3 +240,49 @@ def test_a_grandchild_holding_the_pipe_does_not_hang_the_run(workdir, monkeypatc
     time.sleep(0.2)
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if "time.sleep(20)" in " ".join(p.info["cmdline"] or [])]
     assert not [p for p in leftovers if p.status() != psutil.STATUS_ZOMBIE], "the orphan outlived the run"
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a SIGTERM cancel is for runs in the engine server (Linux)")
+def test_a_cancel_with_a_grace_lets_the_run_clean_up_and_kills_one_that_does_not_end(workdir):
+    # cancelGraceS (a run in the module's engine server): SIGTERM first, so the client forwards it and the run
+    # cleans up; the tree is killed only if it has not ended when the grace is over
+    cleaned = workdir / "cleaned up"
+    polite = f"""
+        import signal, sys, time
+        def stop(signum, frame):
+            open({str(cleaned)!r}, "w").close()
+            sys.exit(3)
+        signal.signal(signal.SIGTERM, stop)
+        print('{line("stage", stage="optimise", message="slow")}', flush=True)
+        time.sleep(60)
+    """
+    stubborn = f"""
+        import signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print('{line("stage", stage="optimise", message="slow")}', flush=True)
+        time.sleep(60)
+    """
+    for body, grace, seconds in ((polite, 30.0, (0.0, 10.0)), (stubborn, 1.0, (0.9, 10.0))):
+        events = []
+        proc = EngineProcess(child(workdir, body), str(workdir / "out"), onEvent=events.append, cancelGraceS=grace)
+        proc.start()
+        wait_until = time.monotonic() + 30
+        while not events:
+            proc.poll()
+            assert time.monotonic() < wait_until, "the child never started"
+            time.sleep(0.02)
+        started = time.monotonic()
+        proc.cancel()
+        assert proc.outcome is None  # not at once: the run ends by itself (or at the end of its grace)
+        outcome = proc.wait(timeout=30)
+        took = time.monotonic() - started
+        assert outcome.status == RunStatus.CANCELLED and seconds[0] <= took < seconds[1], (body, took)
+        if body is polite:
+            assert outcome.exitCode == 3 and cleaned.exists()
+    # force (the module closing): at once, whatever the grace
+    proc = EngineProcess(child(workdir, stubborn), str(workdir / "out"), cancelGraceS=30.0)
+    proc.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    proc.cancel(force=True)
+    assert proc.wait(timeout=10).status == RunStatus.CANCELLED and time.monotonic() - started < 5

@@ -13,6 +13,8 @@ import shutil
 import sys
 from typing import List, Mapping, Optional, Sequence
 
+from nephireg.engine_link import SERVER_ENV
+
 ENGINE_MODULE = "nephireg"
 # NePhiRegistration/ (this file is NePhiRegistration/NePhiRegistrationLib/engine.py): the folder holding nephireg/.
 MODULE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,21 +39,21 @@ def engineCommand(python: str, arguments: Sequence[str]) -> List[str]:
     return [python, "-m", ENGINE_MODULE, *arguments]
 
 
-def childEnvironment(base: Mapping[str, str], device: str = "auto", moduleDir: str = MODULE_DIR) -> dict:
+def childEnvironment(base: Mapping[str, str], device: str = "auto", moduleDir: str = MODULE_DIR,
+                     server: Optional[str] = None) -> dict:
     """The engine process's environment: ``base`` (Slicer's startup environment, or os.environ) plus
     the module folder first on PYTHONPATH, unbuffered UTF-8 output (progress lines arrive as written, any
-    path prints), no engine server, and no visible GPU when ``device == "cpu"`` (so a CPU run cannot touch a
-    busy GPU)."""
+    path prints), the engine server at socket ``server`` (:mod:`NePhiRegistrationLib.engineserver`) or none, and no
+    visible GPU when ``device == "cpu"`` (so a CPU run cannot touch a busy GPU)."""
     env = {str(k): str(v) for k, v in base.items()}
     paths = [moduleDir] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != moduleDir]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONIOENCODING"] = "utf-8"
     env["PYTHONUTF8"] = "1"
-    # Each Register is a process of its own, which Cancel kills whole (runner.killProcessTree); a run handed to an
-    # engine server ('nephireg serve') would be the server's child, cancelled only after the kill, while the
-    # temp folder is removed.
-    env["NEPHIREG_SERVER"] = "off"
+    # Only the module's own server (engineserver: started with the runs' environment, its cancel grace the one
+    # runner.EngineProcess waits for), never one the user started at the default socket.
+    env[SERVER_ENV] = server or "off"
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = "-1"
     return env

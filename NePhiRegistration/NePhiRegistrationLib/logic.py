@@ -5,7 +5,8 @@
 nodes are created only after the engine succeeded, so a failed or cancelled run leaves the scene as it was.
 A GPU out-of-memory failure (of a run whose START event reported a CUDA device) is retried once on the CPU, with a
 message in the status line and the result summary (``job.notice``). The process factory is injectable
-(tests and other front ends pass their own).
+(tests and other front ends pass their own). With ``keepEngineLoaded`` (Linux), the module's engine server
+(:mod:`NePhiRegistrationLib.engineserver`) is started once a run has finished, and later runs go through it.
 """
 
 import logging
@@ -17,7 +18,8 @@ from typing import Callable, Optional
 
 import slicer
 
-from NePhiRegistrationLib import availability, engine, sceneio
+from nephireg import engine_link
+from NePhiRegistrationLib import availability, engine, engineserver, sceneio
 from NePhiRegistrationLib.i18n import _
 from NePhiRegistrationLib.progress import ProgressState
 from NePhiRegistrationLib.result import manifestMetrics
@@ -96,6 +98,9 @@ class RegistrationJob:
         self.error: str = ""
         self.folder: Optional[str] = None
         self._inputs = {}
+        self._engine = None  # (python, environment without a server) of the last launch: the server to prepare
+        self._server = None  # the engine server of the last launch, or None
+        self._serverRefused = False  # it did not take the run (e.g. the engine was updated since it started)
         self._retriedOnCpu = False
         self.notice: str = ""  # shown with the result (e.g. the CPU retry), not only in the log
         self.started = 0.0
@@ -120,18 +125,26 @@ class RegistrationJob:
         args = self.settings.engineArguments(self._inputs["fixed"], self._inputs["moving"], out,
                                              self._inputs["fixedMask"], self._inputs["movingMask"], device=device,
                                              initialTransform=self._inputs.get("initialTransform"))
-        command = engine.engineCommand(self.python or pythonSlicer(), args)
+        python = self.python or pythonSlicer()
+        command = engine.engineCommand(python, args)
         env = engine.childEnvironment(slicer.util.startupEnvironment(), device=device)
+        self._engine = (python, env)
+        server = self._server = engineserver.serverFor(python, env) if self.settings.keepEngineLoaded else None
+        if server is not None:  # torch already loaded there: the run skips its import
+            env = engine.childEnvironment(slicer.util.startupEnvironment(), device=device, server=server.socketPath)
+            self._log(f"Engine server: {server.socketPath}")
         self._log("Running: " + " ".join(f'"{c}"' if " " in c else c for c in command))
-        self.process = self.processFactory(command, out, env=env, cwd=self.folder,
-                                           onEvent=self._onEvent, onText=self._log)
+        self.process = self.processFactory(command, out, env=env, cwd=self.folder, onEvent=self._onEvent,
+                                           onText=self._onText,
+                                           cancelGraceS=engineserver.CANCEL_GRACE_S if server is not None else None)
         self.process.start()
 
     def cancel(self, wait: bool = False, timeout: float = 10.0) -> None:
-        """Kill the engine; with ``wait`` also finish the job now (temp folder removed, onFinished called)."""
+        """Stop the engine (a run in the engine server gets its grace to clean up: ``runner.EngineProcess``); with
+        ``wait`` kill it at once and finish the job now (temp folder removed, onFinished called)."""
         if self.process is None or self.done:
             return
-        self.process.cancel()
+        self.process.cancel(force=wait)
         deadline = time.monotonic() + timeout
         while wait and not self.done and time.monotonic() < deadline:
             self.poll()
@@ -185,8 +198,21 @@ class RegistrationJob:
         finally:
             self.outcome = outcome
             self._cleanup()
+            self._prepareEngineServer()
             if self.onFinished:
                 self.onFinished(self)
+
+    def _prepareEngineServer(self) -> None:
+        """After a run (never beside one): the engine server for the next, if wanted and not running yet (not after
+        a cancel: the module may be closing)."""
+        if not self.settings.keepEngineLoaded or self._engine is None or self.outcome.status == RunStatus.CANCELLED:
+            return
+        try:
+            if self._serverRefused:  # a server that refuses this engine would refuse every run: a new one
+                engineserver.stopShared()
+            engineserver.prepare(*self._engine)
+        except Exception:  # noqa: BLE001 - the next run then loads the engine itself, as without a server
+            logging.exception("NePhiRegistration: the engine server could not be started")
 
     def _cleanup(self) -> None:
         if self.folder and not self.settings.keepTemporaryFiles:
@@ -200,6 +226,11 @@ class RegistrationJob:
             self._log(line)
         if self.onProgress:
             self.onProgress(self.progress)
+
+    def _onText(self, text: str) -> None:
+        if self._server is not None and engine_link.is_refusal_line(text, self._server.socketPath):
+            self._serverRefused = True
+        self._log(text)
 
     def _log(self, text: str) -> None:
         logging.info(f"NePhiRegistration: {text}")

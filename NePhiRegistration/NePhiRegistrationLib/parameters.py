@@ -37,6 +37,7 @@ class NePhiRegistrationParameterNode:
     # str, not Path: Path("") reads back as "." and the line edit would show "."; bound by widget.py, not connectGui
     modelPath: str = ""
     keepTemporaryFiles: bool = False
+    keepEngineLoaded: bool = True
     # outputs
     outputTransform: vtkMRMLTransformNode
     createWarpedVolume: bool = False
@@ -62,4 +63,5 @@ def settingsFromParameterNode(node: NePhiRegistrationParameterNode) -> Registrat
         modelPath=model,
         writeWarped=bool(node.createWarpedVolume),
         keepTemporaryFiles=bool(node.keepTemporaryFiles),
+        keepEngineLoaded=bool(node.keepEngineLoaded),
     )

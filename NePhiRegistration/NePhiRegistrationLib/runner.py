@@ -6,7 +6,11 @@ tests call :meth:`EngineProcess.wait`, which polls in a loop. stdout carries pro
 line, :mod:`nephireg.protocol`); stderr carries tracebacks and library warnings. Both feed the log tail shown
 when a run fails; lines that are not protocol events are kept as log text, never fatal.
 
-Cancel kills the whole process tree (the interpreter and anything it started), so no orphan keeps a GPU busy.
+Cancel kills the whole process tree (the interpreter and anything it started), so no orphan keeps a GPU busy. A run
+handed to the module's engine server (``cancelGraceS`` given: :mod:`NePhiRegistrationLib.engineserver`) is not in
+that tree: its Cancel sends SIGTERM to the client, which forwards it to the run; the run cleans up and ends as a
+cancelled command does, and the tree is killed only if it has not ended ``cancelGraceS`` seconds later (the server
+then cancels the run itself). The outcome is CANCELLED either way, once the process has exited.
 """
 
 from __future__ import annotations
@@ -70,8 +74,10 @@ class EngineProcess:
 
     def __init__(self, command: Sequence[str], outDir: str, env: Optional[Mapping[str, str]] = None,
                  cwd: Optional[str] = None, onEvent: Optional[EventCallback] = None,
-                 onText: Optional[TextCallback] = None, logTailLines: int = 60) -> None:
+                 onText: Optional[TextCallback] = None, logTailLines: int = 60,
+                 cancelGraceS: Optional[float] = None) -> None:
         self.command = [str(c) for c in command]
+        self.cancelGraceS = cancelGraceS  # None: Cancel kills at once; else SIGTERM, then the kill this much later
         self.outDir = outDir
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
@@ -86,6 +92,7 @@ class EngineProcess:
         self._threads: List[threading.Thread] = []
         self._openStreams = 0
         self._cancelRequested = False
+        self._killAt: Optional[float] = None  # time.monotonic() of the kill that follows a SIGTERM cancel
         self._started = 0.0
         self._exitedAt: Optional[float] = None
 
@@ -117,12 +124,22 @@ class EngineProcess:
     def running(self) -> bool:
         return self.status == RunStatus.RUNNING
 
-    def cancel(self) -> None:
-        """Kill the process tree now; the outcome becomes CANCELLED (whatever the folder holds is ignored)."""
+    def cancel(self, force: bool = False) -> None:
+        """Kill the process tree now (``force``, or no ``cancelGraceS``), or SIGTERM it and kill it
+        ``cancelGraceS`` later if it has not ended (:meth:`poll`); the outcome becomes CANCELLED once it has
+        exited (whatever the folder holds is ignored)."""
         if self._proc is None or self.outcome is not None:
             return
         self._cancelRequested = True
-        killProcessTree(self._proc.pid)
+        if force or self.cancelGraceS is None or os.name == "nt":
+            self._killAt = None
+            killProcessTree(self._proc.pid)
+        elif self._killAt is None:
+            self._killAt = time.monotonic() + self.cancelGraceS
+            try:
+                self._proc.send_signal(signal.SIGTERM)  # the client forwards it to the run in the server
+            except OSError:
+                pass
 
     # -- draining -------------------------------------------------------------------------------------------
     def poll(self) -> List[Dict[str, Any]]:
@@ -140,6 +157,9 @@ class EngineProcess:
             event = self._handleLine(*item)
             if event is not None:
                 events.append(event)
+        if self._killAt is not None and time.monotonic() >= self._killAt and self._proc.poll() is None:
+            self._killAt = None
+            killProcessTree(self._proc.pid)  # it did not end in its grace after the SIGTERM
         if self.running and self._proc is not None and self._proc.poll() is not None:
             if self._exitedAt is None:
                 self._exitedAt = time.monotonic()

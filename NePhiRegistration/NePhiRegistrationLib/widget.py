@@ -11,7 +11,7 @@ import qt
 import slicer
 
 from nephireg import protocol
-from NePhiRegistrationLib import availability, logic, sceneio
+from NePhiRegistrationLib import availability, engineserver, logic, sceneio
 from NePhiRegistrationLib.i18n import _
 from NePhiRegistrationLib.parameters import settingsFromParameterNode
 from NePhiRegistrationLib.result import summaryLines
@@ -218,6 +218,7 @@ class RegistrationPanel:
         self.timer.stop()
         if self.job is not None:
             self.job.cancel(wait=True)
+        engineserver.stopShared()  # it would stop with Slicer anyway (--exit-with); this also removes its folder
 
 
 def modelPathText(node) -> str:

@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--socket", help="socket path (default: $NEPHIREG_SERVER, else a private per-user folder)")
     serve.add_argument("--idle-exit", type=float, default=3600.0, metavar="SECONDS",
                        help="stop after this long without a run (default 3600; 0: never)")
+    serve.add_argument("--exit-with", type=int, metavar="PID",
+                       help="stop when process PID ends (the application that started this server)")
+    serve.add_argument("--cancel-grace", type=float, default=30.0, metavar="SECONDS",
+                       help="how long a cancelled run (its client gone, or the server stopping) gets to clean up "
+                            "before it is killed (default 30)")
     serve.set_defaults(func=_serve_command)
 
     from nephireg import tools
@@ -261,7 +266,8 @@ def _serve_command(args: argparse.Namespace) -> int:
     path = os.path.abspath(args.socket) if args.socket else engine_link.socket_path()
     if path is None:
         raise InputError(f"no engine server socket: {engine_link.SERVER_ENV}=off and no --socket given")
-    return engine_server.serve(path, args.idle_exit, lambda text: _say(text, sys.stderr))
+    return engine_server.serve(path, args.idle_exit, lambda text: _say(text, sys.stderr), args.exit_with,
+                               args.cancel_grace)
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -54,6 +54,16 @@ class LinkError(Exception):
     """A message that is not one of the protocol's (the other side is not a NePhi engine server or client)."""
 
 
+def refusal_line(path: str, reason: str) -> str:
+    """What a client says on stderr when the server at ``path`` did not take its run (it then runs it itself)."""
+    return f"nephireg: the engine server at {path} was not used ({reason}); running here"
+
+
+def is_refusal_line(line: str, path: str) -> bool:
+    """``line`` is :func:`refusal_line` of the server at ``path`` (the Slicer module then replaces that server)."""
+    return line.startswith(f"nephireg: the engine server at {path} was not used (")
+
+
 def default_socket_path() -> str:
     """``$XDG_RUNTIME_DIR/nephireg/engine.sock`` where that folder exists (a per-user, private runtime folder),
     else ``<temp folder>/nephireg-<uid>/engine.sock``."""
@@ -200,12 +210,12 @@ def run_through_server(argv: Sequence[str]) -> Optional[int]:
             reply = {"kind": "refused", "reason": f"{type(exc).__name__}: {exc}"}
         if reply is None or reply.get("kind") != "ready":
             reason = reply.get("reason") if reply else "it closed the connection"
-            _say(f"nephireg: the engine server at {path} was not used ({reason}); running here")
+            _say(refusal_line(path, reason))
             return None
         try:
             send_message(sock, {"kind": "go"})  # from here on the run is the server's: never run here as well
         except OSError as exc:  # the server has gone before the fork: nothing ran
-            _say(f"nephireg: the engine server at {path} was not used ({exc}); running here")
+            _say(refusal_line(path, str(exc)))
             return None
         sock.settimeout(None)  # the run takes as long as it takes
         code = _wait(sock, reader)

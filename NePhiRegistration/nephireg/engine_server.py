@@ -10,17 +10,21 @@ independent processes: a crash or an out-of-memory kill ends that run only, and 
 
 Signals: while it serves, SIGINT, SIGTERM and SIGHUP (as SIGTERM) are recorded, never raised, so no step of the loop
 is cut in two (a fork without its record, a reaped run still listed); the loop stops at its next turn (the signal's
-wakeup byte wakes it). Lifetime: until such a signal, or ``idle_exit_s`` without a run; then it stops listening (its
-socket removed), cancels the runs still going (SIGTERM: each cleans up as a cancelled command does; SIGKILL after
-:data:`STOP_WAIT_S`), sends their exit codes and exits 0. Its socket lives in a folder only this user may enter
-(created 0700, refused when another user could reach it) and a lock file there makes one server per socket; each
-connection's peer credentials are checked. A connection that breaks the protocol is dropped alone.
+wakeup byte wakes it). Lifetime: until such a signal, ``idle_exit_s`` without a run, or the end of the process given
+as ``exit_with`` (the application that owns the server: watched through a pidfd, so a reused pid cannot keep it
+alive); then it stops listening (its socket removed), cancels the runs still going (SIGTERM: each cleans up as a
+cancelled command does; SIGKILL after :data:`CANCEL_GRACE_S`, or ``cancel_grace_s``), sends their exit codes and
+exits 0. A run whose client has gone is cancelled the same way: SIGTERM at once, SIGKILL if it is still going that
+long after (no orphan keeps running). Its socket lives in a folder only this user may enter (created 0700, refused
+when another user could reach it) and a lock file there makes one server per socket; each connection's peer
+credentials are checked. A connection that breaks the protocol is dropped alone.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import select
 import selectors
 import signal
 import socket
@@ -33,7 +37,7 @@ from nephireg import engine_link
 from nephireg.errors import InputError
 
 REQUEST_TIMEOUT_S = 2.0  # a client sends its request as it connects; one that does not is dropped after this
-STOP_WAIT_S = 30.0  # how long cancelled runs get to clean up when the server stops, before SIGKILL
+CANCEL_GRACE_S = 30.0  # default: how long a cancelled run gets to clean up (server stopping, client gone), then SIGKILL
 MAX_IDLE_EXIT_S = 1e6  # beyond this, a poll timeout overflows; 0 means "never"
 LOCK_NAME = "engine.lock"
 
@@ -44,6 +48,7 @@ class _Run:
     connection: Optional[socket.socket]  # None once the client has gone
     reader: Optional[engine_link.LineReader] = None
     started: float = field(default_factory=time.monotonic)
+    kill_at: Optional[float] = None  # time.monotonic() of its SIGKILL, once cancelled because its client went away
 
 
 @dataclass
@@ -60,6 +65,13 @@ def check_idle_exit(seconds: float) -> float:
     """``seconds`` when it is a usable ``--idle-exit``; :class:`InputError` otherwise."""
     if not (math.isfinite(seconds) and 0 <= seconds <= MAX_IDLE_EXIT_S):
         raise InputError(f"--idle-exit must be 0 (never) or up to {MAX_IDLE_EXIT_S:g} seconds, not {seconds}")
+    return seconds
+
+
+def check_cancel_grace(seconds: float) -> float:
+    """``seconds`` when it is a usable ``--cancel-grace``; :class:`InputError` otherwise."""
+    if not (math.isfinite(seconds) and 0 <= seconds <= MAX_IDLE_EXIT_S):
+        raise InputError(f"--cancel-grace must be 0 to {MAX_IDLE_EXIT_S:g} seconds, not {seconds}")
     return seconds
 
 
@@ -94,13 +106,17 @@ def claim_socket(path: str) -> int:
     return lock
 
 
-def serve(path: str, idle_exit_s: float, say: Callable[[str], None]) -> int:
-    """Run the server at socket ``path`` until a signal or ``idle_exit_s`` seconds without a run (0: no limit)."""
+def serve(path: str, idle_exit_s: float, say: Callable[[str], None], exit_with: Optional[int] = None,
+          cancel_grace_s: float = CANCEL_GRACE_S) -> int:
+    """Run the server at socket ``path`` until a signal, ``idle_exit_s`` seconds without a run (0: no limit) or the
+    end of process ``exit_with``; a cancelled run is killed ``cancel_grace_s`` seconds after its SIGTERM."""
     from nephireg.forked import can_fork
 
     check_idle_exit(idle_exit_s)
+    check_cancel_grace(cancel_grace_s)
     if not can_fork():
         raise InputError("the engine server needs Linux and a process that has not loaded torch (it forks runs)")
+    owner = _watch_process(exit_with) if exit_with is not None else None
     _standard_streams_on_devnull()
     lock = claim_socket(path)
     try:
@@ -120,18 +136,42 @@ def serve(path: str, idle_exit_s: float, say: Callable[[str], None]) -> int:
             listener.listen(16)
             say(f"engine server ready at {path} (engine loaded in {time.monotonic() - started:.1f} s); "
                 f"'nephireg register' uses it (--no-server: not)")
-            return _Server(listener, path, bound, lock, engine, idle_exit_s, say).loop()
+            return _Server(listener, path, bound, lock, engine, idle_exit_s, say, owner, cancel_grace_s).loop()
         finally:
             listener.close()
             _unlink_if_ours(path, bound)
     finally:
         os.close(lock)
+        if owner is not None:
+            os.close(owner.fd)
+
+
+@dataclass(frozen=True)
+class _Owner:
+    pid: int
+    fd: int  # a pidfd: readable once the process has ended
+
+
+def _watch_process(pid: int) -> _Owner:
+    """A pidfd of ``pid`` (the server stops when it becomes readable); :class:`InputError` when there is no such
+    process or this kernel has no pidfds (Linux 5.3 on)."""
+    if pid <= 0:
+        raise InputError(f"--exit-with must be a process id (a positive number), not {pid}")
+    try:
+        return _Owner(pid, os.pidfd_open(pid))
+    except ProcessLookupError:
+        raise InputError(f"--exit-with {pid}: no such process") from None
+    except (AttributeError, OSError) as exc:
+        raise InputError(f"--exit-with needs pidfds (Linux 5.3 or later): {exc}") from None
 
 
 class _Server:
     def __init__(self, listener: socket.socket, path: str, bound: os.stat_result, lock: int, engine: Any,
-                 idle_exit_s: float, say: Callable[[str], None]) -> None:
+                 idle_exit_s: float, say: Callable[[str], None], owner: Optional[_Owner] = None,
+                 cancel_grace_s: float = CANCEL_GRACE_S) -> None:
         self._listener = listener
+        self._owner = owner  # the process whose end stops the server, or None
+        self._cancel_grace_s = cancel_grace_s
         self._lock = lock  # the socket's lock file: not for the forks (a run outliving the server would hold it)
         self._path, self._bound = path, bound
         self._identity, self._load_time_environment = engine
@@ -149,6 +189,8 @@ class _Server:
     def loop(self) -> int:
         self._selector.register(self._listener, selectors.EVENT_READ, None)
         self._selector.register(self._wake_read, selectors.EVENT_READ, None)
+        if self._owner is not None:
+            self._selector.register(self._owner.fd, selectors.EVENT_READ, self._owner)
         from nephireg import signals
 
         previous_wakeup = signal.set_wakeup_fd(self._wake_write)
@@ -157,7 +199,7 @@ class _Server:
         before = signals.received_count()
         with signals.held():  # SIGINT/SIGTERM recorded (by nephireg.signals, as a fork expects), not raised
             try:
-                while signals.received_count() == before:
+                while signals.received_count() == before and not self._owner_ended():
                     idle_for = time.monotonic() - self._last_activity
                     busy = self._runs or self._pending
                     if self._idle_exit_s > 0 and not busy and idle_for >= self._idle_exit_s:
@@ -166,6 +208,7 @@ class _Server:
                     timeouts = [p.deadline - time.monotonic() for p in self._pending.values()]
                     if self._idle_exit_s > 0 and not busy:
                         timeouts.append(self._idle_exit_s - idle_for)
+                    timeouts += [run.kill_at - time.monotonic() for run in self._runs.values() if run.kill_at]
                     for key, _ in self._selector.select(max(0.0, min(timeouts)) if timeouts else None):
                         if signals.received_count() != before:  # stopping: no new run from here on
                             break
@@ -173,14 +216,19 @@ class _Server:
                             self._accept()
                         elif key.fileobj == self._wake_read:
                             _drain(self._wake_read)
+                        elif isinstance(key.data, _Owner):
+                            break  # the loop's condition sees it
                         elif isinstance(key.data, _Pending):
                             self._from_pending(key.data)
                         else:
                             self._from_client(key.data)
                     self._expire_pending()
                     self._reap()
+                    self._kill_abandoned()
                 if signals.received_count() > before:
                     self._say(f"engine server stopping ({signal.Signals(signals.recorded()[before]).name})")
+                elif self._owner_ended():
+                    self._say(f"engine server stopping (process {self._owner.pid}, its owner, ended)")
                 return 0
             finally:
                 self._stop_listening()
@@ -193,6 +241,21 @@ class _Server:
                 self._selector.close()
                 os.close(self._wake_read)
                 os.close(self._wake_write)
+
+    def _owner_ended(self) -> bool:
+        if self._owner is None:
+            return False
+        return bool(select.select([self._owner.fd], [], [], 0)[0])
+
+    def _kill_abandoned(self) -> None:
+        """SIGKILL for the runs cancelled because their client went away that are still going the cancel grace
+        later."""
+        now = time.monotonic()
+        for run in self._runs.values():
+            if run.kill_at is not None and run.kill_at <= now:
+                self._say(f"run {run.pid}: still going {self._cancel_grace_s:g} s after its client went away: killed")
+                self._signal(run, signal.SIGKILL)
+                run.kill_at = None
 
     def _stop_listening(self) -> None:
         """No new clients from now on (they run the command themselves): the socket goes before runs are
@@ -274,8 +337,7 @@ class _Server:
             self._send(connection, {"kind": "started", "pid": run.pid})
             self._selector.register(connection, selectors.EVENT_READ, run.pid)
         except Exception:  # noqa: BLE001 - the client has gone already: its run is cancelled
-            self._signal(run, signal.SIGTERM)
-            self._drop_connection(run)
+            self._abandon(run)
 
     def _expire_pending(self) -> None:
         now = time.monotonic()
@@ -337,6 +399,7 @@ class _Server:
             if pid == 0:
                 inherited = [self._listener.fileno(), self._wake_read, self._wake_write, self._selector.fileno(),
                              self._lock]
+                inherited += [self._owner.fd] if self._owner is not None else []
                 inherited += [run.connection.fileno() for run in self._runs.values() if run.connection is not None]
                 inherited += [p.connection.fileno() for p in self._pending.values()]
                 inherited += [connection.fileno(), *extra]
@@ -366,7 +429,13 @@ class _Server:
             return
         except Exception:  # noqa: BLE001 - a broken message: treated as the client gone
             pass
-        self._signal(run, signal.SIGTERM)  # the client went away: nobody waits for this run
+        self._abandon(run)
+
+    def _abandon(self, run: _Run) -> None:
+        """The client went away: nobody waits for this run. Cancelled (SIGTERM), then SIGKILL if still going the
+        cancel grace later."""
+        self._signal(run, signal.SIGTERM)
+        run.kill_at = time.monotonic() + self._cancel_grace_s
         self._drop_connection(run)
 
     def _signal(self, run: _Run, signum: int) -> None:
@@ -412,10 +481,10 @@ class _Server:
                 self._drop_connection(run)
 
     def _stop_runs(self) -> None:
-        """Cancel the runs still going and wait for them (SIGKILL after :data:`STOP_WAIT_S`)."""
+        """Cancel the runs still going and wait for them (SIGKILL after the cancel grace)."""
         for run in list(self._runs.values()):
             self._signal(run, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_WAIT_S
+        deadline = time.monotonic() + self._cancel_grace_s
         while self._runs and time.monotonic() < deadline:
             time.sleep(0.05)
             self._reap()

@@ -32,8 +32,10 @@ run with each other (ratios), not with another run's.
   ``Testing/slicer_scene.py`` builds it; the lung pair loaded as volume nodes; ``RegistrationJob`` with
   ``python=sys.executable``, as the tests run it): writing the inputs, launch -> ``start`` event, ``start`` ->
   ``result``, ``result`` -> process outcome, the result import into the scene, the temp clean-up, and the total
-  Register -> result in the scene. Variants: the module as it is (``module``) and the engine's overview image
-  written as before this change (``with-overview``).
+  Register -> result in the scene. Variants: the module as it is (``module``: its engine server, started and
+  loaded before the repeats, as after a first Register) and ``engine of its own`` (``keepEngineLoaded`` off: every
+  Register loads torch, as before session 12); a run that did (not) go through the server as its variant says
+  stops the benchmark.
 
 ``register``, ``overlap`` and ``slicer`` need ``../shared/data`` (relative to the repository root) and are skipped
 with a message without it; ``slicer`` also needs the ``slicer-core``/``trame-slicer`` wheels.
@@ -356,7 +358,9 @@ class Marks:
         return wrapper
 
 
-SLICER_VARIANTS = {"module": {}, "with-overview": {"writeOverview": True}}
+# "module": as the panel runs it (its engine server, started and loaded before the repeats, as after a first Register);
+# "engine of its own": keepEngineLoaded off, every Register loads torch (the module before session 12)
+SLICER_VARIANTS = {"module": {}, "engine of its own": {"keepEngineLoaded": False}}
 
 
 def _slicer_scene(work: Path):
@@ -402,18 +406,33 @@ def part_slicer(repeats: int, work: Path) -> Dict[str, Any]:
         return EngineProcess(command, outDir, onEvent=on_event, **kwargs)
 
     samples: Dict[str, Dict[str, List[float]]] = {name: {} for name in SLICER_VARIANTS}
+    from nephireg import engine_link
+    from NePhiRegistrationLib import engine, engineserver
+
+    server = engineserver.prepare(sys.executable, engine.childEnvironment(os.environ, device="cpu"))
+    served = server is not None
+    if served:
+        deadline = time.monotonic() + 120
+        while not server.ready and time.monotonic() < deadline:
+            time.sleep(0.05)
     try:
         for _ in range(repeats):
             for variant, options in SLICER_VARIANTS.items():
                 settings = RegistrationSettings(method=METHOD, preset=PRESET, device="cpu", **options)
                 marks.reset()
+                logs: List[str] = []
                 job = logic.RegistrationJob(fixed, moving, settings, python=sys.executable, processFactory=factory,
-                                            logics=app.logics, onFinished=lambda job: marks.mark("finished"))
+                                            logics=app.logics, onFinished=lambda job: marks.mark("finished"),
+                                            onLog=logs.append)
                 job._cleanup = marks.timed("cleanup", job._cleanup)
                 job.start()
                 outcome = job.wait(interval=0.01)  # the panel polls every 0.1 s; 0.01 s here for the time stamps
                 if outcome.status.value != "succeeded":
                     raise RuntimeError(f"Register failed: {outcome.describe()}")
+                through_server = (any(line.startswith("Engine server:") for line in logs) and not any(
+                    engine_link.is_refusal_line(line, server.socketPath) for line in logs))
+                if through_server != (served and settings.keepEngineLoaded):
+                    raise RuntimeError(f"{variant}: the engine server was {'' if through_server else 'not '}used")
                 at = marks.at
                 spans = {
                     "write inputs": at["writeInputs end"] - at["writeInputs begin"],
@@ -433,6 +452,7 @@ def part_slicer(repeats: int, work: Path) -> Dict[str, Any]:
     finally:
         for name, function in originals.items():
             setattr(sceneio, name, function)
+        engineserver.stopShared()
     return {variant: medians(values) for variant, values in samples.items()}
 
 
