@@ -35,7 +35,7 @@ def settings(**changes):
     options = {"iterations": 5, "levels": [4], "coarse_iterations": 0}
     options.update(changes.pop("methodOptions", {}))
     chosen = {"method": "adam", "preset": "generic", "affinePrealignment": False, "device": "cpu",
-              "writeWarped": False, **changes}
+              "writeWarped": False, "keepEngineLoaded": True, **changes}
     return RegistrationSettings(methodOptions=options, **chosen)
 
 

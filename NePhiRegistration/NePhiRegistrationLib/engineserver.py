@@ -1,4 +1,9 @@
-"""The module's resident engine: one ``nephireg serve`` per Slicer session (Linux), so that a Register after the
+"""Off by default (``keepEngineLoaded``): a review found that a forced cancel, or one whose grace runs out, kills
+only the client, while the run (a fork of the server in its own session) lives on until the server's own grace and
+may write after the temp folder is removed; and that replacing the server cancels another job's run. Until those
+are mended, a user opts in.
+
+The module's resident engine: one ``nephireg serve`` per Slicer session (Linux), so that a Register after the
 first runs in a fork of an engine that has torch loaded already (1-2 s less per run: torch's import). Standard
 library only.
 

@@ -360,7 +360,7 @@ class Marks:
 
 # "module": as the panel runs it (its engine server, started and loaded before the repeats, as after a first Register);
 # "engine of its own": keepEngineLoaded off, every Register loads torch (the module before session 12)
-SLICER_VARIANTS = {"module": {}, "engine of its own": {"keepEngineLoaded": False}}
+SLICER_VARIANTS = {"module": {"keepEngineLoaded": True}, "engine of its own": {"keepEngineLoaded": False}}
 
 
 def _slicer_scene(work: Path):
