@@ -127,11 +127,12 @@ class RegistrationJob:
                                              initialTransform=self._inputs.get("initialTransform"))
         python = self.python or pythonSlicer()
         command = engine.engineCommand(python, args)
-        env = engine.childEnvironment(slicer.util.startupEnvironment(), device=device)
+        startup = slicer.util.startupEnvironment()
+        env = engine.childEnvironment(startup, device=device)
         self._engine = (python, env)
         server = self._server = engineserver.serverFor(python, env) if self.settings.keepEngineLoaded else None
         if server is not None:  # torch already loaded there: the run skips its import
-            env = engine.childEnvironment(slicer.util.startupEnvironment(), device=device, server=server.socketPath)
+            env = engine.childEnvironment(startup, device=device, server=server.socketPath)
             self._log(f"Engine server: {server.socketPath}")
         self._log("Running: " + " ".join(f'"{c}"' if " " in c else c for c in command))
         self.process = self.processFactory(command, out, env=env, cwd=self.folder, onEvent=self._onEvent,

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stop after this long without a run (default 3600; 0: never)")
     serve.add_argument("--exit-with", type=int, metavar="PID",
                        help="stop when process PID ends (the application that started this server)")
-    serve.add_argument("--cancel-grace", type=float, default=30.0, metavar="SECONDS",
+    serve.add_argument("--cancel-grace", type=float, metavar="SECONDS",
                        help="how long a cancelled run (its client gone, or the server stopping) gets to clean up "
                             "before it is killed (default 30)")
     serve.set_defaults(func=_serve_command)

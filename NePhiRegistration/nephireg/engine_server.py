@@ -107,13 +107,14 @@ def claim_socket(path: str) -> int:
 
 
 def serve(path: str, idle_exit_s: float, say: Callable[[str], None], exit_with: Optional[int] = None,
-          cancel_grace_s: float = CANCEL_GRACE_S) -> int:
+          cancel_grace_s: Optional[float] = None) -> int:
     """Run the server at socket ``path`` until a signal, ``idle_exit_s`` seconds without a run (0: no limit) or the
-    end of process ``exit_with``; a cancelled run is killed ``cancel_grace_s`` seconds after its SIGTERM."""
+    end of process ``exit_with``; a cancelled run is killed ``cancel_grace_s`` seconds (None:
+    :data:`CANCEL_GRACE_S`) after its SIGTERM."""
     from nephireg.forked import can_fork
 
     check_idle_exit(idle_exit_s)
-    check_cancel_grace(cancel_grace_s)
+    cancel_grace_s = check_cancel_grace(CANCEL_GRACE_S if cancel_grace_s is None else cancel_grace_s)
     if not can_fork():
         raise InputError("the engine server needs Linux and a process that has not loaded torch (it forks runs)")
     owner = _watch_process(exit_with) if exit_with is not None else None
