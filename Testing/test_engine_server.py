@@ -18,6 +18,7 @@ import SimpleITK as sitk
 from test_reliability_signals import assert_cancelled, until_stage, wait_for
 
 from conftest import process_gone
+from nephireg.engine_link import stopped_line
 from nephireg.protocol import ExitCode, parse_event_line
 
 pytestmark = pytest.mark.skipif(not (sys.platform.startswith("linux") and hasattr(socket, "send_fds")),
@@ -172,27 +173,62 @@ def test_silent_or_broken_clients_do_not_hold_up_the_server_or_the_others(server
             sock.close()
 
 
-def _ask_and_leave(server, small_pair, out, after: str) -> None:
-    """A client that sends a real request and closes its connection once the server says ``after``."""
-    from nephireg import engine_link
-
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(str(server.path))
-    reader = engine_link.LineReader(sock)
-    argv = ["register", "--fixed", small_pair["fixed"], "--moving", small_pair["moving"], "--out", str(out),
-            *RUN_ARGS]
+def _client_request(server, argv) -> dict:
+    """The ``run`` message a real client of ``server`` sends for ``argv``."""
     describe = ("import json, os, nephireg.cli, nephireg.engine_link as link; nephireg.cli.set_engine_environment(); "
                 "print(json.dumps([link.identity(), dict(os.environ), link.process_attributes()]))")
     ident, env, process = json.loads(subprocess.run([sys.executable, "-c", describe], env=server.env, check=True,
                                                     capture_output=True, text=True).stdout)  # as a client is
-    request = {"kind": "run", "argv": argv, "cwd": os.getcwd(), "env": env, "umask": 0o022, "process": process,
-               "identity": ident}
+    return {"kind": "run", "argv": argv, "cwd": os.getcwd(), "env": env, "umask": 0o022, "process": process,
+            "identity": ident}
+
+
+def _ask(server, request, streams):
+    """Connect, send ``request`` with the descriptors ``streams``; the connection once the server said ready."""
+    from nephireg import engine_link
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(server.path))
+    engine_link.send_message(sock, request, streams)
+    assert engine_link.LineReader(sock).receive()["kind"] == "ready"
+    return sock
+
+
+def _ask_and_leave(server, small_pair, out, after: str) -> None:
+    """A client that sends a real request and closes its connection once the server says ``after``."""
+    from nephireg import engine_link
+
+    argv = ["register", "--fixed", small_pair["fixed"], "--moving", small_pair["moving"], "--out", str(out),
+            *RUN_ARGS]
     with open(os.devnull, "w") as sink:
-        engine_link.send_message(sock, request, [0, sink.fileno(), sink.fileno()])
-    assert reader.receive()["kind"] == "ready"
+        sock = _ask(server, _client_request(server, argv), [0, sink.fileno(), sink.fileno()])
     if after == "go":
         engine_link.send_message(sock, {"kind": "go"})
     sock.close()
+
+
+def test_a_run_does_not_keep_the_streams_of_a_client_still_in_its_handshake(server, small_pair, tmp_path):
+    # a run forked while another client waits between ready and go must not hold that client's pipes: they would
+    # stay open for the run's whole life (the Slicer module would see its run as not over, and kill the holder)
+    read_end, write_end = os.pipe()
+    argv = ["register", "--fixed", small_pair["fixed"], "--moving", small_pair["moving"], "--out",
+            str(tmp_path / "pending"), *RUN_ARGS]
+    request = _client_request(server, argv)
+    before = server.runs()
+    pending = _ask(server, request, [0, write_end, write_end])  # no go yet: pending for up to 2 s
+    os.close(write_end)
+    client = _long_run(server, small_pair, tmp_path / "out")
+    try:
+        until_stage(client, "optimise")
+        (pid,) = set(server.runs()) - set(before)
+        inode = os.fstat(read_end).st_ino
+        links = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        assert f"pipe:[{inode}]" not in links
+    finally:
+        pending.close()
+        client.kill()
+        client.communicate(timeout=60)
+        os.close(read_end)
 
 
 @pytest.mark.parametrize("leaves_after", ["ready", "go"])
@@ -332,7 +368,7 @@ def test_a_killed_server_cancels_its_runs_and_a_new_one_takes_its_socket(small_p
     killed.proc.wait(timeout=60)
     rest, err = client.communicate(timeout=120)
     assert client.returncode == ExitCode.CANCELLED
-    assert "the engine server stopped during the run" in err
+    assert stopped_line(str(killed.path)) in err.splitlines()
     assert events(rest)[-1]["kind"] == "cancelled"
     assert killed.path.exists()  # its socket is left behind ...
     (tmp_path / "again").mkdir()
@@ -377,8 +413,28 @@ def test_a_run_that_outlives_its_killed_client_by_the_cancel_grace_is_killed(sma
     client.kill()
     client.communicate(timeout=60)
     assert running.exit_of(pid) == -signal.SIGKILL
-    assert f"run {pid}: still going 1 s after its client went away: killed" in running.log.read_text()
+    said = f"run {pid}: still going 1 s after it was cancelled (its client went away): killed"
+    assert said in running.log.read_text()
     assert running.proc.poll() is None and running.stop() == 0
+
+
+def test_the_grace_of_a_run_whose_client_cancelled_and_was_then_killed_counts_from_the_cancel(small_pair, tmp_path):
+    # the Slicer module's Cancel: SIGTERM to the client (forwarded), and the client killed when its own grace is over;
+    # the run must not get a second grace from the client's death (it could write after the caller cleaned up)
+    running = Server(tmp_path, "--idle-exit", "0", "--cancel-grace", "3").wait_ready()
+    client = _long_run(running, small_pair, tmp_path / "out")
+    until_stage(client, "optimise")
+    (pid,) = running.runs()
+    os.kill(pid, signal.SIGSTOP)  # it cannot act on the SIGTERM
+    client.send_signal(signal.SIGTERM)
+    time.sleep(3.5)  # the grace is over ...
+    assert not process_gone(pid)  # ... but the client is still there: the run is its, not killed yet
+    killed_at = time.monotonic()
+    client.kill()
+    client.communicate(timeout=60)
+    assert running.exit_of(pid) == -signal.SIGKILL
+    assert time.monotonic() - killed_at < 2.0  # at once, not 3 s after the client's death
+    assert running.stop() == 0
 
 
 def test_a_server_stops_when_the_process_it_exits_with_ends(tmp_path):

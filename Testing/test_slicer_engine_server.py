@@ -6,6 +6,7 @@ Real processes throughout (the server, the clients, the runs)."""
 import importlib.util
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -85,9 +86,7 @@ def test_the_second_register_runs_in_the_server_the_first_left_and_gets_the_same
 def test_a_cancel_in_the_server_lets_the_run_clean_up_and_keeps_the_server(fake_slicer, monkeypatch):
     from nephireg.protocol import ExitCode
 
-    monkeypatch.setattr(engineserver, "supported", SUPPORTED)
-    server = engineserver.prepare(sys.executable, fake_slicer_environment())
-    wait_for(lambda: server.ready, what="the engine server to load")
+    server = loaded_server(monkeypatch)
     before = node_ids(fake_slicer.scene)
     logs = []
     job = run(fake_slicer, settings(methodOptions={"iterations": 100000}), logs)
@@ -104,6 +103,14 @@ def test_a_cancel_in_the_server_lets_the_run_clean_up_and_keeps_the_server(fake_
     assert node_ids(fake_slicer.scene) == before and not Path(job.folder).exists()
     assert server.ready  # still there for the next run
     engineserver.stopShared()
+
+
+def loaded_server(monkeypatch) -> "engineserver.EngineServer":
+    """The module's server for the runs of these tests, loaded (as after a first Register)."""
+    monkeypatch.setattr(engineserver, "supported", SUPPORTED)
+    server = engineserver.prepare(sys.executable, fake_slicer_environment())
+    wait_for(lambda: server.ready, what="the engine server to load")
+    return server
 
 
 def fake_slicer_environment() -> dict:
@@ -144,9 +151,7 @@ def test_a_server_that_refuses_the_run_is_replaced_after_it(fake_slicer, monkeyp
     # engine itself (the engine's own check), and the module replaces the server after it
     import nephireg
 
-    monkeypatch.setattr(engineserver, "supported", SUPPORTED)
-    server = engineserver.prepare(sys.executable, fake_slicer_environment())
-    wait_for(lambda: server.ready, what="the engine server to load")
+    server = loaded_server(monkeypatch)
     edited = Path(nephireg.__file__)
     before = edited.stat()
     os.utime(edited, ns=(before.st_atime_ns, time.time_ns() + 10 ** 12))  # "updated" (1000 s from now)
@@ -159,4 +164,84 @@ def test_a_server_that_refuses_the_run_is_replaced_after_it(fake_slicer, monkeyp
     refusal = f"engine server at {server.socketPath} was not used (it is another engine"
     assert any(refusal in line for line in logs), logs
     assert engineserver._shared is not None and engineserver._shared is not server and not server.running
+    engineserver.stopShared()
+
+
+def served_runs(server) -> list:
+    """The pids of the runs the server has started, in order (its log)."""
+    return [int(pid) for pid in re.findall(r"^run (\d+): nephireg", "\n".join(server.logTail(200)), re.M)]
+
+
+def gone(pid: int) -> bool:
+    return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def long_served_job(env, server, logs=None, onFinished=None):
+    """A served ``adam`` run in its optimisation (100000 steps: it ends only when cancelled), and its run's pid."""
+    job = env.logic.RegistrationJob(env.fixed, env.moving, settings(methodOptions={"iterations": 100000}),
+                                    python=sys.executable, logics=env.logics, onFinished=onFinished,
+                                    onLog=(logs.append if logs is not None else None))
+    before = served_runs(server)
+    job.start()
+    wait_for(lambda: job.poll() or job.progress.stage == "optimise", what="the optimisation")
+    (pid,) = set(served_runs(server)) - set(before)
+    return job, pid
+
+
+@pytest.mark.parametrize("how", ["closing the module", "a run that does not end in its grace"])
+def test_a_run_cut_short_in_the_server_is_gone_before_its_temp_folder_is_removed(fake_slicer, monkeypatch, how):
+    # the client is killed (at once, or when its grace is over) while the run, the server's child, is stuck (here
+    # stopped: it cannot act on the SIGTERM it gets); the server would kill it only its own 10 s later, so the
+    # runner must: the run must not outlive the job and write into a folder that is being removed
+    server = loaded_server(monkeypatch)  # --cancel-grace 10
+    monkeypatch.setattr(engineserver, "CANCEL_GRACE_S", 1.5)  # the runner's grace only, shorter than the server's
+    before = node_ids(fake_slicer.scene)
+    seen = {}
+    job, pid = long_served_job(fake_slicer, server, onFinished=lambda j: seen.update(
+        run_gone=gone(pid), folder=Path(j.folder).exists()))
+    os.kill(pid, signal.SIGSTOP)
+    started = time.monotonic()
+    if how == "closing the module":
+        job.cancel(wait=True)
+        assert job.done  # finished within cancel(): the panel is being cleaned up
+    else:
+        job.cancel()
+        job.wait(interval=0.02)
+    took = time.monotonic() - started
+    assert job.outcome.status.value == "cancelled"
+    assert seen == {"run_gone": True, "folder": False}  # gone before the job removed its folder
+    assert took < (3.0 if how == "closing the module" else 1.5 + 3.0), took
+    assert node_ids(fake_slicer.scene) == before and not Path(job.folder).exists()
+    assert server.ready and not server.inUse  # the server lives on for the next run (it reaped the killed run)
+    engineserver.stopShared()
+
+
+def test_a_server_in_use_is_not_replaced_by_another_jobs_run(fake_slicer, monkeypatch):
+    # a second job of another environment (its own engine) finishing beside a served run would replace the server
+    # after it: not while the first job's run is in it
+    server = loaded_server(monkeypatch)
+    job, pid = long_served_job(fake_slicer, server)
+    other = run(fake_slicer, settings(device="auto"))
+    assert other.wait(interval=0.02).status.value == "succeeded", other.outcome.describe()
+    assert engineserver._shared is server and server.running and not gone(pid)  # the served run goes on
+    assert job.poll() is None and not job.done
+    job.cancel()
+    assert job.wait(interval=0.02).status.value == "cancelled"
+    assert not server.inUse
+    engineserver.stopShared()
+
+
+def test_a_server_that_stops_during_a_run_is_a_failure_not_a_cancel(fake_slicer, monkeypatch):
+    from NePhiRegistrationLib import logic
+
+    server = loaded_server(monkeypatch)
+    before = node_ids(fake_slicer.scene)
+    logs = []
+    job, pid = long_served_job(fake_slicer, server, logs)
+    server._proc.kill()  # e.g. the out-of-memory killer: its runs end with it (their parent-death signal)
+    outcome = job.wait(interval=0.02)
+    assert outcome.status.value == "failed" and outcome.errorKind == "engine-server", outcome.describe()
+    assert outcome.message == logic.SERVER_STOPPED
+    assert f"nephireg: the engine server at {server.socketPath} stopped during the run (its run was cancelled)" in logs
+    assert gone(pid) and node_ids(fake_slicer.scene) == before and not Path(job.folder).exists()
     engineserver.stopShared()

@@ -242,6 +242,93 @@ def test_a_grandchild_holding_the_pipe_does_not_hang_the_run(workdir, monkeypatc
     assert not [p for p in leftovers if p.status() != psutil.STATUS_ZOMBIE], "the orphan outlived the run"
 
 
+def escaping_child(workdir: Path) -> tuple:
+    """A child that leaves a grandchild outside its process tree (re-parented to init, a session of its own) with
+    its stdout, as a run in the engine server is; the grandchild's pid goes to the returned file."""
+    pidfile = workdir / "escaped.pid"
+    body = f"""
+        import os, sys, time
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:  # re-parented to init: outside this process's tree, its stdout still the pipe
+                open({str(pidfile)!r}, "w").write(str(os.getpid()))
+                time.sleep(60)
+            os._exit(0)
+        print('{line("stage", stage="optimise", message="slow")}', flush=True)
+        time.sleep(60)
+    """
+    return child(workdir, body), pidfile
+
+
+def start_escaping(workdir: Path, **options):
+    command, pidfile = escaping_child(workdir)
+    events = []
+    proc = EngineProcess(command, str(workdir / "out"), onEvent=events.append, **options)
+    proc.start()
+    deadline = time.monotonic() + 30
+    while not (events and pidfile.exists() and pidfile.read_text()):
+        proc.poll()
+        assert time.monotonic() < deadline, "the child never started"
+        time.sleep(0.02)
+    escaped = int(pidfile.read_text())
+    assert escaped not in [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    return proc, escaped
+
+
+def process_gone(pid: int) -> bool:
+    return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pipe holders are found through /proc (Linux)")
+@pytest.mark.parametrize("with_psutil", [True, False])
+def test_a_cancel_kills_what_writes_to_the_runs_pipes_outside_its_process_tree(workdir, monkeypatch, with_psutil):
+    # as a run in the engine server (a child of the server, in a session of its own): not in the client's tree,
+    # but it holds the pipes; after a cancel it is killed at once, not PIPE_GRACE_S later, and before the outcome
+    from NePhiRegistrationLib import runner
+
+    monkeypatch.setattr(runner, "PIPE_GRACE_S", 30.0)
+    proc, escaped = start_escaping(workdir)
+    if not with_psutil:
+        monkeypatch.setitem(sys.modules, "psutil", None)  # "import psutil" raises ImportError: the fallback path
+    started = time.monotonic()
+    proc.cancel()
+    outcome = proc.wait(timeout=20)
+    monkeypatch.undo()
+    assert outcome.status == RunStatus.CANCELLED and time.monotonic() - started < 5
+    assert process_gone(escaped)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pipe holders are found through /proc (Linux)")
+def test_the_spared_server_and_processes_with_only_a_read_end_or_of_this_session_are_not_killed(workdir,
+                                                                                               monkeypatch):
+    from NePhiRegistrationLib import runner
+
+    monkeypatch.setattr(runner, "HOLDER_TIMEOUT_S", 1.0)
+    proc, escaped = start_escaping(workdir)
+    proc.spare.add(escaped)  # as the engine server, which holds a client's pipes a moment (never killed)
+    bystanders = []
+    for own_session in (False, True):  # forks of this process: each holds the pipes' read ends only
+        pid = os.fork()
+        if pid == 0:
+            if not own_session:
+                os.setsid()
+            time.sleep(30)
+            os._exit(0)
+        bystanders.append(pid)
+    try:
+        assert sorted(runner.pipeHolders(proc._pipeInodes)) == sorted([proc.pid, escaped])  # not the bystanders
+        proc.cancel()
+        outcome = proc.wait(timeout=20)
+        assert outcome.status == RunStatus.CANCELLED
+        assert "processes still held the engine's output" in outcome.logTail[-1]  # given up on, said so
+        assert not process_gone(escaped) and not any(process_gone(pid) for pid in bystanders)
+    finally:
+        for pid in [escaped, *bystanders]:
+            os.kill(pid, 9)
+        for pid in bystanders:
+            os.waitpid(pid, 0)
+
+
 @pytest.mark.skipif(os.name == "nt", reason="a SIGTERM cancel is for runs in the engine server (Linux)")
 def test_a_cancel_with_a_grace_lets_the_run_clean_up_and_kills_one_that_does_not_end(workdir):
     # cancelGraceS (a run in the module's engine server): SIGTERM first, so the client forwards it and the run

@@ -67,6 +67,9 @@ def selftest_case(request, monkeypatch, tmp_path):
     spec.loader.exec_module(module)
     case = module.NePhiRegistrationTest("runTest")
     yield case, app
+    from NePhiRegistrationLib import engineserver
+
+    engineserver.stopShared()  # the real run's Register leaves the module's server behind (on by default)
     for name in ("NePhiRegistrationLib.logic", "NePhiRegistrationLib.parameters"):
         sys.modules.pop(name, None)
 

@@ -11,6 +11,7 @@ disables Register with the reason.
 import importlib
 import sys
 import types
+from pathlib import Path
 
 import pytest
 from slicer_scene import new_app, require_slicer_core
@@ -95,7 +96,7 @@ def panel_env(monkeypatch):
                         lambda modelPath="": calls.append(modelPath) or {
                             m: widget.availability.Availability(True) for m in widget.protocol.METHODS})
     node = types.SimpleNamespace(modelPath="", method="adam", preset="generic", fixedVolume=None, movingVolume=None,
-                                 outputTransform=None)
+                                 outputTransform=None, keepEngineLoaded=True)
     ui = UI()
     panel = widget.RegistrationPanel(ui, lambda: node, app.logics)
     yield types.SimpleNamespace(widget=widget, sceneio=app.sceneio, panel=panel, ui=ui, node=node, calls=calls,
@@ -221,3 +222,20 @@ def test_a_warning_in_the_manifest_and_in_the_events_is_shown_once(panel_env):
     text = panel_env.ui.resultSummaryLabel.text
     assert text.startswith(f"Warning: {message} [deformable-worse]") and text.count(message) == 1
     assert "1 warning(s)" in panel_env.ui.statusLabel.text
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the engine server is Linux-only")
+def test_unticking_keep_the_engine_loaded_stops_an_idle_server_at_once(panel_env, monkeypatch, tmp_path):
+    from test_slicer_engine_server_lifetime import LISTENING, fake_python, wait_for
+
+    engineserver = panel_env.widget.engineserver
+    monkeypatch.setattr(engineserver, "_shared", None)
+    monkeypatch.setattr(engineserver, "_failures", 0)
+    monkeypatch.setattr(engineserver.tempfile, "tempdir", str(tmp_path))
+    server = engineserver.prepare(fake_python(tmp_path, LISTENING), {"A": "1"})
+    wait_for(lambda: server.ready)
+    panel_env.panel.updateState()
+    assert server.running  # ticked: kept
+    panel_env.node.keepEngineLoaded = False
+    panel_env.panel.updateState()  # what a change of the parameter node calls
+    assert not server.running and engineserver._shared is None and not Path(server.folder).exists()

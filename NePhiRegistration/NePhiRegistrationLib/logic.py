@@ -5,8 +5,9 @@
 nodes are created only after the engine succeeded, so a failed or cancelled run leaves the scene as it was.
 A GPU out-of-memory failure (of a run whose START event reported a CUDA device) is retried once on the CPU, with a
 message in the status line and the result summary (``job.notice``). The process factory is injectable
-(tests and other front ends pass their own). With ``keepEngineLoaded`` (Linux), the module's engine server
-(:mod:`NePhiRegistrationLib.engineserver`) is started once a run has finished, and later runs go through it.
+(tests and other front ends pass their own). With ``keepEngineLoaded`` (Linux, on by default), the module's engine
+server (:mod:`NePhiRegistrationLib.engineserver`) is started once a run has finished, and later runs go through it;
+a run cut short because that server stopped is a failure ("the engine server stopped"), not a cancel.
 """
 
 import logging
@@ -28,6 +29,8 @@ from NePhiRegistrationLib.settings import RegistrationSettings
 
 TORCH_REQUIREMENT = ">=2.1"
 CPU_RETRY_NOTICE = _("The GPU ran out of memory; running again on the CPU (slower).")
+SERVER_STOPPED = _("The engine server stopped during the run, which was cancelled; Register again (the next run "
+                   "loads the engine itself).")
 
 
 INSTALLING_TORCH = _("Installing PyTorch (several minutes)...")
@@ -98,9 +101,9 @@ class RegistrationJob:
         self.error: str = ""
         self.folder: Optional[str] = None
         self._inputs = {}
-        self._engine = None  # (python, environment without a server) of the last launch: the server to prepare
-        self._server = None  # the engine server of the last launch, or None
-        self._serverRefused = False  # it did not take the run (e.g. the engine was updated since it started)
+        self._engine = None  # (python, environment) of the first launch (the user's device): the server to prepare
+        self._server = None  # the engine server of the last launch, or None (acquired while the run is in it)
+        self._serverStopped = False  # that server went away during the run (the client exits "cancelled")
         self._retriedOnCpu = False
         self.notice: str = ""  # shown with the result (e.g. the CPU retry), not only in the log
         self.started = 0.0
@@ -129,16 +132,21 @@ class RegistrationJob:
         command = engine.engineCommand(python, args)
         startup = slicer.util.startupEnvironment()
         env = engine.childEnvironment(startup, device=device)
-        self._engine = (python, env)
-        server = self._server = engineserver.serverFor(python, env) if self.settings.keepEngineLoaded else None
+        if self._engine is None:  # not a CPU retry's: the next Register is on the user's device again
+            self._engine = (python, env)
+        self._releaseServer()
+        server = engineserver.serverFor(python, env) if self.settings.keepEngineLoaded else None
         if server is not None:  # torch already loaded there: the run skips its import
             env = engine.childEnvironment(startup, device=device, server=server.socketPath)
             self._log(f"Engine server: {server.socketPath}")
+        served = {"cancelGraceS": engineserver.CANCEL_GRACE_S, "spare": (server.pid,)} if server is not None else {}
         self._log("Running: " + " ".join(f'"{c}"' if " " in c else c for c in command))
         self.process = self.processFactory(command, out, env=env, cwd=self.folder, onEvent=self._onEvent,
-                                           onText=self._onText,
-                                           cancelGraceS=engineserver.CANCEL_GRACE_S if server is not None else None)
+                                           onText=self._onText, **served)
         self.process.start()
+        if server is not None:
+            self._server = server
+            server.acquire(self)  # not stopped or replaced under this run
 
     def cancel(self, wait: bool = False, timeout: float = 10.0) -> None:
         """Stop the engine (a run in the engine server gets its grace to clean up: ``runner.EngineProcess``); with
@@ -158,6 +166,9 @@ class RegistrationJob:
         outcome = self.process.outcome
         if outcome is None:
             return
+        if outcome.status == RunStatus.CANCELLED and self._serverStopped and not self.process.cancelRequested:
+            outcome = RunOutcome(RunStatus.FAILED, outcome.exitCode, SERVER_STOPPED, "engine-server", outcome.logTail,
+                                 seconds=outcome.seconds)
         if outcome.outOfMemory and not self._retriedOnCpu and self.progress.device.startswith("cuda"):
             # only a run the engine reported as running on the GPU (START event); a CPU run is not rerun
             self._retriedOnCpu = True
@@ -199,19 +210,24 @@ class RegistrationJob:
         finally:
             self.outcome = outcome
             self._cleanup()
+            self._releaseServer()
             self._prepareEngineServer()
             if self.onFinished:
                 self.onFinished(self)
 
+    def _releaseServer(self) -> None:
+        if self._server is not None:
+            self._server.release(self)
+            self._server = None
+
     def _prepareEngineServer(self) -> None:
         """After a run (never beside one): the engine server for the next, if wanted and not running yet (not after
-        a cancel: the module may be closing)."""
-        if not self.settings.keepEngineLoaded or self._engine is None or self.outcome.status == RunStatus.CANCELLED:
-            return
+        a cancel: the module may be closing). A job without the setting leaves a server alone (the panel's setting
+        stops it: ``widget.py``)."""
+        wanted = self.settings.keepEngineLoaded and self.outcome.status != RunStatus.CANCELLED
         try:
-            if self._serverRefused:  # a server that refuses this engine would refuse every run: a new one
-                engineserver.stopShared()
-            engineserver.prepare(*self._engine)
+            if wanted and self._engine is not None:
+                engineserver.prepare(*self._engine)  # replaces one that refused this run (engineserver.prepare)
         except Exception:  # noqa: BLE001 - the next run then loads the engine itself, as without a server
             logging.exception("NePhiRegistration: the engine server could not be started")
 
@@ -230,7 +246,9 @@ class RegistrationJob:
 
     def _onText(self, text: str) -> None:
         if self._server is not None and engine_link.is_refusal_line(text, self._server.socketPath):
-            self._serverRefused = True
+            self._server.failed = True  # it would refuse every run of this engine: replaced after this one
+        if self._server is not None and engine_link.is_stopped_line(text, self._server.socketPath):
+            self._serverStopped = True
         self._log(text)
 
     def _log(self, text: str) -> None:

@@ -37,7 +37,7 @@ class NePhiRegistrationParameterNode:
     # str, not Path: Path("") reads back as "." and the line edit would show "."; bound by widget.py, not connectGui
     modelPath: str = ""
     keepTemporaryFiles: bool = False
-    keepEngineLoaded: bool = False
+    keepEngineLoaded: bool = True
     # outputs
     outputTransform: vtkMRMLTransformNode
     createWarpedVolume: bool = False

@@ -9,8 +9,16 @@ when a run fails; lines that are not protocol events are kept as log text, never
 Cancel kills the whole process tree (the interpreter and anything it started), so no orphan keeps a GPU busy. A run
 handed to the module's engine server (``cancelGraceS`` given: :mod:`NePhiRegistrationLib.engineserver`) is not in
 that tree: its Cancel sends SIGTERM to the client, which forwards it to the run; the run cleans up and ends as a
-cancelled command does, and the tree is killed only if it has not ended ``cancelGraceS`` seconds later (the server
-then cancels the run itself). The outcome is CANCELLED either way, once the process has exited.
+cancelled command does, and the tree is killed only if it has not ended ``cancelGraceS`` seconds later. The outcome
+is CANCELLED either way, once the process has exited.
+
+A run is over only when nothing holds its output pipes any more: the served run writes to this process's pipes
+(the client passed them on), as does anything the engine started. So after the process has exited, whatever still
+holds them (:func:`pipeHolders`: on Linux, found through ``/proc``; the engine server itself spared) is killed -
+after a cancel at once and again every :data:`HOLDER_SCAN_S` (a run the server forks a moment after its client was
+killed), otherwise after :data:`PIPE_GRACE_S` - and the run finishes when the pipes close, so a run that outlived
+its killed client does not write into a folder the caller removes next; only holders that survive
+:data:`HOLDER_TIMEOUT_S` of that are given up on (said in the log tail).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import os
 import queue
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,6 +43,8 @@ TextCallback = Callable[[str], None]
 
 _EOF = object()  # a reader thread's last queue item
 PIPE_GRACE_S = 5.0  # after the process exits, how long its pipes may stay open (held by a grandchild)
+HOLDER_SCAN_S = 0.2  # while they stay open after a cancel, how often their holders are looked for (and killed)
+HOLDER_TIMEOUT_S = 5.0  # holders still there this long after the first kill: finish anyway (never hang the run)
 _WINDOWS_NO_WINDOW = 0x08000000  # CREATE_NO_WINDOW: no console window flashes up on Windows
 
 
@@ -75,9 +86,10 @@ class EngineProcess:
     def __init__(self, command: Sequence[str], outDir: str, env: Optional[Mapping[str, str]] = None,
                  cwd: Optional[str] = None, onEvent: Optional[EventCallback] = None,
                  onText: Optional[TextCallback] = None, logTailLines: int = 60,
-                 cancelGraceS: Optional[float] = None) -> None:
+                 cancelGraceS: Optional[float] = None, spare: Sequence[int] = ()) -> None:
         self.command = [str(c) for c in command]
         self.cancelGraceS = cancelGraceS  # None: Cancel kills at once; else SIGTERM, then the kill this much later
+        self.spare = set(spare)  # pids never killed as pipe holders (the engine server: it holds them a moment)
         self.outDir = outDir
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
@@ -95,6 +107,9 @@ class EngineProcess:
         self._killAt: Optional[float] = None  # time.monotonic() of the kill that follows a SIGTERM cancel
         self._started = 0.0
         self._exitedAt: Optional[float] = None
+        self._killingSince: Optional[float] = None  # when killing what holds the pipes began
+        self._lastScan = 0.0
+        self._pipeInodes: List[int] = []
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -109,6 +124,7 @@ class EngineProcess:
         self._proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, env=self.env, cwd=self.cwd, **kwargs)
         self.status = RunStatus.RUNNING
+        self._pipeInodes = [os.fstat(stream.fileno()).st_ino for stream in (self._proc.stdout, self._proc.stderr)]
         for stream, name in ((self._proc.stdout, "stdout"), (self._proc.stderr, "stderr")):
             thread = threading.Thread(target=self._read, args=(stream, name), daemon=True,
                                       name=f"nephireg-{name}-reader")
@@ -124,6 +140,10 @@ class EngineProcess:
     def running(self) -> bool:
         return self.status == RunStatus.RUNNING
 
+    @property
+    def cancelRequested(self) -> bool:
+        return self._cancelRequested
+
     def cancel(self, force: bool = False) -> None:
         """Kill the process tree now (``force``, or no ``cancelGraceS``), or SIGTERM it and kill it
         ``cancelGraceS`` later if it has not ended (:meth:`poll`); the outcome becomes CANCELLED once it has
@@ -131,6 +151,8 @@ class EngineProcess:
         if self._proc is None or self.outcome is not None:
             return
         self._cancelRequested = True
+        if self._proc.poll() is not None:  # exited (and reaped: its pid may be another's now); poll() ends the rest
+            return
         if force or self.cancelGraceS is None or os.name == "nt":
             self._killAt = None
             killProcessTree(self._proc.pid)
@@ -161,11 +183,7 @@ class EngineProcess:
             self._killAt = None
             killProcessTree(self._proc.pid)  # it did not end in its grace after the SIGTERM
         if self.running and self._proc is not None and self._proc.poll() is not None:
-            if self._exitedAt is None:
-                self._exitedAt = time.monotonic()
-            # Pipes drained - or held open by a leftover grandchild: do not wait for it forever.
-            if self._openStreams == 0 or time.monotonic() - self._exitedAt > PIPE_GRACE_S:
-                self._finish(self._proc.returncode)
+            self._afterExit()
         return events
 
     def wait(self, timeout: Optional[float] = None, interval: float = 0.05) -> RunOutcome:
@@ -209,11 +227,34 @@ class EngineProcess:
             self.onEvent(event)
         return event
 
+    def _afterExit(self) -> None:
+        """The process has exited: finish once its pipes are closed; kill what still holds them (a served run whose
+        client was killed, a grandchild) from a cancel on, or once they have stayed open :data:`PIPE_GRACE_S`."""
+        now = time.monotonic()
+        if self._exitedAt is None:
+            self._exitedAt = now
+        if self._openStreams == 0:
+            self._finish(self._proc.returncode)
+            return
+        if not (self._cancelRequested or now - self._exitedAt > PIPE_GRACE_S):
+            return
+        if self._killingSince is None:
+            self._killingSince = now
+            if not sys.platform.startswith("linux") and os.name != "nt":  # no /proc: the exited process's group
+                _killGroup(self._proc.pid)
+        if now - self._lastScan >= HOLDER_SCAN_S:
+            self._lastScan = now
+            for pid in pipeHolders(self._pipeInodes):
+                if pid not in self.spare:
+                    killProcessTree(pid, wait=False)  # never blocks the GUI thread: the pipes' end is the sign
+        if now - self._killingSince > HOLDER_TIMEOUT_S:
+            self._tail.append(f"processes still held the engine's output {HOLDER_TIMEOUT_S:g} s after they were "
+                              f"killed: {pipeHolders(self._pipeInodes)}")
+            self._finish(self._proc.returncode)
+
     def _finish(self, returncode: int) -> None:
-        if self._openStreams > 0:  # something the engine started still holds its pipes: end it with the run
-            killProcessTree(self._proc.pid)
         for thread in self._threads:
-            thread.join(timeout=1.0)
+            thread.join(timeout=1.0 if self._openStreams == 0 else 0.0)
         seconds = time.monotonic() - self._started
         tail = list(self._tail)
         if self._cancelRequested or returncode == int(protocol.ExitCode.CANCELLED):
@@ -248,9 +289,41 @@ class EngineProcess:
         return RunOutcome(RunStatus.FAILED, returncode, message, kind, tail, seconds=seconds)
 
 
-def killProcessTree(pid: int) -> None:
+def pipeHolders(inodes: Sequence[int]) -> List[int]:
+    """The pids of this user's processes outside this process's session that hold the write end of a pipe of
+    ``inodes`` (Linux: ``/proc/PID/fd``, ``fdinfo``); empty elsewhere. The writers of a run's output pipes are the
+    run and what it started, wherever they are in the process tree (a run in the engine server is the server's
+    child, not the client's), each in a session that is not the application's: the engine is started in a session
+    of its own. Not holders: a process with only a read end, or a fork of the application that caught a write end
+    in the moment before a ``Popen`` closed it (same session)."""
+    if not os.path.isdir("/proc/self/fd"):
+        return []
+    links = {f"pipe:[{inode}]" for inode in inodes}
+    ownSession = os.getsid(0)
+    holders = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")  # another user's: PermissionError
+            if (any(os.readlink(f"/proc/{entry}/fd/{fd}") in links and _writeEnd(entry, fd) for fd in fds)
+                    and os.getsid(int(entry)) != ownSession):
+                holders.append(int(entry))
+        except OSError:  # not ours, or it ended while being read
+            continue
+    return holders
+
+
+def _writeEnd(pid: str, fd: str) -> bool:
+    with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+        flags = next((line.split()[1] for line in info if line.startswith("flags:")), "0")
+    return int(flags, 8) & os.O_ACCMODE == os.O_WRONLY
+
+
+def killProcessTree(pid: int, wait: bool = True) -> None:
     """Kill ``pid`` and every process it started (children first collected, so none is missed by
-    re-parenting). psutil when available; else the process group (POSIX, the child leads its own session) or
+    re-parenting), and ``pid``'s process group where it leads one. psutil when available (waiting up to 5 s for
+    them to end with ``wait``); else ``pid`` and its group (POSIX: the engine leads its own session) or
     ``taskkill /T`` (Windows)."""
     try:
         import psutil
@@ -260,19 +333,29 @@ def killProcessTree(pid: int) -> None:
         try:
             parent = psutil.Process(pid)
             procs = parent.children(recursive=True) + [parent]
-        except psutil.NoSuchProcess:
+        except psutil.Error:  # gone, or not ours to inspect
             procs = []
         for proc in procs:
             try:
                 proc.kill()
-            except psutil.NoSuchProcess:
+            except psutil.Error:
                 pass
-        psutil.wait_procs(procs, timeout=5)
+        if wait:
+            psutil.wait_procs(procs, timeout=5)
     if os.name == "nt":
         if psutil is None:
             subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True, check=False)
         return
+    if psutil is None:
+        try:
+            os.kill(pid, signal.SIGKILL)  # a holder that leads no group
+        except (ProcessLookupError, PermissionError):
+            pass
+    _killGroup(pid)  # anything left in its group (a grandchild that escaped the tree walk)
+
+
+def _killGroup(pgid: int) -> None:
     try:
-        os.killpg(pid, signal.SIGKILL)  # anything left in the group (a grandchild that escaped the tree walk)
+        os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass

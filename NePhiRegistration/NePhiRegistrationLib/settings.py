@@ -34,7 +34,7 @@ class RegistrationSettings:
     writeWarped: bool = True
     writeOverview: bool = False  # the engine's overview.png: the panel never shows it, so it is not drawn
     keepTemporaryFiles: bool = False
-    keepEngineLoaded: bool = False  # the module's engine server between runs (Linux; engineserver.py: why off)
+    keepEngineLoaded: bool = True  # the module's engine server between runs (Linux; engineserver.py)
     seed: Optional[int] = None
     methodOptions: Dict[str, Any] = field(default_factory=dict)  # any method option (``--option KEY=JSON``)
 

@@ -69,6 +69,8 @@ class RegistrationPanel:
         node = self._parameterNode()
         if node is None or self.job is not None:
             return
+        if not node.keepEngineLoaded:  # unticked: its memory back now, not at the next Register
+            engineserver.stopSharedIfIdle()
         modelPath = modelPathText(node)
         if self.ui.modelPathLineEdit.currentPath != modelPath:
             self.ui.modelPathLineEdit.currentPath = modelPath

@@ -45,6 +45,7 @@ LOAD_TIME_PREFIXES = ("OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_", "PYTORCH_", 
 """Environment variables read when the interpreter (its streams' encoding: the locale), torch or its thread
 libraries load: a fork keeps the server's, so a client whose values differ runs in its own process."""
 
+MAX_SOCKET_PATH_BYTES = 103  # sun_path is 104-108 bytes (by platform), the terminating NUL included
 MAX_LINE_BYTES = 1 << 20  # a request is a command line and an environment: far below this
 CLIENT_TIMEOUT_S = 10.0  # connecting and the server's answer (ready or refused); the run itself is not timed
 _STREAMS = (0, 1, 2)
@@ -62,6 +63,18 @@ def refusal_line(path: str, reason: str) -> str:
 def is_refusal_line(line: str, path: str) -> bool:
     """``line`` is :func:`refusal_line` of the server at ``path`` (the Slicer module then replaces that server)."""
     return line.startswith(f"nephireg: the engine server at {path} was not used (")
+
+
+def stopped_line(path: str) -> str:
+    """What a client says on stderr when the server at ``path`` went away during its run (which it cancelled: the
+    client exits 3 as a cancelled command does, though nobody asked it to stop)."""
+    return f"nephireg: the engine server at {path} stopped during the run (its run was cancelled)"
+
+
+def is_stopped_line(line: str, path: str) -> bool:
+    """``line`` is :func:`stopped_line` of the server at ``path`` (the Slicer module then reports a failure, not a
+    cancel the user asked for)."""
+    return line == stopped_line(path)
 
 
 def default_socket_path() -> str:
@@ -218,7 +231,7 @@ def run_through_server(argv: Sequence[str]) -> Optional[int]:
             _say(refusal_line(path, str(exc)))
             return None
         sock.settimeout(None)  # the run takes as long as it takes
-        code = _wait(sock, reader)
+        code = _wait(sock, reader, path)
         if code is None:
             _say(f"nephireg: the engine server at {path} could not start the run; running here")
         return code
@@ -263,7 +276,7 @@ def _ask(sock: socket.socket, reader: LineReader, argv: Sequence[str]) -> Option
     return reader.receive()
 
 
-def _wait(sock: socket.socket, reader: LineReader) -> Optional[int]:
+def _wait(sock: socket.socket, reader: LineReader, path: str) -> Optional[int]:
     """Forward SIGINT/SIGTERM (the last one recorded before, and any that come) until the run's exit code arrives;
     None when the server could not fork the run (nothing ran)."""
     from nephireg import signals
@@ -285,7 +298,7 @@ def _wait(sock: socket.socket, reader: LineReader) -> Optional[int]:
             except (OSError, LinkError):
                 message = None
             if message is None:
-                _say("nephireg: the engine server stopped during the run (its run was cancelled)")
+                _say(stopped_line(path))
                 return 3  # protocol.ExitCode.CANCELLED (not imported: it is the only code needed here)
             if message.get("kind") == "exit" and isinstance(message.get("code"), int):
                 return _exit_code(message["code"])

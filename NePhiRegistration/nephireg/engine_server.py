@@ -15,9 +15,10 @@ as ``exit_with`` (the application that owns the server: watched through a pidfd,
 alive); then it stops listening (its socket removed), cancels the runs still going (SIGTERM: each cleans up as a
 cancelled command does; SIGKILL after :data:`CANCEL_GRACE_S`, or ``cancel_grace_s``), sends their exit codes and
 exits 0. A run whose client has gone is cancelled the same way: SIGTERM at once, SIGKILL if it is still going that
-long after (no orphan keeps running). Its socket lives in a folder only this user may enter (created 0700, refused
-when another user could reach it) and a lock file there makes one server per socket; each connection's peer
-credentials are checked. A connection that breaks the protocol is dropped alone.
+long after the client's first forwarded SIGINT/SIGTERM, or after the client went (no orphan keeps running). Its
+socket lives in a folder only this user may enter (created 0700, refused when another user could reach it) and a
+lock file there makes one server per socket; each connection's peer credentials are checked. A connection that
+breaks the protocol is dropped alone.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class _Run:
     reader: Optional[engine_link.LineReader] = None
     started: float = field(default_factory=time.monotonic)
     kill_at: Optional[float] = None  # time.monotonic() of its SIGKILL, once cancelled because its client went away
+    cancelled_at: Optional[float] = None  # time.monotonic() of the first SIGINT/SIGTERM its client forwarded
 
 
 @dataclass
@@ -82,8 +84,9 @@ def claim_socket(path: str) -> int:
     import fcntl
 
     folder = os.path.dirname(path)
-    if len(os.fsencode(path)) >= 104:  # sun_path is 104-108 bytes, the terminating NUL included
-        raise InputError(f"engine server socket path too long for a Unix socket (max 103 bytes): {path}")
+    if len(os.fsencode(path)) > engine_link.MAX_SOCKET_PATH_BYTES:
+        raise InputError(f"engine server socket path too long for a Unix socket (max "
+                         f"{engine_link.MAX_SOCKET_PATH_BYTES} bytes): {path}")
     os.makedirs(folder, mode=0o700, exist_ok=True)
     info = os.lstat(folder)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
@@ -254,7 +257,8 @@ class _Server:
         now = time.monotonic()
         for run in self._runs.values():
             if run.kill_at is not None and run.kill_at <= now:
-                self._say(f"run {run.pid}: still going {self._cancel_grace_s:g} s after its client went away: killed")
+                self._say(f"run {run.pid}: still going {self._cancel_grace_s:g} s after it was cancelled (its client "
+                          "went away): killed")
                 self._signal(run, signal.SIGKILL)
                 run.kill_at = None
 
@@ -403,6 +407,8 @@ class _Server:
                 inherited += [self._owner.fd] if self._owner is not None else []
                 inherited += [run.connection.fileno() for run in self._runs.values() if run.connection is not None]
                 inherited += [p.connection.fileno() for p in self._pending.values()]
+                # their standard streams too: a run holding another client's pipes would keep them open
+                inherited += [fd for p in self._pending.values() for fd in p.reader.fds]
                 inherited += [connection.fileno(), *extra]
                 raise_niceness = request.process["nice"] - self._process["nice"]
 
@@ -425,6 +431,7 @@ class _Server:
                     break
                 signum = message.get("signum")
                 if message.get("kind") == "signal" and signum in (signal.SIGINT, signal.SIGTERM):
+                    run.cancelled_at = run.cancelled_at or time.monotonic()
                     self._signal(run, int(signum))
         except BlockingIOError:
             return
@@ -434,9 +441,11 @@ class _Server:
 
     def _abandon(self, run: _Run) -> None:
         """The client went away: nobody waits for this run. Cancelled (SIGTERM), then SIGKILL if still going the
-        cancel grace later."""
+        cancel grace later - counted from the client's own cancel where it forwarded one (a client that cancelled
+        and was killed when its grace was over must not give the run a second grace)."""
         self._signal(run, signal.SIGTERM)
-        run.kill_at = time.monotonic() + self._cancel_grace_s
+        now = time.monotonic()
+        run.kill_at = min(now, run.cancelled_at or now) + self._cancel_grace_s
         self._drop_connection(run)
 
     def _signal(self, run: _Run, signum: int) -> None:
