@@ -19,6 +19,7 @@ from test_reliability_signals import assert_cancelled, until_stage, wait_for
 
 from conftest import process_gone
 from nephireg.engine_link import stopped_line
+from nephireg.engine_server import REQUEST_TIMEOUT_S
 from nephireg.protocol import ExitCode, parse_event_line
 
 pytestmark = pytest.mark.skipif(not (sys.platform.startswith("linux") and hasattr(socket, "send_fds")),
@@ -216,9 +217,13 @@ def test_a_run_does_not_keep_the_streams_of_a_client_still_in_its_handshake(serv
     request = _client_request(server, argv)
     before = server.runs()
     pending = _ask(server, request, [0, write_end, write_end])  # no go yet: pending for up to 2 s
+    asked = time.monotonic()
     os.close(write_end)
     client = _long_run(server, small_pair, tmp_path / "out")
     try:
+        wait_for(lambda: set(server.runs()) - set(before))
+        # forked while the other client was still pending (else this test would prove nothing)
+        assert time.monotonic() - asked < REQUEST_TIMEOUT_S
         until_stage(client, "optimise")
         (pid,) = set(server.runs()) - set(before)
         inode = os.fstat(read_end).st_ino

@@ -31,6 +31,14 @@ resolved = "cuda" if behaviour == "oom-then-ok" and device != "cpu" else ("cpu" 
 print(protocol.encode_event("start", method="adam", preset="generic", device=resolved, out=out), flush=True)
 if behaviour == "slow":
     time.sleep(60)
+if behaviour == "leaves-a-writer":  # a process outside this one's tree that keeps the output pipes
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            open(os.path.join(os.path.dirname(out), "writer.pid"), "w").write(str(os.getpid()))
+            time.sleep(60)
+        os._exit(0)
+    time.sleep(60)
 if behaviour == "fail" or (behaviour == "oom-then-ok" and device != "cpu") or behaviour == "oom":
     code = 2 if behaviour == "fail" else 4
     message = "moving image is empty" if behaviour == "fail" else "out of memory"
@@ -221,3 +229,46 @@ def test_a_real_engine_run_writes_no_overview_and_is_imported(fake_slicer):
     assert "overview" not in outcome.manifest["files"]
     assert fake_slicer.moving.GetParentTransformNode() is job.result.transform
     assert job.result.jacobianVolume is not None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pipe holders are found through /proc (Linux)")
+def test_a_folder_that_an_engine_process_may_still_write_into_is_kept_and_said(fake_slicer, tmp_path, monkeypatch):
+    # a holder of the run's pipes the runner may not kill (here: spared, as the engine server is) and that outlives
+    # the holders' timeout: removing the folder under it could leave a half-written one behind; kept, and logged
+    import os
+    import time
+
+    from NePhiRegistrationLib import runner
+
+    monkeypatch.setattr(runner, "HOLDER_TIMEOUT_S", 0.5)
+    factory, _ = make_factory(tmp_path, "leaves-a-writer")
+    writers = []
+
+    class Spared:  # the writer's pid, once it has said it (the runner asks each scan)
+        def __iter__(self):
+            return iter(writers)
+
+        def __contains__(self, pid):
+            return pid in writers
+
+    def spared_factory(command, outDir, **kwargs):
+        proc = factory(command, outDir, **kwargs)
+        proc.spare = Spared()
+        return proc
+
+    job, logs, finished = run_job(fake_slicer, spared_factory)
+    pidfile = Path(job.folder) / "writer.pid"
+    deadline = time.monotonic() + 30
+    while not (pidfile.exists() and pidfile.read_text()):
+        job.poll()
+        assert time.monotonic() < deadline, "the fake engine never started its writer"
+        time.sleep(0.02)
+    writers.append(int(pidfile.read_text()))
+    try:
+        job.cancel()
+        outcome = job.wait(interval=0.02)
+        assert outcome.status.value == "cancelled" and outcome.stillRunning == writers
+        assert Path(job.folder).is_dir()  # kept ...
+        assert f"Temporary files kept in {job.folder}: engine processes {writers} could not be stopped" in logs
+    finally:
+        os.kill(writers[0], 9)

@@ -299,7 +299,7 @@ def test_a_cancel_kills_what_writes_to_the_runs_pipes_outside_its_process_tree(w
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pipe holders are found through /proc (Linux)")
-def test_the_spared_server_and_processes_with_only_a_read_end_or_of_this_session_are_not_killed(workdir,
+def test_the_spared_server_and_processes_with_only_a_read_end_or_in_this_session_are_not_killed(workdir,
                                                                                                monkeypatch):
     from NePhiRegistrationLib import runner
 
@@ -307,26 +307,87 @@ def test_the_spared_server_and_processes_with_only_a_read_end_or_of_this_session
     proc, escaped = start_escaping(workdir)
     proc.spare.add(escaped)  # as the engine server, which holds a client's pipes a moment (never killed)
     bystanders = []
-    for own_session in (False, True):  # forks of this process: each holds the pipes' read ends only
+    write_end = os.open(f"/proc/{proc.pid}/fd/1", os.O_WRONLY)  # the client's stdout: the pipe's write end
+    for kind in ("read end, own session", "read end", "write end, this session"):  # forks of this process
         pid = os.fork()
         if pid == 0:
-            if not own_session:
+            if kind == "read end, own session":
                 os.setsid()
+            if kind != "write end, this session":
+                os.close(write_end)
             time.sleep(30)
             os._exit(0)
         bystanders.append(pid)
+    os.close(write_end)
     try:
         assert sorted(runner.pipeHolders(proc._pipeInodes)) == sorted([proc.pid, escaped])  # not the bystanders
         proc.cancel()
         outcome = proc.wait(timeout=20)
         assert outcome.status == RunStatus.CANCELLED
-        assert "processes still held the engine's output" in outcome.logTail[-1]  # given up on, said so
+        assert f"processes [{escaped}] still wrote to the engine's output" in outcome.logTail[-1]  # given up on
+        assert outcome.stillRunning == [escaped]  # the caller keeps the folder
         assert not process_gone(escaped) and not any(process_gone(pid) for pid in bystanders)
     finally:
         for pid in [escaped, *bystanders]:
             os.kill(pid, 9)
         for pid in bystanders:
             os.waitpid(pid, 0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pipe holders are found through /proc (Linux)")
+def test_a_writer_that_appears_after_the_cancel_is_killed_too(workdir):
+    # the engine server (spared) forks the run a moment after its client was killed, then lets go of the pipes
+    # itself: only a scan after the first one finds that run
+    spared, late = workdir / "spared.pid", workdir / "late.pid"
+    body = f"""
+        import os, time
+        client = os.getpid()
+
+        def client_gone():
+            try:
+                with open(f"/proc/{{client}}/stat") as stat:
+                    return stat.read().rsplit(")", 1)[1].split()[0] in "ZX"
+            except OSError:
+                return True
+
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:  # "the server": spared by the runner
+                open({str(spared)!r}, "w").write(str(os.getpid()))
+                while not client_gone():
+                    time.sleep(0.01)
+                time.sleep(0.5)
+                if os.fork() == 0:  # "the run", forked late, in a session of its own
+                    os.setsid()
+                    open({str(late)!r}, "w").write(str(os.getpid()))
+                    time.sleep(60)
+                time.sleep(0.2)
+                os._exit(0)  # lets go of the pipes: only the late run holds them now
+            os._exit(0)
+        print('{line("stage", stage="optimise", message="slow")}', flush=True)
+        time.sleep(60)
+    """
+    events = []
+    proc = EngineProcess(child(workdir, body), str(workdir / "out"), onEvent=events.append)
+    proc.start()
+    deadline = time.monotonic() + 30
+    while not (events and spared.exists() and spared.read_text()):
+        proc.poll()
+        assert time.monotonic() < deadline, "the child never started"
+        time.sleep(0.02)
+    proc.spare.add(int(spared.read_text()))
+    started = time.monotonic()
+    proc.cancel()
+    outcome = proc.wait(timeout=20)
+    assert outcome.status == RunStatus.CANCELLED and outcome.stillRunning == []
+    assert late.exists() and process_gone(int(late.read_text()))  # it appeared, and was killed
+    assert time.monotonic() - started < runner_module().HOLDER_TIMEOUT_S  # by a rescan, not given up on
+
+
+def runner_module():
+    from NePhiRegistrationLib import runner
+
+    return runner
 
 
 @pytest.mark.skipif(os.name == "nt", reason="a SIGTERM cancel is for runs in the engine server (Linux)")

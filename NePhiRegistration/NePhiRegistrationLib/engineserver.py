@@ -11,16 +11,18 @@ the folder of a server whose Slicer crashed is removed by the next session (:fun
 A run uses it only when it is ready and was started for the same interpreter and environment (the CPU device hides
 the GPUs, for instance); the engine's own checks stay in force: a server it refuses (another engine version, files
 changed by an update, another load-time environment) makes the run load the engine itself, as without a server.
-A server is never stopped or replaced while a run of this module is in it (:meth:`EngineServer.acquire`); one that
-fails :data:`MAX_FAILURES` times (it stopped before it was ready, or it refused a run) is not started again in
-this session, and its log goes to Slicer's log.
+A server is never stopped or replaced while a run of this module is in it (:meth:`EngineServer.acquire`), except
+by :func:`stopShared` when the module's panel is cleaned up (its runs are cancelled then); one that fails
+:data:`MAX_FAILURES` times (it stopped by itself with an error - a nonzero exit, e.g. killed for memory - or it
+refused a run) is not started again in this session, and its log goes to Slicer's log.
 
 Cancel of a run in the server: SIGTERM to its client (forwarded to the run, which cleans up and exits as a
 cancelled command does), the process tree killed only when it has not ended after :data:`CANCEL_GRACE_S`; the
 runner then kills whatever still holds the run's output pipes (the run itself, a child of the server:
 :func:`NePhiRegistrationLib.runner.pipeHolders`) before the run counts as over, so nothing writes into the job's
-folder after it is removed. The server, for its part, kills a run whose client went away :data:`CANCEL_GRACE_S`
-after the client's first cancel.
+folder after it is removed (a holder that survives the runner's timeout: the folder is kept, and the log says
+so). The server, for its part, kills a run whose client went away :data:`CANCEL_GRACE_S` after the client's first
+cancel.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from NePhiRegistrationLib import engine
 IDLE_EXIT_S = 1800.0  # an unused server stops after this (it holds ~0.3 GiB with torch loaded)
 CANCEL_GRACE_S = 10.0  # a cancelled run's time to clean up before it is killed (client side and server side)
 STOP_TIMEOUT_S = CANCEL_GRACE_S + 5.0  # a stopping server waits CANCEL_GRACE_S for its runs, then kills them
-MAX_FAILURES = 2  # servers that failed (stopped before ready, refused a run) before none is started this session
+MAX_FAILURES = 2  # servers that failed (a nonzero exit of their own, a refused run): then none this session
 STALE_AFTER_S = 600.0  # a server folder whose lock nobody holds, older than this, is left by a crash
 FOLDER_PREFIX = "nephireg-engine-"
 SOCKET_NAME = "engine.sock"
@@ -139,7 +141,7 @@ _failures = 0
 def serverFor(python: str, env: Mapping[str, str]) -> Optional[EngineServer]:
     """The shared server when it is ready for a run of ``python`` with ``env``; None otherwise (the run then
     loads the engine itself)."""
-    if _shared is not None and _shared.ready and _shared.serves(python, env):
+    if _shared is not None and not _shared.failed and _shared.ready and _shared.serves(python, env):
         return _shared
     return None
 

@@ -232,7 +232,10 @@ class RegistrationJob:
             logging.exception("NePhiRegistration: the engine server could not be started")
 
     def _cleanup(self) -> None:
-        if self.folder and not self.settings.keepTemporaryFiles:
+        stillRunning = self.process.outcome.stillRunning if self.process and self.process.outcome else []
+        if stillRunning:  # they may still write there: removing it now could leave a half-written folder behind
+            self._log(f"Temporary files kept in {self.folder}: engine processes {stillRunning} could not be stopped")
+        elif self.folder and not self.settings.keepTemporaryFiles:
             shutil.rmtree(self.folder, ignore_errors=True)
         elif self.folder:
             self._log(f"Temporary files kept in {self.folder}")

@@ -17,8 +17,9 @@ A run is over only when nothing holds its output pipes any more: the served run 
 holds them (:func:`pipeHolders`: on Linux, found through ``/proc``; the engine server itself spared) is killed -
 after a cancel at once and again every :data:`HOLDER_SCAN_S` (a run the server forks a moment after its client was
 killed), otherwise after :data:`PIPE_GRACE_S` - and the run finishes when the pipes close, so a run that outlived
-its killed client does not write into a folder the caller removes next; only holders that survive
-:data:`HOLDER_TIMEOUT_S` of that are given up on (said in the log tail).
+its killed client does not write into a folder the caller removes next; holders that survive
+:data:`HOLDER_TIMEOUT_S` of that are given up on: the outcome names them (``stillRunning``), and the caller keeps
+the folder they may write into.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from nephireg import protocol
 from NePhiRegistrationLib.i18n import _
@@ -67,6 +68,7 @@ class RunOutcome:
     logTail: List[str] = field(default_factory=list)
     manifest: Optional[Dict[str, Any]] = None
     seconds: float = 0.0
+    stillRunning: List[int] = field(default_factory=list)  # pids that could not be stopped: their folder is kept
 
     @property
     def outOfMemory(self) -> bool:
@@ -89,7 +91,9 @@ class EngineProcess:
                  cancelGraceS: Optional[float] = None, spare: Sequence[int] = ()) -> None:
         self.command = [str(c) for c in command]
         self.cancelGraceS = cancelGraceS  # None: Cancel kills at once; else SIGTERM, then the kill this much later
-        self.spare = set(spare)  # pids never killed as pipe holders (the engine server: it holds them a moment)
+        # never killed as pipe holders: these pids and their sessions (the engine server, which holds a client's
+        # pipes a moment, and its fresh forks before they start their own session)
+        self.spare = set(spare)
         self.outDir = outDir
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
@@ -155,7 +159,7 @@ class EngineProcess:
             return
         if force or self.cancelGraceS is None or os.name == "nt":
             self._killAt = None
-            killProcessTree(self._proc.pid)
+            killProcessTree(self._proc.pid, wait=False)  # the pipes' end is the sign it has gone: no wait here
         elif self._killAt is None:
             self._killAt = time.monotonic() + self.cancelGraceS
             try:
@@ -181,7 +185,7 @@ class EngineProcess:
                 events.append(event)
         if self._killAt is not None and time.monotonic() >= self._killAt and self._proc.poll() is None:
             self._killAt = None
-            killProcessTree(self._proc.pid)  # it did not end in its grace after the SIGTERM
+            killProcessTree(self._proc.pid, wait=False)  # it did not end in its grace after the SIGTERM
         if self.running and self._proc is not None and self._proc.poll() is not None:
             self._afterExit()
         return events
@@ -244,15 +248,19 @@ class EngineProcess:
                 _killGroup(self._proc.pid)
         if now - self._lastScan >= HOLDER_SCAN_S:
             self._lastScan = now
-            for pid in pipeHolders(self._pipeInodes):
-                if pid not in self.spare:
-                    killProcessTree(pid, wait=False)  # never blocks the GUI thread: the pipes' end is the sign
+            for pid in self._holders():
+                killProcessTree(pid, wait=False)  # never blocks the GUI thread: the pipes' end is the sign
         if now - self._killingSince > HOLDER_TIMEOUT_S:
-            self._tail.append(f"processes still held the engine's output {HOLDER_TIMEOUT_S:g} s after they were "
-                              f"killed: {pipeHolders(self._pipeInodes)}")
-            self._finish(self._proc.returncode)
+            left = pipeHolders(self._pipeInodes)  # the spared too: a fork they make could still write
+            if left:
+                self._tail.append(f"processes {left} still wrote to the engine's output {HOLDER_TIMEOUT_S:g} s after "
+                                  "they were killed")
+            self._finish(self._proc.returncode, stillRunning=left)
 
-    def _finish(self, returncode: int) -> None:
+    def _holders(self) -> List[int]:
+        return [pid for pid in pipeHolders(self._pipeInodes, skipSessions=self.spare) if pid not in self.spare]
+
+    def _finish(self, returncode: int, stillRunning: Sequence[int] = ()) -> None:
         for thread in self._threads:
             thread.join(timeout=1.0 if self._openStreams == 0 else 0.0)
         seconds = time.monotonic() - self._started
@@ -264,6 +272,7 @@ class EngineProcess:
             outcome = self._successOrMissingResult(returncode, tail, seconds)
         else:
             outcome = self._failure(returncode, tail, seconds)
+        outcome.stillRunning = list(stillRunning)
         self.outcome = outcome
         self.status = outcome.status
 
@@ -289,25 +298,28 @@ class EngineProcess:
         return RunOutcome(RunStatus.FAILED, returncode, message, kind, tail, seconds=seconds)
 
 
-def pipeHolders(inodes: Sequence[int]) -> List[int]:
-    """The pids of this user's processes outside this process's session that hold the write end of a pipe of
-    ``inodes`` (Linux: ``/proc/PID/fd``, ``fdinfo``); empty elsewhere. The writers of a run's output pipes are the
-    run and what it started, wherever they are in the process tree (a run in the engine server is the server's
-    child, not the client's), each in a session that is not the application's: the engine is started in a session
-    of its own. Not holders: a process with only a read end, or a fork of the application that caught a write end
-    in the moment before a ``Popen`` closed it (same session)."""
+def pipeHolders(inodes: Sequence[int], skipSessions: Iterable[int] = ()) -> List[int]:
+    """The pids of this user's processes outside this process's session (and ``skipSessions``) that hold the write
+    end of a pipe of ``inodes`` (Linux: ``/proc/PID/fd``, ``fdinfo``); empty elsewhere. The writers of a run's
+    output pipes are the run and what it started, wherever they are in the process tree (a run in the engine server
+    is the server's child, not the client's), each in a session that is not the application's: the engine is
+    started in a session of its own. Not holders: a process with only a read end, or a fork of the application that
+    caught a write end in the moment before a ``Popen`` closed it (same session); skip the engine server's session
+    (``skipSessions``): a fresh fork of it holds the pipes of clients still in their handshake until it has started
+    a session of its own."""
     if not os.path.isdir("/proc/self/fd"):
         return []
     links = {f"pipe:[{inode}]" for inode in inodes}
-    ownSession = os.getsid(0)
+    skipped = {os.getsid(0), *skipSessions}
     holders = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
+            if os.getsid(int(entry)) in skipped:
+                continue
             fds = os.listdir(f"/proc/{entry}/fd")  # another user's: PermissionError
-            if (any(os.readlink(f"/proc/{entry}/fd/{fd}") in links and _writeEnd(entry, fd) for fd in fds)
-                    and os.getsid(int(entry)) != ownSession):
+            if any(os.readlink(f"/proc/{entry}/fd/{fd}") in links and _writeEnd(entry, fd) for fd in fds):
                 holders.append(int(entry))
         except OSError:  # not ours, or it ended while being read
             continue
