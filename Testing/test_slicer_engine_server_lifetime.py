@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from slicer_scene import MODULE_DIR  # noqa: F401 - puts the module folder on sys.path
+from test_reliability_signals import wait_for
 
 from NePhiRegistrationLib import engineserver
 
@@ -59,13 +60,6 @@ IDLE_EXIT = """
     time.sleep(0.3)  # served nobody: an idle exit, as 'nephireg serve --idle-exit' does (socket removed, exit 0)
     os.unlink(path)
 """
-
-
-def wait_for(condition, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def test_a_failing_server_is_started_only_max_failures_times_and_its_log_goes_to_slicers_log(fresh, caplog):

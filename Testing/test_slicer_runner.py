@@ -260,8 +260,9 @@ def escaping_child(workdir: Path) -> tuple:
     return child(workdir, body), pidfile
 
 
-def start_escaping(workdir: Path, **options):
-    command, pidfile = escaping_child(workdir)
+def start_until_written(command: list, workdir: Path, pidfile: Path, **options):
+    """The started process once it has sent an event and the process it started has written its pid to
+    ``pidfile``; returns the process and that pid."""
     events = []
     proc = EngineProcess(command, str(workdir / "out"), onEvent=events.append, **options)
     proc.start()
@@ -270,7 +271,12 @@ def start_escaping(workdir: Path, **options):
         proc.poll()
         assert time.monotonic() < deadline, "the child never started"
         time.sleep(0.02)
-    escaped = int(pidfile.read_text())
+    return proc, int(pidfile.read_text())
+
+
+def start_escaping(workdir: Path, **options):
+    command, pidfile = escaping_child(workdir)
+    proc, escaped = start_until_written(command, workdir, pidfile, **options)
     assert escaped not in [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     return proc, escaped
 
@@ -367,15 +373,8 @@ def test_a_writer_that_appears_after_the_cancel_is_killed_too(workdir):
         print('{line("stage", stage="optimise", message="slow")}', flush=True)
         time.sleep(60)
     """
-    events = []
-    proc = EngineProcess(child(workdir, body), str(workdir / "out"), onEvent=events.append)
-    proc.start()
-    deadline = time.monotonic() + 30
-    while not (events and spared.exists() and spared.read_text()):
-        proc.poll()
-        assert time.monotonic() < deadline, "the child never started"
-        time.sleep(0.02)
-    proc.spare.add(int(spared.read_text()))
+    proc, server = start_until_written(child(workdir, body), workdir, spared)
+    proc.spare.add(server)
     started = time.monotonic()
     proc.cancel()
     outcome = proc.wait(timeout=20)

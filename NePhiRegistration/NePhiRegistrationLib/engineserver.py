@@ -36,7 +36,7 @@ import tempfile
 import time
 from typing import Dict, List, Mapping, Optional, Set
 
-from nephireg.engine_link import MAX_SOCKET_PATH_BYTES, SERVER_ENV
+from nephireg.engine_link import LOCK_NAME, MAX_SOCKET_PATH_BYTES, SERVER_ENV, SOCKET_NAME
 from NePhiRegistrationLib import engine
 
 IDLE_EXIT_S = 1800.0  # an unused server stops after this (it holds ~0.3 GiB with torch loaded)
@@ -45,8 +45,6 @@ STOP_TIMEOUT_S = CANCEL_GRACE_S + 5.0  # a stopping server waits CANCEL_GRACE_S 
 MAX_FAILURES = 2  # servers that failed (a nonzero exit of their own, a refused run): then none this session
 STALE_AFTER_S = 600.0  # a server folder whose lock nobody holds, older than this, is left by a crash
 FOLDER_PREFIX = "nephireg-engine-"
-SOCKET_NAME = "engine.sock"
-LOCK_NAME = "engine.lock"  # nephireg.engine_server's lock file beside the socket (held while a server runs)
 LOG_NAME = "server.log"
 
 

@@ -45,6 +45,8 @@ LOAD_TIME_PREFIXES = ("OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_", "PYTORCH_", 
 """Environment variables read when the interpreter (its streams' encoding: the locale), torch or its thread
 libraries load: a fork keeps the server's, so a client whose values differ runs in its own process."""
 
+SOCKET_NAME = "engine.sock"  # the socket's file name in its folder (the default folder's, the Slicer module's)
+LOCK_NAME = "engine.lock"  # beside the socket: held (flock) by the server listening there, while it runs
 MAX_SOCKET_PATH_BYTES = 103  # sun_path is 104-108 bytes (by platform), the terminating NUL included
 MAX_LINE_BYTES = 1 << 20  # a request is a command line and an environment: far below this
 CLIENT_TIMEOUT_S = 10.0  # connecting and the server's answer (ready or refused); the run itself is not timed
@@ -82,10 +84,10 @@ def default_socket_path() -> str:
     else ``<temp folder>/nephireg-<uid>/engine.sock``."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isdir(runtime):
-        return os.path.join(runtime, "nephireg", "engine.sock")
+        return os.path.join(runtime, "nephireg", SOCKET_NAME)
     import tempfile
 
-    return os.path.join(tempfile.gettempdir(), f"nephireg-{os.getuid()}", "engine.sock")
+    return os.path.join(tempfile.gettempdir(), f"nephireg-{os.getuid()}", SOCKET_NAME)
 
 
 def socket_path() -> Optional[str]:

@@ -40,7 +40,6 @@ from nephireg.errors import InputError
 REQUEST_TIMEOUT_S = 2.0  # a client sends its request as it connects; one that does not is dropped after this
 CANCEL_GRACE_S = 30.0  # default: how long a cancelled run gets to clean up (server stopping, client gone), then SIGKILL
 MAX_IDLE_EXIT_S = 1e6  # beyond this, a poll timeout overflows; 0 means "never"
-LOCK_NAME = "engine.lock"
 
 
 @dataclass
@@ -92,7 +91,7 @@ def claim_socket(path: str) -> int:
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
         raise InputError(f"engine server folder must be a folder of this user that others cannot enter "
                          f"(mode 0700): {folder}")
-    lock = os.open(os.path.join(folder, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    lock = os.open(os.path.join(folder, engine_link.LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
